@@ -1,0 +1,1 @@
+"""Acquisition functions on MC-dropout samples (BALD, entropy, ...): filled by the adapters issue."""

@@ -1,0 +1,1 @@
+"""One interface over bioimage.io and Cellpose models: filled by the adapters issues."""

@@ -1,0 +1,1 @@
+"""bioimage.io package export of fine-tuned models: filled by the exporters issue."""

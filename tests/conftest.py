@@ -1,0 +1,103 @@
+"""Shared fixtures: synthetic OME-Zarr images and real local HTTP and S3 (moto) servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bioadapt.data.writer import write_ome_zarr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return  # the server answers, even if with an error status
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"server at {url} did not start within {timeout_s} s")
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """Stop a server we started, by its process id, and wait for it."""
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def http_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("http-root")
+
+
+@pytest.fixture(scope="session")
+def http_server(http_root):
+    """Python's static file server on 127.0.0.1 serving ``http_root``; yields its base URL."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                                "--directory", str(http_root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(url)
+        yield url
+    finally:
+        stop_process(process)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3-compatible server on 127.0.0.1; yields (endpoint URL, fsspec storage options)."""
+    port = free_port()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "bioadapt", "AWS_SECRET_ACCESS_KEY": "bioadapt-secret"}
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        wait_for_http(endpoint)
+        options = {"key": "bioadapt", "secret": "bioadapt-secret",
+                   "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+        yield endpoint, options
+    finally:
+        stop_process(process)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(params=["0.4", "0.5"])
+def ngff_version(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def cyx_image(tmp_path, ngff_version, rng):
+    """A 2-channel 600 x 700 uint16 OME-Zarr (3 levels) and its data."""
+    data = rng.integers(0, 4000, size=(2, 600, 700), dtype=np.uint16)
+    path = write_ome_zarr(tmp_path / f"cyx-{ngff_version}.ome.zarr", data, "cyx", version=ngff_version,
+                          chunks=(1, 128, 128), n_levels=3, scale=(1.0, 0.5, 0.5),
+                          units={"y": "micrometer", "x": "micrometer"})
+    return path, data
