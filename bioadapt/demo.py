@@ -47,7 +47,7 @@ def run_demo(workdir: str | Path = "demo-output", size: int = 3072, n_patches: i
     image = open_image(zarr_path)
 
     print("3/5 finding the tissue on the coarsest level and sampling patches inside it ...")
-    mask = SamplingMask.from_image_level(image, level=-1, smooth_sigma=4)
+    mask = SamplingMask.from_image_level(image, level=-1, smooth_sigma=32)
     windows = sample_patches(image, n_patches, (patch_size, patch_size), mask=mask, seed=seed,
                              min_mask_fraction=0.6)
 

@@ -51,7 +51,7 @@ def test_label_image_mask_in_the_same_ome_zarr(tissue_image):
 
 def test_coarse_level_of_the_image_as_mask(tissue_image):
     image, sample = tissue_image
-    mask = SamplingMask.from_image_level(image, level=-1, smooth_sigma=10)
+    mask = SamplingMask.from_image_level(image, level=-1, smooth_sigma=20)
     factor = int(image.levels[-1].factors[0])
     assert factor > 1 and mask.factors == (factor, factor)
     overlap = (np.kron(mask.coverage > 0, np.ones((factor, factor))) > 0)[:1024, :1024]

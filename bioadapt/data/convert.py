@@ -88,7 +88,7 @@ def convert_to_ome_zarr(source: str | Path, target: str | Path, *, version: str 
         _, arrays = create_multiscale(target, axes=axes, shape=shape, dtype=series.dtype, chunks=chunks,
                                       n_levels=n_levels, version=version, scale=scale, units=units,
                                       name=source.name, overwrite=overwrite)
-        block = [c * 4 if a in "yx" else c for a, c in zip(axes, arrays[0].chunks)]
+        block = [c * 2 if a in "yx" else c for a, c in zip(axes, arrays[0].chunks)]
         n_blocks = math.prod(math.ceil(s / b) for s, b in zip(shape, block))
         total = n_blocks + pyramid_block_count(arrays, axes)
         # Source dims in their own order, and where each output axis sits among them.

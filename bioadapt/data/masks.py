@@ -29,6 +29,8 @@ class SamplingMask:
             raise BioadaptError(f"mask scale factors {tuple(factors)} must be positive")
         self.coverage = coverage
         self.factors = tuple(float(f) for f in factors)
+        self._cells: np.ndarray | None = None
+        self._cumulative: np.ndarray | None = None
 
     # -- constructors ----------------------------------------------------------------------------
     @classmethod
@@ -94,14 +96,15 @@ class SamplingMask:
                          smooth_sigma: float = 0.0) -> "SamplingMask":
         """Foreground (e.g. tissue) of a coarse level of the image itself: mean over channels > threshold.
 
-        ``smooth_sigma`` (in pixels of that level) blurs first, so sparse cells merge into one tissue region.
+        ``smooth_sigma`` (in level-0 pixels) blurs first, so sparse cells merge into one tissue region;
+        a few cell diameters works well.
         """
         lv = image.levels[level % len(image.levels)]
         data = image.read_level(lv.index, dtype=np.float32).mean(axis=0)
         if smooth_sigma > 0:
             from scipy.ndimage import gaussian_filter
 
-            data = gaussian_filter(data, smooth_sigma)
+            data = gaussian_filter(data, [smooth_sigma / f for f in lv.factors])
         if threshold == "otsu":
             from skimage.filters import threshold_otsu
 
@@ -141,10 +144,13 @@ class SamplingMask:
 
     def draw_centres(self, rng: np.random.Generator, count: int) -> np.ndarray:
         """``count`` level-0 points drawn with density proportional to coverage, shape (count, ndim)."""
-        flat = self.coverage.ravel()
-        total = flat.sum()
-        if total <= 0:
+        if self._cells is None:
+            # Only covered cells enter the cumulative sum, so sparse masks cost little memory.
+            self._cells = np.flatnonzero(self.coverage)
+            self._cumulative = np.cumsum(self.coverage.ravel()[self._cells], dtype=np.float64)
+        if not self._cells.size:
             raise BioadaptError("the sampling mask excludes the whole image: no pixel lies inside it")
-        cells = rng.choice(flat.size, size=count, p=flat / total)
+        picks = np.searchsorted(self._cumulative, rng.random(count) * self._cumulative[-1], side="right")
+        cells = self._cells[np.minimum(picks, self._cells.size - 1)]
         index = np.stack(np.unravel_index(cells, self.coverage.shape), axis=1).astype(np.float64)
         return (index + rng.random(index.shape)) * np.asarray(self.factors)

@@ -99,7 +99,7 @@ def build_pyramid(arrays: list[zarr.Array], axes: str, *, labels: bool = False,
                   on_block: Callable[[], None] | None = None) -> None:
     """Fill levels 1.. from the level above, one target chunk-row block at a time."""
     for source, target in zip(arrays[:-1], arrays[1:]):
-        block = tuple(c * 4 if a in DOWNSAMPLED_AXES else c for a, c in zip(axes, target.chunks))
+        block = tuple(c * 2 if a in DOWNSAMPLED_AXES else c for a, c in zip(axes, target.chunks))
         for target_slices in iter_blocks(target.shape, block):
             source_slices = tuple(slice(s.start * 2, min(s.stop * 2, n)) if a in DOWNSAMPLED_AXES else s
                                   for a, s, n in zip(axes, target_slices, source.shape))
@@ -113,7 +113,7 @@ def build_pyramid(arrays: list[zarr.Array], axes: str, *, labels: bool = False,
 def pyramid_block_count(arrays: list[zarr.Array], axes: str) -> int:
     total = 0
     for target in arrays[1:]:
-        block = tuple(c * 4 if a in DOWNSAMPLED_AXES else c for a, c in zip(axes, target.chunks))
+        block = tuple(c * 2 if a in DOWNSAMPLED_AXES else c for a, c in zip(axes, target.chunks))
         total += math.prod(math.ceil(s / b) for s, b in zip(target.shape, block))
     return total
 
