@@ -110,15 +110,15 @@ WRITER = textwrap.dedent("""
     store = LabelStore.open(sys.argv[1])
     worker, count = int(sys.argv[2]), int(sys.argv[3])
     for k in range(count):
-        # windows of 48 x 48 on a 64-row grid: neighbouring windows of the two workers share chunks
-        origin = (k * 64 % 576, worker * 200 + (k * 64 // 576) * 60)
+        # 48 x 48 windows; the two workers' windows alternate along x, so they keep sharing chunks
+        origin = (k * 64 % 576, worker * 64 + (k * 64 // 576) * 128)
         store.write(origin, np.full((48, 48), 100 * worker + k + 1, dtype=np.uint32), author=f"worker-{worker}")
 """)
 
 
 def test_two_processes_writing_at_once_do_not_corrupt_each_other(cyx_image):
     store = LabelStore.create(None, like=open_image(cyx_image[0]), chunks=(256, 256))
-    count = 18  # worker 0 writes columns 0-108, worker 1 columns 200-308: both touch chunk column 0
+    count = 45
     processes = [subprocess.Popen([sys.executable, "-c", WRITER, str(store.path), str(w), str(count)])
                  for w in (0, 1)]
     assert [p.wait(timeout=120) for p in processes] == [0, 0]
