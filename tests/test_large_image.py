@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import numpy as np
-import zarr
 
 from bioadapt.data.ngff import register_label
 from bioadapt.data.writer import create_multiscale

@@ -27,12 +27,8 @@ def _check(samples: Any, activation: str):
     """float32 samples (numpy or torch), checked to be probabilities of the given kind."""
     if activation not in ("softmax", "sigmoid"):
         raise BioadaptError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
-    if _is_torch(samples):
-        samples = samples.detach().float()
-        low, high = float(samples.min()), float(samples.max())
-    else:
-        samples = np.asarray(samples, dtype=np.float32)
-        low, high = float(samples.min()), float(samples.max())
+    samples = samples.detach().float() if _is_torch(samples) else np.asarray(samples, dtype=np.float32)
+    low, high = float(samples.min()), float(samples.max())
     if samples.ndim < 3:
         raise BioadaptError(f"samples must have shape (T, C, *spatial), got {tuple(samples.shape)}")
     if low < -1e-4 or high > 1 + 1e-4:
@@ -118,7 +114,7 @@ def _maximum(a, b):
 def mean_std(samples: Any, activation: Activation = "softmax"):
     """Standard deviation over passes, averaged over classes (softmax) or channels (sigmoid)."""
     probs = _check(samples, activation)
-    std = probs.std(0, unbiased=False) if _is_torch(probs) else probs.std(0)
+    std = probs.std(0, correction=0) if _is_torch(probs) else probs.std(0)
     return _float32(std.mean(0))
 
 

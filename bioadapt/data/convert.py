@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -11,7 +10,8 @@ import tifffile
 import zarr
 from tqdm.auto import tqdm
 
-from bioadapt.data.writer import build_pyramid, create_multiscale, iter_blocks, pyramid_block_count
+from bioadapt.data.writer import (block_count, build_pyramid, copy_block, create_multiscale, iter_blocks,
+                                  pyramid_block_count)
 from bioadapt.errors import BioadaptError
 
 # tifffile's axis letters -> NGFF axes. 'S' holds RGB samples; 'I'/'Q' are unnamed image sequences.
@@ -88,9 +88,8 @@ def convert_to_ome_zarr(source: str | Path, target: str | Path, *, version: str 
         _, arrays = create_multiscale(target, axes=axes, shape=shape, dtype=series.dtype, chunks=chunks,
                                       n_levels=n_levels, version=version, scale=scale, units=units,
                                       name=source.name, overwrite=overwrite)
-        block = [c * 2 if a in "yx" else c for a, c in zip(axes, arrays[0].chunks)]
-        n_blocks = math.prod(math.ceil(s / b) for s, b in zip(shape, block))
-        total = n_blocks + pyramid_block_count(arrays, axes)
+        block = copy_block(axes, arrays[0].chunks)
+        total = block_count(shape, block) + pyramid_block_count(arrays, axes)
         # Source dims in their own order, and where each output axis sits among them.
         kept_in_source_order = sorted(kept_set)
         to_output = [kept_in_source_order.index(d) for d in kept_dims]

@@ -12,6 +12,7 @@ import zarr
 
 from bioadapt.data import ngff
 from bioadapt.data.stores import join_uri, open_node
+from bioadapt.data.windows import as_int_tuple, check_window
 from bioadapt.errors import BioadaptError
 
 SPATIAL_AXES = "zyx"
@@ -46,16 +47,6 @@ def validate_axes(axes: str, ndim: int, *, where: str) -> str:
             f"axes '{axes}' have {len(axes)} letters but {where} has {ndim} dimensions: give one letter per dimension"
         )
     return axes
-
-
-def _as_int_tuple(values: Sequence[int], what: str) -> tuple[int, ...]:
-    try:
-        out = tuple(int(v) for v in values)
-    except (TypeError, ValueError) as err:
-        raise BioadaptError(f"{what} must be a sequence of integers, got {values!r}") from err
-    if any(float(v) != o for v, o in zip(values, out)):
-        raise BioadaptError(f"{what} must be whole numbers, got {values!r}")
-    return out
 
 
 class Image:
@@ -197,21 +188,8 @@ class Image:
 
     def window_slices(self, origin: Sequence[int], shape: Sequence[int], *, level: int = 0) -> tuple[slice, ...]:
         """Check a window against the image and return its spatial slices."""
-        ndim = len(self.spatial_axes)
-        origin_t = _as_int_tuple(origin, "origin")
-        shape_t = _as_int_tuple(shape, "shape")
-        if len(origin_t) != ndim or len(shape_t) != ndim:
-            raise BioadaptError(
-                f"origin {origin_t} and shape {shape_t} must have {ndim} values, one per spatial axis "
-                f"'{self.spatial_axes}' of '{self.uri}'")
-        if any(s <= 0 for s in shape_t):
-            raise BioadaptError(f"window shape {shape_t} must be positive along every axis")
-        bounds = self.spatial_shape_of(level)
-        if any(o < 0 for o in origin_t) or any(o + s > b for o, s, b in zip(origin_t, shape_t, bounds)):
-            raise BioadaptError(
-                f"window origin={origin_t} shape={shape_t} lies outside the image: its {self.spatial_axes} "
-                f"shape at level {level} is {bounds}; move the window inside")
-        return tuple(slice(o, o + s) for o, s in zip(origin_t, shape_t))
+        return check_window(origin, shape, self.spatial_shape_of(level), axes=self.spatial_axes,
+                            where=f"the image '{self.uri}' at level {level}")
 
     # -- related images -------------------------------------------------------------------------
     def label_image(self, name: str) -> "Image":
@@ -227,7 +205,7 @@ class Image:
             return tuple(range(n_available))
         if isinstance(channels, (int, np.integer)):
             channels = [int(channels)]
-        picked = _as_int_tuple(channels, "channels")
+        picked = as_int_tuple(channels, "channels")
         if not picked:
             raise BioadaptError("channels is empty: pick at least one channel, or pass None for all")
         bad = [c for c in picked if not 0 <= c < n_available]

@@ -18,9 +18,10 @@ import zarr
 from zarr.storage import LocalStore
 
 from bioadapt.data import ngff
-from bioadapt.data.image import Image, validate_axes
+from bioadapt.data.image import Image
 from bioadapt.data.regions import Region, RegionLog
 from bioadapt.data.stores import local_path
+from bioadapt.data.windows import check_window
 from bioadapt.data.writer import create_multiscale
 from bioadapt.errors import BioadaptError
 
@@ -36,7 +37,7 @@ class LabelStore:
         self.path = path
         self._group = group
         self._array: zarr.Array = group["0"]
-        info = dict(group.attrs.get(METADATA_KEY) or group.attrs.get("ome", {}).get(METADATA_KEY) or {})
+        info = dict(group.attrs.get(METADATA_KEY) or {})
         multiscales = ngff.read_multiscales(group)
         self.axes: str = multiscales.axes if multiscales else info.get("axes", "")
         self.source_uri: str | None = info.get("source")
@@ -104,10 +105,8 @@ class LabelStore:
         except (FileNotFoundError, ValueError) as err:
             raise BioadaptError(f"'{root}' is not a Zarr group: give the label store's directory") from err
         if "0" not in group:
-            names = ngff.label_names(zarr.open_group(store=LocalStore(root.parent), mode="r")) if root.parent.exists() else []
-            inner = list(group.attrs.get("labels", []) or group.attrs.get("ome", {}).get("labels", []))
             raise BioadaptError(f"'{root}' is not a label image (no level '0'); "
-                                f"label images here: {inner or names or 'none'}; pass name=")
+                                f"label images here: {ngff.listed_labels(group) or 'none'}; pass name=")
         return cls(root, group)
 
     # -- description -----------------------------------------------------------------------------
@@ -180,20 +179,8 @@ class LabelStore:
         return labels
 
     def _index(self, origin: Sequence[int], shape: Sequence[int], time: int | None) -> tuple[tuple, int | None]:
-        ndim = len(self.spatial_axes)
-        try:
-            origin_t = tuple(int(o) for o in origin)
-            shape_t = tuple(int(s) for s in shape)
-        except (TypeError, ValueError) as err:
-            raise BioadaptError(f"origin and shape must be integers, got {origin!r} and {shape!r}") from err
-        if len(origin_t) != ndim or len(shape_t) != ndim:
-            raise BioadaptError(f"origin {origin_t} and shape {shape_t} must have {ndim} values for axes "
-                                f"'{self.spatial_axes}'")
-        bounds = self.spatial_shape
-        if any(o < 0 for o in origin_t) or any(o + s > b for o, s, b in zip(origin_t, shape_t, bounds)):
-            raise BioadaptError(f"window origin={origin_t} shape={shape_t} lies outside the label store of "
-                                f"spatial shape {bounds}")
-        spatial = [slice(o, o + s) for o, s in zip(origin_t, shape_t)]
+        spatial = check_window(origin, shape, self.spatial_shape, axes=self.spatial_axes,
+                               where=f"the label store '{self.path}'")
         if "t" in self.axes:
             n_time = self.shape[self.axes.index("t")]
             time = 0 if time is None else int(time)

@@ -113,13 +113,17 @@ def write_multiscales(group: zarr.Group, *, axes: str, level_paths: Sequence[str
 
 def register_label(labels_group: zarr.Group, name: str, *, version: str, source_image: str | None) -> None:
     """Mark ``labels_group/name`` as an NGFF label image and list it in the labels group."""
-    existing = get_metadata(labels_group).get("labels", [])
-    if name in existing:  # ome-zarr-py appends the name again on every call
+    if name in listed_labels(labels_group):  # ome-zarr-py appends the name again on every call
         return
     metadata: dict[str, Any] = {}
     if source_image is not None:
         metadata["source"] = {"image": source_image}
     write_label_metadata(labels_group, name, fmt=ngff_format(version), **metadata)
+
+
+def listed_labels(labels_group: zarr.Group) -> list[str]:
+    """The names a ``labels`` group lists in its NGFF metadata."""
+    return list(get_metadata(labels_group).get("labels", []))
 
 
 def label_names(group: zarr.Group) -> list[str]:
@@ -128,6 +132,4 @@ def label_names(group: zarr.Group) -> list[str]:
         labels_group = group["labels"]
     except (KeyError, FileNotFoundError):
         return []
-    if not isinstance(labels_group, zarr.Group):
-        return []
-    return list(get_metadata(labels_group).get("labels", []))
+    return listed_labels(labels_group) if isinstance(labels_group, zarr.Group) else []

@@ -10,6 +10,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from bioadapt.data.windows import window_contains, windows_overlap
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS regions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -43,14 +45,6 @@ class Region:
                 "overwrote": list(self.overwrote)}
 
 
-def _contains(outer_origin, outer_shape, inner_origin, inner_shape) -> bool:
-    return all(o <= i and i + s <= o + t for o, t, i, s in zip(outer_origin, outer_shape, inner_origin, inner_shape))
-
-
-def _intersects(a_origin, a_shape, b_origin, b_shape) -> bool:
-    return all(a < b + bs and b < a + as_ for a, as_, b, bs in zip(a_origin, a_shape, b_origin, b_shape))
-
-
 class RegionLog:
     """Regions in a SQLite file; every write is one transaction, safe across processes."""
 
@@ -79,13 +73,13 @@ class RegionLog:
             rows = connection.execute(
                 "SELECT id, origin, shape FROM regions WHERE replaced_by IS NULL AND time IS ?", (time,)).fetchall()
             touched = [(rid, json.loads(o), json.loads(s)) for rid, o, s in rows]
-            touched = [(rid, o, s) for rid, o, s in touched if _intersects(origin, shape, o, s)]
+            touched = [(rid, o, s) for rid, o, s in touched if windows_overlap(origin, shape, o, s)]
             cursor = connection.execute(
                 "INSERT INTO regions (origin, shape, time, author, created, overwrote) VALUES (?, ?, ?, ?, ?, ?)",
                 (json.dumps(list(origin)), json.dumps(list(shape)), time, author, created,
                  json.dumps([rid for rid, _, _ in touched])))
             new_id = cursor.lastrowid
-            covered = [rid for rid, o, s in touched if _contains(origin, shape, o, s)]
+            covered = [rid for rid, o, s in touched if window_contains(origin, shape, o, s)]
             connection.executemany("UPDATE regions SET replaced_by = ? WHERE id = ?", [(new_id, r) for r in covered])
         return Region(new_id, tuple(origin), tuple(shape), time, author, created, None,
                       tuple(rid for rid, _, _ in touched))

@@ -13,6 +13,7 @@ import numpy as np
 
 from bioadapt.data.image import Image
 from bioadapt.data.masks import DEFAULT_MAX_MASK_PIXELS, SamplingMask
+from bioadapt.data.windows import as_int_tuple, windows_overlap
 from bioadapt.errors import BioadaptError
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,7 @@ class PatchWindow:
         return tuple(slice(o, o + s) for o, s in zip(self.origin, self.shape))
 
     def overlaps(self, other: "PatchWindow") -> bool:
-        return all(a < b + b_size and b < a + a_size
-                   for a, a_size, b, b_size in zip(self.origin, self.shape, other.origin, other.shape))
+        return windows_overlap(self.origin, self.shape, other.origin, other.shape)
 
     def to_dict(self) -> dict[str, Any]:
         return {"origin": list(self.origin), "shape": list(self.shape), "mask_fraction": self.mask_fraction}
@@ -82,10 +82,7 @@ class _OccupancyGrid:
 
 def _check_patch_shape(image: Image, patch_shape: Sequence[int]) -> tuple[int, ...]:
     spatial = image.spatial_shape
-    try:
-        shape = tuple(int(s) for s in patch_shape)
-    except (TypeError, ValueError) as err:
-        raise BioadaptError(f"patch_shape must be a sequence of integers, got {patch_shape!r}") from err
+    shape = as_int_tuple(patch_shape, "patch_shape")
     if len(shape) != len(spatial):
         raise BioadaptError(f"patch_shape {shape} must have {len(spatial)} values for the spatial axes "
                             f"'{image.spatial_axes}' of '{image.uri}'")

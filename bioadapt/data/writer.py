@@ -88,6 +88,11 @@ def downsample_block(block: np.ndarray, axes: str, *, labels: bool) -> np.ndarra
     return mean.astype(block.dtype)
 
 
+def copy_block(axes: str, chunks: Sequence[int]) -> tuple[int, ...]:
+    """The unit of streamed copies: 2 x 2 chunks in y and x, one chunk along the other axes."""
+    return tuple(c * 2 if a in DOWNSAMPLED_AXES else c for a, c in zip(axes, chunks))
+
+
 def iter_blocks(shape: Sequence[int], block: Sequence[int]):
     """Slices tiling ``shape`` in blocks of ``block``, in C order."""
     ranges = [range(0, s, b) for s, b in zip(shape, block)]
@@ -99,8 +104,7 @@ def build_pyramid(arrays: list[zarr.Array], axes: str, *, labels: bool = False,
                   on_block: Callable[[], None] | None = None) -> None:
     """Fill levels 1.. from the level above, one target chunk-row block at a time."""
     for source, target in zip(arrays[:-1], arrays[1:]):
-        block = tuple(c * 2 if a in DOWNSAMPLED_AXES else c for a, c in zip(axes, target.chunks))
-        for target_slices in iter_blocks(target.shape, block):
+        for target_slices in iter_blocks(target.shape, copy_block(axes, target.chunks)):
             source_slices = tuple(slice(s.start * 2, min(s.stop * 2, n)) if a in DOWNSAMPLED_AXES else s
                                   for a, s, n in zip(axes, target_slices, source.shape))
             data = source[source_slices]
@@ -111,11 +115,11 @@ def build_pyramid(arrays: list[zarr.Array], axes: str, *, labels: bool = False,
 
 
 def pyramid_block_count(arrays: list[zarr.Array], axes: str) -> int:
-    total = 0
-    for target in arrays[1:]:
-        block = tuple(c * 2 if a in DOWNSAMPLED_AXES else c for a, c in zip(axes, target.chunks))
-        total += math.prod(math.ceil(s / b) for s, b in zip(target.shape, block))
-    return total
+    return sum(block_count(target.shape, copy_block(axes, target.chunks)) for target in arrays[1:])
+
+
+def block_count(shape: Sequence[int], block: Sequence[int]) -> int:
+    return math.prod(math.ceil(s / b) for s, b in zip(shape, block))
 
 
 def write_ome_zarr(path: str | Path, data: np.ndarray, axes: str, *, version: str = "0.5",
