@@ -1,8 +1,10 @@
-"""Acquisition functions on MC-dropout samples and patch scores (numpy; torch tensors accepted)."""
+"""Acquisition on MC-dropout samples, patch scores (numpy; torch tensors accepted), segmentation metrics."""
 
 from bioadapt.active.acquisition import (ACQUISITIONS, bald, mean_std, predictive_entropy, random_scores,
                                          variation_ratios)
+from bioadapt.active.metrics import (MatchResult, average_precision, dice, f1_score, match_instances,
+                                     summarize_matches)
 from bioadapt.active.reduce import patch_score
 
-__all__ = ["ACQUISITIONS", "bald", "mean_std", "patch_score", "predictive_entropy", "random_scores",
-           "variation_ratios"]
+__all__ = ["ACQUISITIONS", "MatchResult", "average_precision", "bald", "dice", "f1_score", "match_instances",
+           "mean_std", "patch_score", "predictive_entropy", "random_scores", "summarize_matches", "variation_ratios"]
