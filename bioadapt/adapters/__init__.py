@@ -1,1 +1,33 @@
-"""One interface over bioimage.io and Cellpose models: filled by the adapters issues."""
+"""One interface over bioimage.io and Cellpose models: probabilities, MC-dropout samples, segmentation,
+fine-tuning and weights (see ``Adapter``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bioadapt.adapters.base import Adapter, FineTuneParams, FineTuneResult, ModelInfo
+from bioadapt.errors import BioadaptError
+
+__all__ = ["Adapter", "FineTuneParams", "FineTuneResult", "ModelInfo", "load_adapter"]
+
+
+def load_adapter(source: str | Path, device: str = "auto", dropout_p: float = 0.05, **options: Any) -> Adapter:
+    """Load a model behind the adapter interface.
+
+    ``source``: an rdf.yaml, a bioimage.io package folder or .zip, a URL or a bioimage.io zoo id (the last two
+    need the network), or ``cellpose:<builtin name or weights path>``. ``options`` go to the adapter:
+    for bioimage.io models ``mc_scope`` ("full" or "head"), ``output_activation`` ("sigmoid"/"softmax", for
+    models that do not declare it), ``weights_format``, ``dropout_kind``, ``memory_budget`` (bytes).
+    """
+    text = str(source)
+    if text.startswith("cellpose:"):
+        try:
+            from bioadapt.adapters.cellpose import CellposeAdapter
+        except ImportError as e:
+            raise BioadaptError("this bioadapt has no Cellpose adapter yet (bioadapt.adapters.cellpose); use a "
+                                "bioimage.io model") from e
+        return CellposeAdapter.load(text.removeprefix("cellpose:"), device=device, dropout_p=dropout_p, **options)
+    from bioadapt.adapters.bioimageio import BioimageioAdapter
+
+    return BioimageioAdapter.load(source, device=device, dropout_p=dropout_p, **options)

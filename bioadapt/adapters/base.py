@@ -1,0 +1,171 @@
+"""The adapter interface every model kind implements, and the plain records it exchanges."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from bioadapt.errors import BioadaptError
+
+OutputKind = Literal["sigmoid", "softmax", "cellpose"]
+Progress = Callable[[dict[str, Any]], None]
+Stop = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What ``describe()`` returns: everything a caller needs to feed the model and read its outputs.
+
+    Arrays go in as (B, C, [Z], Y, X) with ``input_channels`` channels; any spatial shape is accepted (the
+    adapter pads to ``min_shape + k * step`` plus ``halo`` and crops back).
+    """
+
+    kind: str  # "bioimageio" or "cellpose"
+    name: str
+    source: str
+    axes: str  # canonical axes of one input array, "cyx" or "czyx"
+    input_channels: int
+    min_shape: tuple[int, ...]
+    step: tuple[int, ...]
+    halo: tuple[int, ...]
+    output_kind: OutputKind
+    n_classes: int  # softmax classes, or sigmoid channels
+    class_names: tuple[str, ...]
+    weights_format: str
+    trainable: bool
+    mc_dropout: str  # "existing" dropout layers, "hooks" after activations, or "none"
+    mc_scopes: tuple[str, ...]
+    dropout_p: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class FineTuneParams:
+    epochs: int = 20
+    learning_rate: float = 5e-4
+    batch_size: int = 4
+    weight_decay: float = 1e-4
+    val_fraction: float = 0.25
+    augment: bool = True
+    freeze_batchnorm: bool = True  # a handful of patches gives batch statistics too noisy to keep
+    seed: int = 0
+
+    @classmethod
+    def from_any(cls, params: FineTuneParams | Mapping[str, Any] | None) -> FineTuneParams:
+        if params is None:
+            return cls()
+        if isinstance(params, cls):
+            return params
+        known = {f.name for f in fields(cls)}
+        unknown = set(params) - known
+        if unknown:
+            raise BioadaptError(f"unknown fine-tuning parameters {sorted(unknown)}; known: {sorted(known)}")
+        out = cls(**params)
+        if out.epochs < 1 or out.batch_size < 1 or out.learning_rate <= 0 or not 0 <= out.val_fraction < 1:
+            raise BioadaptError(f"fine-tuning parameters out of range: {out} (epochs, batch_size >= 1, "
+                                "learning_rate > 0, 0 <= val_fraction < 1)")
+        return out
+
+
+@dataclass
+class FineTuneResult:
+    epochs_run: int
+    best_epoch: int  # 0: the starting weights stayed the best on the held-out patches
+    initial_val_score: float | None
+    best_val_score: float | None
+    stopped: bool
+    seconds: float
+    n_train: int
+    n_val: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Adapter(ABC):
+    """One model behind one interface: probabilities, MC samples, segmentation, fine-tuning, weights."""
+
+    @abstractmethod
+    def describe(self) -> ModelInfo: ...
+
+    @abstractmethod
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """(B, C, *spatial) image -> (B, K, *spatial) float32 probabilities, deterministic."""
+
+    @abstractmethod
+    def mc_proba(self, x: np.ndarray, passes: int = 16, *, seed: int = 0, scope: str | None = None) -> np.ndarray:
+        """(B, C, *spatial) -> (T, B, K, *spatial) float32 probabilities from T passes with dropout on."""
+
+    @abstractmethod
+    def segment(self, x: np.ndarray) -> np.ndarray:
+        """(B, C, *spatial) -> (B, *spatial) int32 labels (instances or classes, see describe().output_kind)."""
+
+    @abstractmethod
+    def fine_tune(self, samples: Sequence[tuple[np.ndarray, np.ndarray]],
+                  params: FineTuneParams | Mapping[str, Any] | None = None,
+                  progress: Progress | None = None, stop: Stop | None = None) -> FineTuneResult:
+        """Train on (image (C, *spatial), labels (*spatial)) pairs; keeps the best weights on held-out pairs."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+    @abstractmethod
+    def save(self, path: str | Path) -> Path:
+        """Write the current weights in the model's own format; returns the file written."""
+
+
+def check_images(x: Any, info: ModelInfo) -> tuple[np.ndarray, bool]:
+    """(B, C, *spatial) float32 array, and whether a batch axis was added to a single (C, *spatial) image."""
+    x = np.asarray(x)
+    n_spatial = len(info.axes) - 1
+    single = x.ndim == n_spatial + 1
+    if single:
+        x = x[None]
+    if x.ndim != n_spatial + 2:
+        raise BioadaptError(f"{info.name} takes images shaped (B, C, {', '.join(info.axes[1:].upper())}) or "
+                            f"(C, {', '.join(info.axes[1:].upper())}); got shape {x.shape}")
+    if x.shape[1] != info.input_channels:
+        raise BioadaptError(f"{info.name} takes {info.input_channels} channel(s) but the image has {x.shape[1]} "
+                            "(axis 1); pick the channels with open_image(..., channels=[...])")
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise BioadaptError(f"images must be real numbers, got dtype {x.dtype}")
+    x = x.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        raise BioadaptError("the image holds NaN or infinite values; fill or mask them before scoring")
+    return x, single
+
+
+def check_samples(samples: Sequence[tuple[np.ndarray, np.ndarray]], info: ModelInfo
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Validated (float32 image (C, *spatial), int64 labels (*spatial)) pairs."""
+    if len(samples) == 0:
+        raise BioadaptError("fine-tuning needs at least one (image, labels) pair")
+    out = []
+    for i, pair in enumerate(samples):
+        if len(pair) != 2:
+            raise BioadaptError(f"sample {i} must be an (image, labels) pair")
+        image, labels = pair
+        image, _ = check_images(np.asarray(image)[None], info)
+        labels = np.asarray(labels)
+        if labels.shape != image.shape[2:]:
+            raise BioadaptError(f"sample {i}: labels have shape {labels.shape} but the image's spatial shape is "
+                                f"{image.shape[2:]}; labels must cover the patch exactly (no channel axis)")
+        if not np.issubdtype(labels.dtype, np.integer) and not np.issubdtype(labels.dtype, np.bool_):
+            if not np.array_equal(labels, np.round(labels)):
+                raise BioadaptError(f"sample {i}: labels must be integers (instance ids or class indices), "
+                                    f"got {labels.dtype} with fractions")
+        if labels.min() < 0:
+            raise BioadaptError(f"sample {i}: labels must be >= 0 (0 is background)")
+        out.append((image[0], labels.astype(np.int64)))
+    return out

@@ -1,0 +1,53 @@
+"""From class probabilities to label images, by the layout of the model's outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from skimage.segmentation import watershed
+
+from bioadapt.errors import BioadaptError
+
+
+def instances_from_foreground(foreground: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Connected components of the foreground probability."""
+    labels, _ = ndimage.label(foreground > threshold)
+    return labels.astype(np.int32)
+
+
+def instances_from_boundaries(foreground: np.ndarray, boundaries: np.ndarray, threshold: float = 0.5,
+                              min_seed_size: int = 4) -> np.ndarray:
+    """Seeded watershed: seeds are foreground away from boundaries, flooded over the boundary map inside the
+    foreground. Seeds smaller than ``min_seed_size`` pixels are dropped (noise would split cells)."""
+    mask = foreground > threshold
+    seeds, n = ndimage.label(mask & (boundaries < threshold))
+    if n:
+        sizes = np.bincount(seeds.ravel())
+        small = sizes < min_seed_size
+        small[0] = False
+        seeds[small[seeds]] = 0
+    labels = watershed(boundaries, markers=seeds, mask=mask)
+    # foreground that no seed reached (thin cells with no interior) keeps its own components
+    orphans, _ = ndimage.label(mask & (labels == 0))
+    if orphans.max():
+        labels = np.where(orphans > 0, orphans + labels.max(), labels)
+    return labels.astype(np.int32)
+
+
+def labels_from_probabilities(proba: np.ndarray, output_kind: str) -> np.ndarray:
+    """(K, *spatial) probabilities -> (*spatial) int32 labels.
+
+    softmax: argmax classes. sigmoid with one channel: connected components of the foreground; two channels
+    (foreground, boundaries: the usual bioimage.io U-Net layout): instances by seeded watershed; more channels:
+    the most probable channel + 1 where it is above 0.5, else 0 (semantic).
+    """
+    if output_kind == "softmax":
+        return proba.argmax(0).astype(np.int32)
+    if output_kind != "sigmoid":
+        raise BioadaptError(f"no segmentation rule for output kind {output_kind!r}")
+    if proba.shape[0] == 1:
+        return instances_from_foreground(proba[0])
+    if proba.shape[0] == 2:
+        return instances_from_boundaries(proba[0], proba[1])
+    best = proba.argmax(0)
+    return np.where(proba.max(0) > 0.5, best + 1, 0).astype(np.int32)

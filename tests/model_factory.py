@@ -1,0 +1,47 @@
+"""Tiny U-Nets exported as real bioimage.io packages, and synthetic patches to feed and train them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bioadapt.adapters.unet import UNet
+from bioadapt.data.synthetic import synthetic_cells
+from bioadapt.exporters.fresh import package_new_model
+
+
+def unet_package(out: Path, *, dims: int = 2, out_channels: int = 2, dropout: float = 0.0,
+                 batchnorm: bool = False, output_activation: str | None = "sigmoid",
+                 weights: tuple[str, ...] = ("pytorch_state_dict", "torchscript"), features: int = 4,
+                 seed: int = 0, as_folder: bool = False, format_version: str = "0.5",
+                 module: torch.nn.Module | None = None, in_channels: int = 1) -> Path:
+    kwargs = dict(in_channels=in_channels, out_channels=out_channels, dims=dims, features=features, depth=2,
+                  batchnorm=batchnorm, dropout=dropout)
+    if module is None:
+        torch.manual_seed(seed)
+        module = UNet(**kwargs).eval()
+        if batchnorm:  # non-trivial running statistics, so eval-mode batch-norm is visible in outputs
+            for m in module.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.running_mean.uniform_(-0.2, 0.2)
+                    m.running_var.uniform_(0.5, 1.5)
+    names = {("sigmoid", 2): ("foreground", "boundaries"), ("sigmoid", 1): ("foreground",)}.get(
+        (output_activation, out_channels))
+    return package_new_model(
+        module, out, name=f"tiny {dims}D U-Net", architecture_kwargs=kwargs,
+        axes="cyx" if dims == 2 else "czyx", output_activation=output_activation, output_names=names,
+        weights=weights, as_folder=as_folder, format_version=format_version)
+
+
+def cell_patches(style: str, n: int, size: int = 64, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """n (image (1, size, size) float32, instance labels) pairs cut from one synthetic image of ``style``."""
+    side = int(np.ceil(np.sqrt(n)))
+    cells = synthetic_cells((side * size, side * size), style, seed=seed)
+    pairs = []
+    for i in range(n):
+        y, x = divmod(i, side)
+        window = (slice(y * size, (y + 1) * size), slice(x * size, (x + 1) * size))
+        pairs.append((cells.image[(slice(None), *window)].astype(np.float32), cells.labels[window]))
+    return pairs
