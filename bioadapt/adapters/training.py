@@ -64,7 +64,6 @@ def fit(module: nn.Module, forward: Forward, inputs: torch.Tensor, targets: torc
     torch.manual_seed(params.seed)
     generator = torch.Generator().manual_seed(params.seed)
     train_idx, val_idx = split_indices(len(inputs), params.val_fraction, params.seed)
-    device = inputs.device
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay)
     steps_per_epoch = math.ceil(len(train_idx) / params.batch_size)
