@@ -18,15 +18,17 @@ def load_adapter(source: str | Path, device: str = "auto", dropout_p: float = 0.
     ``source``: an rdf.yaml, a bioimage.io package folder or .zip, a URL or a bioimage.io zoo id (the last two
     need the network), or ``cellpose:<builtin name or weights path>``. ``options`` go to the adapter:
     for bioimage.io models ``mc_scope`` ("full" or "head"), ``output_activation`` ("sigmoid"/"softmax", for
-    models that do not declare it), ``weights_format``, ``dropout_kind``, ``memory_budget`` (bytes).
+    models that do not declare it), ``weights_format``, ``dropout_kind``, ``memory_budget`` (bytes); for
+    Cellpose ``mc_scope``, ``channels`` (Cellpose's [cytoplasm, nucleus] pair, default [0, 0]), ``diameter``,
+    ``flow_threshold``, ``cellprob_threshold``, ``dropout_kind``, ``memory_budget``.
     """
     text = str(source)
     if text.startswith("cellpose:"):
         try:
             from bioadapt.adapters.cellpose import CellposeAdapter
-        except ImportError as e:
-            raise BioadaptError("this bioadapt has no Cellpose adapter yet (bioadapt.adapters.cellpose); use a "
-                                "bioimage.io model") from e
+        except ImportError as e:  # Cellpose 4 imports torchvision, which fails next to a mismatched torch
+            raise BioadaptError(f"Cellpose cannot be imported here ({e}); install cellpose with a torch and "
+                                "torchvision that match (see constraints.txt)") from e
         return CellposeAdapter.load(text.removeprefix("cellpose:"), device=device, dropout_p=dropout_p, **options)
     from bioadapt.adapters.bioimageio import BioimageioAdapter
 

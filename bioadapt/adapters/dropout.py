@@ -12,9 +12,9 @@ TorchScript modules accept no hooks: only their own dropout layers can be switch
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,13 @@ def functional_dropout(x: torch.Tensor, p: float, kind: DropoutKind = "channel")
     return F.dropout(x, p, training=True)
 
 
+def mc_strategy(module: nn.Module) -> str:
+    """What MC mode does for this module: "existing", "hooks" or "none" (see MCDropout)."""
+    if dropout_layers(module):
+        return "existing"
+    return "none" if is_scripted(module) or not activation_layers(module) else "hooks"
+
+
 class MCDropout:
     """Switches a module's Monte-Carlo dropout on and off (use ``with mc.enabled():``).
 
@@ -81,7 +88,7 @@ class MCDropout:
         self.kind = kind
         self._existing = dropout_layers(module)
         self._activations = [] if is_scripted(module) else activation_layers(module)
-        self.strategy = "existing" if self._existing else "hooks" if self._activations else "none"
+        self.strategy = mc_strategy(module)
         if self.strategy == "none":
             why = ("it is TorchScript without dropout layers (TorchScript accepts no hooks)" if is_scripted(module)
                    else "it has neither dropout layers nor activation modules")
@@ -121,7 +128,10 @@ class HeadSplit:
     dropout + output layer (+ a trailing activation module, if the network ends with one).
     """
 
-    def __init__(self, module: nn.Module, example: torch.Tensor):
+    def __init__(self, module: nn.Module, example: torch.Tensor,
+                 select: Callable[[Any], torch.Tensor] = lambda output: output):
+        """``select`` picks the prediction from the network's return value (e.g. ``out[0]`` for Cellpose,
+        whose networks also return a style vector)."""
         if is_scripted(module):
             raise BioadaptError("mc_scope='head' needs hooks, which TorchScript modules do not accept; "
                                 "use mc_scope='full' or pytorch_state_dict weights")
@@ -134,7 +144,7 @@ class HeadSplit:
         handles = [m.register_forward_hook(record) for m in leaves]
         try:
             with torch.no_grad():
-                final = module(example)
+                final = select(module(example))
         finally:
             for h in handles:
                 h.remove()
