@@ -48,13 +48,24 @@ def best_rate(run: Callable[[], None], patches: int, rounds: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", choices=("unet", "cellpose", "both"), default="both")
     parser.add_argument("--patches", type=int, default=8)
+    parser.add_argument("--cellpose-patches", type=int, default=2)
     parser.add_argument("--passes", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--features", type=int, default=16)
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if args.model in ("unet", "both"):
+        unet_main(args)
+    if args.model in ("cellpose", "both"):
+        from bench_scoring_cellpose import cellpose_main
+
+        cellpose_main(args)
+
+
+def unet_main(args: argparse.Namespace) -> None:
     T, n, size = args.passes, args.patches, 256
 
     kwargs = dict(in_channels=1, out_channels=2, dims=2, features=args.features, depth=3)

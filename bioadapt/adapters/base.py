@@ -42,8 +42,13 @@ class ModelInfo:
     mc_scopes: tuple[str, ...]
     dropout_p: float
 
+    @property
+    def activation(self) -> str:
+        """What the acquisition functions should be told: Cellpose's (1-p, p) pairs are two softmax classes."""
+        return "sigmoid" if self.output_kind == "sigmoid" else "softmax"
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"activation": self.activation}
 
 
 @dataclass

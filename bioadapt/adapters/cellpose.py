@@ -10,6 +10,7 @@ selection with ``transforms.reshape``, percentile normalisation with ``transform
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import logging
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -174,6 +175,9 @@ class CellposeAdapter(Adapter):
             yxc = np.moveaxis(image, 0, -1)
             if GENERATION < 4:
                 yxc = transforms.reshape(yxc, channels=list(self.channels))
+            else:  # CPSAM takes 3 channels: extra ones are cut, missing ones are zeros (as its convert_image does)
+                yxc = np.concatenate([yxc[..., :3], np.zeros((*yxc.shape[:2], max(0, 3 - yxc.shape[-1])),
+                                                               yxc.dtype)], axis=-1)
             yxc = transforms.normalize_img(yxc.astype(np.float32), axis=-1, **params)
             if rescale != 1:
                 yxc = transforms.resize_image(yxc, rsz=rescale)
@@ -339,14 +343,16 @@ class CellposeAdapter(Adapter):
         with tempfile.TemporaryDirectory() as save_path, \
                 mock.patch.object(train, "_loss_fn_seg", counting_loss), \
                 mock.patch.object(self.net, "train", epoch_start, create=True):
+            arguments = dict(
+                train_data=[p[0] for p in training], train_labels=[p[1] for p in training],
+                test_data=[p[0] for p in val] or None, test_labels=[p[1] for p in val] or None,
+                channels=list(self.channels), channel_axis=0, normalize=True, save_path=save_path,
+                n_epochs=params.epochs, learning_rate=params.learning_rate, weight_decay=params.weight_decay,
+                batch_size=params.batch_size, bsize=params.bsize, min_train_masks=params.min_train_masks,
+                rescale=params.rescale, model_name="bioadapt")
+            accepted = inspect.signature(train.train_seg).parameters  # Cellpose 4 dropped `channels`
             try:
-                train.train_seg(
-                    self.net, train_data=[p[0] for p in training], train_labels=[p[1] for p in training],
-                    test_data=[p[0] for p in val] or None, test_labels=[p[1] for p in val] or None,
-                    channels=list(self.channels) if GENERATION < 4 else None, channel_axis=0, normalize=True,
-                    save_path=save_path, n_epochs=params.epochs, learning_rate=params.learning_rate,
-                    weight_decay=params.weight_decay, batch_size=params.batch_size, bsize=params.bsize,
-                    min_train_masks=params.min_train_masks, rescale=params.rescale, model_name="bioadapt")
+                train.train_seg(self.net, **{k: v for k, v in arguments.items() if k in accepted})
                 report()
             except _Stopped:
                 stopped = True
