@@ -12,6 +12,7 @@ import io
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from dataclasses import asdict
 from typing import Any, TypeVar
 
 import numpy as np
@@ -398,10 +399,13 @@ class BioimageioAdapter(Adapter):
         targets_t = torch.cat(targets).to(self.device)
         valid_t = torch.cat(valid).to(self.device)
         kind, from_logits = self.output_kind, self._from_logits
-        return fit(self.module, self._network, inputs_t, targets_t, valid_t,
-                   lambda out, t, v: loss(out, t, v, kind, from_logits),
-                   lambda out, t, v: dice_score(out, t, v, kind, from_logits),
-                   params, progress, stop)
+        result = fit(self.module, self._network, inputs_t, targets_t, valid_t,
+                     lambda out, t, v: loss(out, t, v, kind, from_logits),
+                     lambda out, t, v: dice_score(out, t, v, kind, from_logits),
+                     params, progress, stop)
+        # what an export records, and a real annotated patch for its test tensors
+        self.last_fine_tune = {"params": asdict(params), "result": result.to_dict(), "example_image": pairs[0][0]}
+        return result
 
     # -- weights -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,115 @@
+"""Fine-tuned bioimage.io models exported as new packages: bioimageio.core's test passes, they load back and
+predict like the in-memory model, and differ from the parent only where they must."""
+
+import zipfile
+
+import numpy as np
+import pytest
+import yaml
+
+from bioadapt.adapters import load_adapter
+from bioadapt.errors import BioadaptError
+from bioadapt.exporters import export_bioimageio
+from bioadapt.exporters.metadata import bump_version
+from model_factory import cell_patches, unet_package
+
+# the export runs the same float32 network; the package's own pre-processing is the parent's, so the
+# only difference is float order in the convolutions: 1e-5 on probabilities
+ATOL = 1e-5
+TRAINING = {"regions": [{"image": "s3://bucket/slide.ome.zarr", "origin": [0, 128], "shape": [64, 64]}],
+            "label_store": "/projects/p1/labels.ome.zarr", "metrics": {"f1_before": 0.42, "f1_after": 0.56}}
+
+
+def _fine_tuned(package, style="crowded", dims=2, **options):
+    model = load_adapter(package, device="cpu", **options)
+    if dims == 2:
+        samples = cell_patches(style, 3, seed=2)
+    else:
+        rng = np.random.default_rng(0)
+        samples = [(rng.normal(100, 10, (1, 16, 32, 32)).astype(np.float32),
+                    (rng.random((16, 32, 32)) > 0.7).astype(np.int64)) for _ in range(3)]
+    model.fine_tune(samples, {"epochs": 1, "learning_rate": 1e-2})
+    return model
+
+
+def _export(model, out, **kwargs):
+    return export_bioimageio(model, out, name="adapted model", description="fine-tuned on crowded cells",
+                             authors=["Ada Lovelace"], license="CC-BY-4.0", training=TRAINING, **kwargs)
+
+
+def _rdf(package):
+    with zipfile.ZipFile(package) as z:
+        return yaml.safe_load(z.read("rdf.yaml")), set(z.namelist())
+
+
+@pytest.mark.parametrize("kind", ["state_dict_0.5", "format_0.4", "torchscript_only", "3d_softmax"])
+def test_round_trip(kind, tmp_path):
+    if kind == "state_dict_0.5":
+        parent = unet_package(tmp_path / "parent.zip", dropout=0.1)
+    elif kind == "format_0.4":
+        parent = unet_package(tmp_path / "parent.zip", out_channels=1, weights=("pytorch_state_dict",),
+                              format_version="0.4")
+    elif kind == "torchscript_only":
+        parent = unet_package(tmp_path / "parent.zip", weights=("torchscript",))
+    else:
+        parent = unet_package(tmp_path / "parent.zip", dims=3, out_channels=3, batchnorm=True,
+                              output_activation="softmax", weights=("pytorch_state_dict",))
+    model = _fine_tuned(parent, dims=3 if kind == "3d_softmax" else 2)
+    out = _export(model, tmp_path / "adapted.zip")  # raises unless bioimageio.core's test passed
+    again = load_adapter(out, device="cpu")
+    x = model.last_fine_tune["example_image"][None]
+    np.testing.assert_allclose(again.predict_proba(x), model.predict_proba(x), atol=ATOL)
+    rdf, files = _rdf(out)
+    assert rdf["format_version"].startswith("0.5")
+    expected_weights = {"state_dict_0.5": {"pytorch_state_dict", "torchscript"}, "format_0.4": {"pytorch_state_dict"},
+                        "torchscript_only": {"torchscript"}, "3d_softmax": {"pytorch_state_dict"}}[kind]
+    assert set(rdf["weights"]) == expected_weights
+    assert rdf["config"]["bioadapt"]["regions"] == TRAINING["regions"]
+    assert rdf["config"]["bioadapt"]["label_store"] == TRAINING["label_store"]
+    assert rdf["config"]["bioimageio"]["training"]["training_epochs"] == 1
+    assert {"README.md", "cover.png", "test_input.npy", "test_output.npy"} <= files
+
+
+def test_export_differs_from_the_parent_only_where_it_must(tmp_path):
+    parent = unet_package(tmp_path / "parent.zip", dropout=0.1)
+    out = _export(_fine_tuned(parent), tmp_path / "adapted.zip")
+    before, _ = _rdf(parent)
+    after, _ = _rdf(out)
+    allowed = {"name", "description", "authors", "license", "version", "weights", "covers", "documentation",
+               "config", "timestamp", "tags", "attachments", "cite", "parent", "inputs", "outputs"}
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    assert changed <= allowed, changed - allowed
+    for io in ("inputs", "outputs"):  # tensors keep everything but their test files
+        strip = [{k: v for k, v in t.items() if k != "test_tensor"} for t in before[io]]
+        assert strip == [{k: v for k, v in t.items() if k != "test_tensor"} for t in after[io]]
+        assert before[io][0]["test_tensor"]["sha256"] != after[io][0]["test_tensor"]["sha256"]
+    arch = lambda rdf: {k: v for k, v in rdf["weights"]["pytorch_state_dict"]["architecture"].items()}  # noqa: E731
+    assert arch(before) == arch(after)
+    assert before["weights"]["pytorch_state_dict"]["sha256"] != after["weights"]["pytorch_state_dict"]["sha256"]
+    assert after["version"] == "0.1.0" and after["config"]["bioadapt"]["parent_source"] == str(parent)
+    assert "Ada Lovelace" in [a["name"] for a in after["authors"]]
+
+
+def test_bad_metadata_fails_before_anything_is_written(tmp_path):
+    model = _fine_tuned(unet_package(tmp_path / "parent.zip", out_channels=1, weights=("pytorch_state_dict",)))
+    out = tmp_path / "out" / "adapted.zip"
+    out.parent.mkdir()
+    cases = [(dict(authors=[]), "authors"), (dict(name=" "), "name"), (dict(license="NOT-A-LICENCE"), "SPDX"),
+             (dict(cite=[{"text": "x"}]), "doi")]
+    for change, message in cases:
+        arguments = dict(name="adapted", description="d", authors=["A"], license="MIT") | change
+        with pytest.raises(BioadaptError, match=message):
+            export_bioimageio(model, out, **arguments)
+    with pytest.raises(BioadaptError, match=r"\.zip"):
+        export_bioimageio(model, tmp_path / "out" / "adapted.tar", name="a", description="d", authors=["A"])
+    assert list(out.parent.iterdir()) == []
+    fresh = load_adapter(unet_package(tmp_path / "p2.zip", out_channels=1, weights=("pytorch_state_dict",)))
+    with pytest.raises(BioadaptError, match="fine-tune the model first"):
+        export_bioimageio(fresh, out, name="a", description="d", authors=["A"])
+    assert list(out.parent.iterdir()) == []
+
+
+def test_version_bump():
+    assert bump_version(None) == "0.1.0"
+    assert bump_version("1.2.3") == "1.2.4"
+    assert bump_version("2") == "3"
