@@ -62,7 +62,7 @@ def peak_rss_bytes() -> int:
 
 
 def cellpose_main(args: argparse.Namespace) -> None:
-    from cellpose import core, transforms
+    from cellpose import core
 
     from bioadapt.adapters.dropout import MCDropout
 

@@ -113,3 +113,38 @@ def test_version_bump():
     assert bump_version(None) == "0.1.0"
     assert bump_version("1.2.3") == "1.2.4"
     assert bump_version("2") == "3"
+
+
+def test_cellpose_round_trip(tmp_path):
+    """A random CPnet trained briefly at its native scale (rescale off), exported with the spec's
+    cellpose_flow_dynamics post-processing, passes bioimageio.core's test and predicts like the adapter."""
+    from cellpose import resnet_torch
+
+    from bioadapt.adapters.cellpose import GENERATION
+    from bioadapt.exporters.cellpose_export import network_input
+
+    if GENERATION != 3:
+        pytest.skip("Cellpose 4 models are not exported")
+    import torch
+
+    torch.manual_seed(0)
+    weights = tmp_path / "cpnet"
+    resnet_torch.CPnet([2, 32, 64, 128, 256], 3, sz=3, mkldnn=False).save_model(str(weights))
+    # flow_threshold 0: a briefly trained net has poor flows, and Cellpose would drop every mask for it
+    model = load_adapter(f"cellpose:{weights}", device="cpu", flow_threshold=0.0)
+    pairs = cell_patches("nuclei", 6, size=96, seed=1)
+    model.fine_tune(pairs, {"epochs": 25, "bsize": 96, "batch_size": 4, "min_train_masks": 1, "rescale": False})
+    out = _export(model, tmp_path / "cellpose.zip")
+    rdf, files = _rdf(out)
+    assert rdf["outputs"][0]["postprocessing"][0]["id"] == "cellpose_flow_dynamics"
+    assert rdf["weights"]["pytorch_state_dict"]["architecture"]["callable"] == "CellposeFlows"
+    assert rdf["config"]["bioadapt"]["channels"] == [0, 0] and "cellpose_arch.py" in files
+    packaged = load_adapter(out, device="cpu")
+    assert packaged.describe().output_kind == "cellpose"
+    # the package runs at the network's scale: compare with the adapter told the cells are diam_mean wide
+    model.diameter = float(model.net.diam_mean.item())
+    images = np.stack([p[0] for p in cell_patches("nuclei", 2, size=96, seed=3)])
+    as_packaged = np.stack([network_input(model, image) for image in images])
+    # Cellpose's normalize_img and the package's scale_range compute the same percentiles: 1e-5
+    np.testing.assert_allclose(packaged.predict_proba(as_packaged), model.predict_proba(images), atol=1e-5)
+    np.testing.assert_array_equal(packaged.segment(as_packaged), model.segment(images))

@@ -20,7 +20,7 @@ def load_adapter(source: str | Path, device: str = "auto", dropout_p: float = 0.
     for bioimage.io models ``mc_scope`` ("full" or "head"), ``output_activation`` ("sigmoid"/"softmax", for
     models that do not declare it), ``weights_format``, ``dropout_kind``, ``memory_budget`` (bytes); for
     Cellpose ``mc_scope``, ``channels`` (Cellpose's [cytoplasm, nucleus] pair, default [0, 0]), ``diameter``,
-    ``flow_threshold``, ``cellprob_threshold``, ``dropout_kind``, ``memory_budget``.
+    ``flow_threshold``, ``cellprob_threshold``, ``min_size``, ``dropout_kind``, ``memory_budget``.
     """
     text = str(source)
     if text.startswith("cellpose:"):

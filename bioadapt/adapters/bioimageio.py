@@ -167,6 +167,7 @@ class BioimageioAdapter(Adapter):
         if self.device.type == "cpu":
             tune_malloc()
         self._pre_ops, post_ops = setup_pre_and_postprocessing(descr, dataset_for_initial_statistics=[])
+        self._mask_op = None
         self.module: nn.Module | None = None
         self._core_adapter = None
         if self.weights_format in TRAINABLE_FORMATS:
@@ -208,8 +209,13 @@ class BioimageioAdapter(Adapter):
 
     def _output_rule(self, post_ops: list, output_activation: str | None):
         """(output kind, post-processing ops to apply, network outputs logits?, activation bioadapt applies)."""
-        activations = [i for i, op in enumerate(post_ops) if isinstance(op, (Sigmoid, Softmax))]
         name = self.description.name
+        flow_ops = [i for i, op in enumerate(post_ops) if type(op).__name__ == "CellposeFlowDynamics"]
+        if flow_ops:  # a Cellpose network: probabilities from its cell-probability channel, masks from the op
+            # the declared output is the labels (one channel); the network itself gives flow_y, flow_x, cellprob
+            self._mask_op = post_ops[flow_ops[0]]
+            return "cellpose", post_ops[:flow_ops[0]], True, None
+        activations = [i for i, op in enumerate(post_ops) if isinstance(op, (Sigmoid, Softmax))]
         if activations:
             last = activations[-1]
             kind = "sigmoid" if isinstance(post_ops[last], Sigmoid) else "softmax"
@@ -247,7 +253,9 @@ class BioimageioAdapter(Adapter):
         return ModelInfo(
             kind="bioimageio", name=self.description.name, source=self.source, axes=lay.axes,
             input_channels=lay.input_channels, min_shape=lay.min_shape, step=lay.step, halo=lay.halo,
-            output_kind=self.output_kind, n_classes=lay.output_channels, class_names=lay.class_names,
+            output_kind=self.output_kind,
+            n_classes=2 if self.output_kind == "cellpose" else lay.output_channels,
+            class_names=("background", "cell") if self.output_kind == "cellpose" else lay.class_names,
             weights_format=self.weights_format, trainable=self.module is not None,
             mc_dropout=self.mc.strategy if self.module is not None else "none", mc_scopes=scopes,
             dropout_p=self.dropout_p)
@@ -310,17 +318,24 @@ class BioimageioAdapter(Adapter):
         elif self._extra_activation == "softmax":
             e = np.exp(array - array.max(1, keepdims=True))
             array = e / e.sum(1, keepdims=True)
+        if self.output_kind == "cellpose":  # (1 - p, p) of the cell-probability logit, as Cellpose does
+            p = 1 / (1 + np.exp(-array[:, 2:3]))
+            array = np.concatenate([1 - p, p], axis=1)
         return np.ascontiguousarray(array, dtype=np.float32)
 
     # -- inference ---------------------------------------------------------------------------------------------
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         x, single = check_images(x, self.describe())
+        proba = self._postprocess(self._raw(x))
+        return proba[0] if single else proba
+
+    def _raw(self, x: np.ndarray) -> torch.Tensor:
+        """Deterministic raw network outputs for checked images, cropped back to their shape."""
         pre = self._preprocess(x)
         with torch.no_grad():
             raw = torch.cat([self._network(self._padded(pre[i:i + 1])) for i in range(len(pre))]) \
                 if self.module is None else self._network(self._padded(pre))
-        proba = self._postprocess(crop_from(raw, x.shape[2:], self.layout.halo))
-        return proba[0] if single else proba
+        return crop_from(raw, x.shape[2:], self.layout.halo)
 
     def _chunk(self, padded: torch.Tensor) -> int:
         """How many padded images one forward call may take within the memory budget."""
@@ -366,10 +381,24 @@ class BioimageioAdapter(Adapter):
         return lay.from_model(raw, lay.out_ids)
 
     def segment(self, x: np.ndarray) -> np.ndarray:
+        if self.output_kind == "cellpose":
+            return self._cellpose_masks(x)
         proba = self.predict_proba(x)
         single = proba.ndim == len(self.layout.axes)
         batch = proba[None] if single else proba
         labels = np.stack([labels_from_probabilities(p, self.output_kind) for p in batch])
+        return labels[0] if single else labels
+
+    def _cellpose_masks(self, x: np.ndarray) -> np.ndarray:
+        """The package's own cellpose_flow_dynamics op (bioimageio.core runs Cellpose) on the raw outputs."""
+        checked, single = check_images(x, self.describe())
+        lay = self.layout
+        raw = self._raw(checked).detach().float().cpu().numpy()
+        sample = Sample(members={lay.output.id: Tensor(lay.to_model_output(raw), dims=lay.out_ids)}, stat={}, id=None)
+        for op in [*self._post_ops, self._mask_op]:
+            op(sample)
+        tensor = sample.members[lay.output.id]
+        labels = lay.from_model(tensor.to_numpy(), [str(d) for d in tensor.dims])[:, 0].astype(np.int32)
         return labels[0] if single else labels
 
     # -- training ----------------------------------------------------------------------------------------------
@@ -380,6 +409,9 @@ class BioimageioAdapter(Adapter):
         if self.module is None:
             raise BioadaptError(f"{info.name} runs from {self.weights_format} weights, which cannot be fine-tuned; "
                                 f"fine-tuning needs one of {list(TRAINABLE_FORMATS)}")
+        if self.output_kind == "cellpose":
+            raise BioadaptError(f"{info.name} is a Cellpose network packaged for bioimage.io; fine-tune it with "
+                                "Cellpose's training: load_adapter('cellpose:/path/to/weights') on its weights")
         params = FineTuneParams.from_any(params)
         pairs = check_samples(samples, info)
         shapes = {image.shape[1:] for image, _ in pairs}

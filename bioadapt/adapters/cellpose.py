@@ -99,7 +99,8 @@ class CellposeAdapter(Adapter):
     def __init__(self, cp_model: Any, source: str, *, device: torch.device, dropout_p: float = 0.05,
                  mc_scope: str = "full", channels: Sequence[int] = (0, 0), diameter: float | None = None,
                  dropout_kind: DropoutKind = "channel", memory_budget: int | None = None,
-                 flow_threshold: float = 0.4, cellprob_threshold: float = 0.0, input_channels: int = 1):
+                 flow_threshold: float = 0.4, cellprob_threshold: float = 0.0, min_size: int = 15,
+                 input_channels: int = 1):
         if mc_scope not in ("full", "head"):
             raise BioadaptError(f"mc_scope must be 'full' or 'head', got {mc_scope!r}")
         self.cp_model = cp_model
@@ -113,6 +114,7 @@ class CellposeAdapter(Adapter):
         self.input_channels = max(input_channels, *self.channels)
         self.diameter = diameter
         self.flow_threshold, self.cellprob_threshold = flow_threshold, cellprob_threshold
+        self.min_size = min_size  # masks smaller than this are dropped and holes filled, as Cellpose's eval does
         self.memory_budget = memory_budget or default_memory_budget(device)
         if device.type == "cpu":
             tune_malloc()
@@ -284,7 +286,8 @@ class CellposeAdapter(Adapter):
         from cellpose import dynamics
 
         masks = dynamics.compute_masks(flows, cellprob, niter=200, cellprob_threshold=self.cellprob_threshold,
-                                       flow_threshold=self.flow_threshold, device=self.device)
+                                       flow_threshold=self.flow_threshold, min_size=self.min_size,
+                                       device=self.device)
         masks = masks[0] if isinstance(masks, tuple) else masks  # some versions also return the pixel paths
         return np.asarray(masks, dtype=np.int32)
 
@@ -358,9 +361,12 @@ class CellposeAdapter(Adapter):
                 stopped = True
         self.net.eval()
         self._sync_diameters()
-        return FineTuneResult(epochs_run=len(history), best_epoch=len(history), initial_val_score=None,
-                              best_val_score=None, stopped=stopped, seconds=round(time.perf_counter() - started, 3),
-                              n_train=len(training), n_val=len(val), history=history)
+        result = FineTuneResult(epochs_run=len(history), best_epoch=len(history), initial_val_score=None,
+                                best_val_score=None, stopped=stopped, seconds=round(time.perf_counter() - started, 3),
+                                n_train=len(training), n_val=len(val), history=history)
+        # what an export records, and a real annotated patch for its test tensors
+        self.last_fine_tune = {"params": asdict(params), "result": result.to_dict(), "example_image": pairs[0][0]}
+        return result
 
     # -- weights -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -37,4 +37,11 @@ def export_bioimageio(model: Any, out: str | Path, *, name: str, description: st
         from bioadapt.exporters.bioimageio_export import export_fine_tuned_bioimageio
 
         return export_fine_tuned_bioimageio(model, out, meta, training or {}, as_folder)
-    raise BioadaptError(f"export of {type(model).__name__} is not supported yet; bioimage.io adapters are")
+    from bioadapt.adapters.cellpose import CellposeAdapter
+
+    if isinstance(model, CellposeAdapter):
+        from bioadapt.exporters.cellpose_export import export_fine_tuned_cellpose
+
+        return export_fine_tuned_cellpose(model, out, meta, training or {}, as_folder)
+    raise BioadaptError(f"cannot export {type(model).__name__}: export_bioimageio takes bioimage.io and Cellpose "
+                        "adapters")

@@ -8,7 +8,6 @@ to a temporary folder, validated and tested with bioimageio.core, and only then 
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import tempfile
@@ -28,7 +27,7 @@ from pydantic import ValidationError
 from bioadapt.adapters.bioimageio import BioimageioAdapter
 from bioadapt.errors import BioadaptError
 from bioadapt.exporters.fresh import _predict_test_output
-from bioadapt.exporters.metadata import Metadata, bump_version, write_cover
+from bioadapt.exporters.metadata import Metadata, annotated_patch, bump_version, write_cover
 
 TOLERANCE = 1e-4  # torchscript re-export must reproduce the state-dict module's outputs to this
 
@@ -62,13 +61,7 @@ def export_fine_tuned_bioimageio(model: BioimageioAdapter, out: Path, meta: Meta
 
 def _test_patch(model: BioimageioAdapter, training: Mapping[str, Any]) -> np.ndarray:
     """A real annotated patch, cropped to the largest valid input shape: (C, *spatial) float32."""
-    patch = training.get("test_input")
-    if patch is None:
-        patch = (getattr(model, "last_fine_tune", None) or {}).get("example_image")
-    if patch is None:
-        raise BioadaptError("export needs a real annotated patch for the test tensors: fine-tune the model first, "
-                            "or pass training={'test_input': image (C, *spatial)}")
-    patch = np.asarray(patch, dtype=np.float32)
+    patch = annotated_patch(model, training)
     lay = model.layout
     shape = []
     for n, lo, st in zip(patch.shape[1:], lay.min_shape, lay.step):

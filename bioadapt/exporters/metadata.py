@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +46,18 @@ class Metadata:
                 raise BioadaptError(f"each cite entry needs 'text' and a 'doi' or 'url', got {entry!r}")
         return cls(name.strip(), description.strip(), tuple(a.strip() for a in authors), license, version,
                    tuple(cite or ()), tuple(tags or ()))
+
+
+def annotated_patch(model: Any, training: Mapping[str, Any]) -> np.ndarray:
+    """The patch for an export's test tensors: ``training["test_input"]``, else the first sample of the model's
+    last fine-tuning; (C, *spatial) float32. Never a placeholder."""
+    patch = training.get("test_input")
+    if patch is None:
+        patch = (getattr(model, "last_fine_tune", None) or {}).get("example_image")
+    if patch is None:
+        raise BioadaptError("export needs a real annotated patch for the test tensors: fine-tune the model first, "
+                            "or pass training={'test_input': image (C, *spatial)}")
+    return np.asarray(patch, dtype=np.float32)
 
 
 def bump_version(version: object | None) -> str:
