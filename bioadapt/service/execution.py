@@ -1,0 +1,247 @@
+"""The Ray side: model actors that load their adapter once, read their own patches from Zarr, score them,
+write predictions and uncertainty maps, and fine-tune; how many there are and what resources they take.
+
+The driver only sends coordinates and paths: pixels move between Zarr and the actors, never through the driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bioadapt.errors import BioadaptError
+
+log = logging.getLogger(__name__)
+# glibc keeps large freed buffers for reuse in actor processes too (see adapters/allocator.py)
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str((1 << 31) - 1)}
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """What a worker needs to open an image itself."""
+
+    uri: str
+    axes: str | None = None
+    channels: tuple[int, ...] | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def open(self):
+        from bioadapt.data import open_image
+
+        try:
+            return open_image(self.uri, self.axes, list(self.channels) if self.channels else None,
+                              storage_options=self.storage_options or None)
+        except Exception as e:
+            raise BioadaptError(f"worker on {os.uname().nodename} cannot open image {self.uri!r}: {e}. On a "
+                                "cluster, image URIs must be reachable from every worker (shared storage, s3://, "
+                                "http://)") from e
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    image: ImageRef
+    patch_shape: tuple[int, ...]
+    passes: int = 16
+    acquisition: str = "bald"
+    reduce: str = "mean"
+    seed: int = 0
+    predictions: str | None = None  # LabelStore path for the model's segmentation of each patch
+    uncertainty: str | None = None  # Zarr array path for the per-pixel acquisition map
+
+
+def patch_seed(seed: int, patch_id: int) -> int:
+    """One seed per patch, so scores do not depend on how patches are sharded."""
+    return (seed * 1_000_003 + patch_id) % (2**31)
+
+
+def score_patches(adapter: Any, request: ScoreRequest, patches: Sequence[tuple[int, Sequence[int]]],
+                  stop: threading.Event | None = None) -> list[dict[str, Any]]:
+    """Score (patch id, origin) pairs: read, MC passes, acquisition map, patch score, segmentation, writes."""
+    from bioadapt.active import ACQUISITIONS, patch_score
+
+    if request.acquisition not in ACQUISITIONS:
+        raise BioadaptError(f"unknown acquisition {request.acquisition!r}; known: {sorted(ACQUISITIONS)}")
+    image = request.image.open()
+    predictions = _open_predictions(request.predictions)
+    uncertainty = _open_uncertainty(request.uncertainty)
+    activation = adapter.describe().activation
+    results = []
+    for patch_id, origin in patches:
+        if stop is not None and stop.is_set():
+            break
+        started = time.perf_counter()
+        pixels = image.read(origin, request.patch_shape, dtype="float32")
+        seed = patch_seed(request.seed, patch_id)
+        samples = adapter.mc_proba(pixels[None], passes=request.passes, seed=seed)[:, 0]
+        function = ACQUISITIONS[request.acquisition]
+        score_map = function(samples, activation=activation, **({"seed": seed} if request.acquisition == "random"
+                                                                  else {}))
+        labels = adapter.segment(pixels[None])[0]
+        if predictions is not None:
+            predictions.write(origin, labels.astype(np.uint32), author="bioadapt-model")
+        if uncertainty is not None:
+            uncertainty[tuple(slice(o, o + s) for o, s in zip(origin, request.patch_shape))] = score_map
+        results.append({"patch_id": int(patch_id), "origin": [int(o) for o in origin],
+                        "score": patch_score(score_map, reduce=request.reduce),
+                        "objects": int(len(np.unique(labels)) - 1),
+                        "seconds": round(time.perf_counter() - started, 4)})
+    return results
+
+
+def _open_predictions(path: str | None):
+    if path is None:
+        return None
+    from bioadapt.data import LabelStore
+
+    return LabelStore.open(path)
+
+
+def _open_uncertainty(path: str | None):
+    if path is None:
+        return None
+    import zarr
+
+    return zarr.open_array(path, mode="r+")
+
+
+def create_uncertainty_store(path: str | Path, image: Any, chunks: Sequence[int] | None = None) -> str:
+    """A float32 Zarr array on the image's spatial grid for per-pixel acquisition maps; empty chunks are not
+    written, so it grows with what was scored."""
+    import zarr
+
+    shape = image.shape[-len(image.spatial_axes):] if hasattr(image, "spatial_axes") else image.shape[1:]
+    chunks = tuple(chunks or [min(256, s) for s in shape])
+    zarr.create_array(str(path), shape=shape, chunks=chunks, dtype="float32", fill_value=np.nan,
+                      config={"write_empty_chunks": False}, overwrite=True)
+    return str(path)
+
+
+@dataclass(frozen=True)
+class FineTuneRequest:
+    image: ImageRef
+    label_store: str
+    regions: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]  # (origin, shape) of each corrected patch
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def training_samples(request: FineTuneRequest) -> list[tuple[np.ndarray, np.ndarray]]:
+    from bioadapt.data import LabelStore
+
+    image = request.image.open()
+    store = LabelStore.open(request.label_store)
+    return [(image.read(origin, shape, dtype="float32"), store.read(origin, shape).astype(np.int64))
+            for origin, shape in request.regions]
+
+
+class ModelWorker:
+    """What a model actor runs (a plain class, so it is testable without Ray)."""
+
+    def __init__(self, source: str | bytes, options: dict[str, Any] | None = None):
+        from bioadapt.adapters import load_adapter
+
+        self._tmp = None
+        if isinstance(source, bytes):  # a package sent once through the object store
+            self._tmp = tempfile.TemporaryDirectory(prefix="bioadapt-model-")
+            path = Path(self._tmp.name) / "model.zip"
+            path.write_bytes(source)
+            source = str(path)
+        try:
+            self.adapter = load_adapter(source, **(options or {}))
+        except Exception as e:
+            raise BioadaptError(f"worker on {os.uname().nodename} cannot load model {source!r}: {e}") from e
+        self._stop = threading.Event()
+        self._progress: dict[str, Any] = {}
+
+    def describe(self) -> dict[str, Any]:
+        return self.adapter.describe().to_dict()
+
+    def score(self, request: ScoreRequest, patches: Sequence[tuple[int, Sequence[int]]]) -> list[dict[str, Any]]:
+        self._stop.clear()
+        return score_patches(self.adapter, request, patches, self._stop)
+
+    def fine_tune(self, request: FineTuneRequest) -> dict[str, Any]:
+        """Train on the corrected regions; returns the result and the new weights as bytes."""
+        import io
+
+        import torch
+
+        self._stop.clear()
+        self._progress = {}
+        result = self.adapter.fine_tune(training_samples(request), request.params,
+                                        progress=self._progress.update, stop=self._stop.is_set)
+        buffer = io.BytesIO()
+        torch.save(self.adapter.state_dict(), buffer)
+        return {"result": result.to_dict(), "weights": buffer.getvalue()}
+
+    def progress(self) -> dict[str, Any]:
+        return dict(self._progress)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None) -> dict[str, float]:
+    """Join ``address`` ("auto", "host:port", "ray://host:10001") or start an embedded local Ray (no
+    dashboard, quiet logs, listeners on loopback); returns the cluster's resources."""
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        if address is None:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.WARNING, runtime_env={"env_vars": WORKER_ENV})
+        else:
+            try:
+                ray.init(address=address, logging_level=logging.WARNING)
+            except Exception as e:
+                raise BioadaptError(f"could not join the Ray cluster at {address!r}: {e}. Check the address and "
+                                    "that RAY_AUTH_MODE / the auth token match the cluster's") from e
+    return dict(ray.cluster_resources())
+
+
+def actor_options(kind: str, gpu_fraction: float = 0.5) -> dict[str, Any]:
+    """Ray resources of one actor: a GPU fraction when the cluster has GPUs (a whole GPU to fine-tune), else one
+    CPU. Asking for GPUs on a cluster without any would leave the actor pending forever."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus > 0:
+        return {"num_gpus": 1.0 if kind == "fine_tune" else gpu_fraction, "num_cpus": 1}
+    if gpu_fraction and kind == "score":
+        log.info("no GPU in the Ray cluster: model actors run on CPUs")
+    return {"num_cpus": 1}
+
+
+def pool_size(requested: int | None, gpu_fraction: float = 0.5) -> int:
+    """Actors a scoring job gets: what the cluster holds (GPUs / fraction, else CPUs), capped by the job."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0)
+    fits = int(gpus / gpu_fraction) if gpus > 0 else int(resources.get("CPU", 1))
+    return max(1, min(fits, requested or fits))
+
+
+def make_actor(source: str | bytes, options: dict[str, Any] | None, kind: str = "score", gpu_fraction: float = 0.5):
+    """A model actor (threaded, so stop() and progress() answer while it works); restarted by Ray up to twice
+    when its process dies."""
+    import ray
+
+    remote = ray.remote(max_concurrency=2, max_restarts=2, max_task_retries=0)(ModelWorker)
+    return remote.options(**actor_options(kind, gpu_fraction)).remote(source, options)
+
+
+def request_dict(request: ScoreRequest | FineTuneRequest) -> dict[str, Any]:
+    return asdict(request)

@@ -1,0 +1,247 @@
+"""Jobs: scoring sharded over a pool of model actors and fine-tuning on one, with progress, cancel, retries,
+and a persistent record (SQLAlchemy; SQLite by default) that a restarted service reads back."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Column, Float, MetaData, String, Table, Text, create_engine, event, select
+
+from bioadapt.errors import BioadaptError
+from bioadapt.service.execution import FineTuneRequest, ScoreRequest, make_actor, pool_size
+
+STATES = ("queued", "running", "done", "failed", "cancelled")
+
+_metadata = MetaData()
+_jobs = Table("jobs", _metadata, Column("id", String, primary_key=True), Column("kind", String, nullable=False),
+              Column("state", String, nullable=False), Column("progress", Text, default="{}"),
+              Column("result", Text, default="null"), Column("error", Text), Column("created", Float),
+              Column("started", Float), Column("finished", Float))
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str
+    state: str = "queued"
+    progress: dict[str, Any] = field(default_factory=dict)
+    result: Any = None
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class JobStore:
+    """Job records in a database; ``database_url`` defaults to a SQLite file (WAL) at ``path``."""
+
+    def __init__(self, path: str | Path | None = None, database_url: str | None = None):
+        url = database_url or f"sqlite:///{Path(path or 'bioadapt-jobs.sqlite')}"
+        self.engine = create_engine(url)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", lambda conn, _: conn.execute("PRAGMA journal_mode=WAL"))
+        _metadata.create_all(self.engine)
+
+    def save(self, job: Job) -> None:
+        row = {"id": job.id, "kind": job.kind, "state": job.state, "progress": json.dumps(job.progress),
+               "result": json.dumps(job.result), "error": job.error, "created": job.created,
+               "started": job.started, "finished": job.finished}
+        with self.engine.begin() as conn:
+            if conn.execute(select(_jobs.c.id).where(_jobs.c.id == job.id)).first():
+                conn.execute(_jobs.update().where(_jobs.c.id == job.id).values(**row))
+            else:
+                conn.execute(_jobs.insert().values(**row))
+
+    def get(self, job_id: str) -> Job:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(_jobs).where(_jobs.c.id == job_id)).mappings().first()
+        if row is None:
+            raise BioadaptError(f"no job {job_id!r}")
+        return Job(id=row["id"], kind=row["kind"], state=row["state"], progress=json.loads(row["progress"]),
+                   result=json.loads(row["result"]), error=row["error"], created=row["created"],
+                   started=row["started"], finished=row["finished"])
+
+    def list(self) -> list[Job]:
+        with self.engine.connect() as conn:
+            ids = [r[0] for r in conn.execute(select(_jobs.c.id).order_by(_jobs.c.created))]
+        return [self.get(i) for i in ids]
+
+    def mark_interrupted(self) -> int:
+        """Jobs left queued or running by a previous service process: failed, with that reason."""
+        count = 0
+        for job in self.list():
+            if job.state in ("queued", "running"):
+                job.state, job.error, job.finished = "failed", "interrupted: the service restarted", time.time()
+                self.save(job)
+                count += 1
+        return count
+
+
+class JobRunner:
+    """Runs one job in a thread; ``cancel()`` asks it to stop."""
+
+    def __init__(self, store: JobStore, kind: str, work: Callable[[JobRunner], Any]):
+        self.store = store
+        self.job = Job(id=uuid.uuid4().hex[:12], kind=kind)
+        self.cancelled = threading.Event()
+        self._work = work
+        self.actors: list[Any] = []  # the job's Ray actors while it runs (for inspection and tests)
+        store.save(self.job)
+        self.thread = threading.Thread(target=self._run, name=f"bioadapt-{kind}-{self.job.id}", daemon=True)
+        self.thread.start()
+
+    def report(self, **progress: Any) -> None:
+        self.job.progress.update(progress)
+        self.store.save(self.job)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def wait(self, timeout: float | None = None) -> Job:
+        self.thread.join(timeout)
+        return self.store.get(self.job.id)
+
+    def _run(self) -> None:
+        self.job.state, self.job.started = "running", time.time()
+        self.store.save(self.job)
+        try:
+            result = self._work(self)
+            self.job.result = result
+            self.job.state = "cancelled" if self.cancelled.is_set() else "done"
+        except Exception as e:  # the job fails with its cause; the service stays up
+            self.job.state, self.job.error = "failed", f"{type(e).__name__}: {e}"
+        self.job.finished = time.time()
+        self.store.save(self.job)
+
+
+def score_job(store: JobStore, source: str | bytes, options: dict[str, Any], request: ScoreRequest,
+              patches: Sequence[tuple[int, Sequence[int]]], *, actors: int | None = None, shard_size: int = 32,
+              retries: int = 2, gpu_fraction: float = 0.5) -> JobRunner:
+    """Score ``patches`` ((id, origin) pairs) on a pool of model actors; the result is ranked by score."""
+
+    def work(runner: JobRunner) -> list[dict[str, Any]]:
+        import ray
+
+        shards = [list(patches[i:i + shard_size]) for i in range(0, len(patches), shard_size)]
+        pool = [make_actor(source, options, "score", gpu_fraction)
+                for _ in range(min(pool_size(actors, gpu_fraction), len(shards)))]
+        runner.actors = pool
+        try:
+            ray.get([a.ping.remote() for a in pool])
+        except ray.exceptions.RayActorError as e:
+            raise BioadaptError(f"model actors could not start: {_cause(e)}") from e
+        pending = list(range(len(shards)))
+        attempts = [0] * len(shards)
+        in_flight: dict[Any, tuple[int, Any]] = {}
+        results: list[dict[str, Any]] = []
+        started = time.perf_counter()
+        runner.report(done=0, total=len(patches), patches_per_second=0.0)
+        try:
+            while (pending or in_flight) and not runner.cancelled.is_set():
+                busy = {actor for _, actor in in_flight.values()}
+                for actor in pool:  # bounded: one shard in flight per actor
+                    if pending and actor not in busy:
+                        shard = pending.pop(0)
+                        in_flight[actor.score.remote(request, shards[shard])] = (shard, actor)
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+                for ref in ready:
+                    shard, actor = in_flight.pop(ref)
+                    try:
+                        results.extend(ray.get(ref))
+                    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                        # the actor died: Ray restarts it (up to twice); retry the shard once it answers again
+                        attempts[shard] += 1
+                        if attempts[shard] > retries:
+                            raise BioadaptError(f"shard {shard} failed {attempts[shard]} times; last cause: "
+                                                f"{_cause(e)}") from e
+                        pending.insert(0, shard)
+                        if not _wait_until_alive(actor):
+                            pool.remove(actor)
+                            if not pool:
+                                raise BioadaptError(f"every model actor died; last cause: {_cause(e)}") from e
+                    runner.report(done=len(results), total=len(patches),
+                                  patches_per_second=round(len(results) / (time.perf_counter() - started), 3))
+            if runner.cancelled.is_set():
+                for actor in pool:
+                    actor.stop.remote()
+        finally:
+            for actor in pool:
+                ray.kill(actor)
+        return sorted(results, key=lambda r: -r["score"])
+
+    return JobRunner(store, "score", work)
+
+
+def fine_tune_job(store: JobStore, source: str | bytes, options: dict[str, Any], request: FineTuneRequest,
+                  versions: str | Path) -> JobRunner:
+    """Fine-tune on one actor (a whole GPU when there is one); the new weights become a new file in
+    ``versions`` (earlier versions are never touched)."""
+
+    def work(runner: JobRunner) -> dict[str, Any]:
+        import ray
+
+        actor = make_actor(source, options, "fine_tune")
+        runner.actors = [actor]
+        try:
+            ref = actor.fine_tune.remote(request)
+            while True:
+                ready, _ = ray.wait([ref], timeout=0.5)
+                if ready:
+                    break
+                if runner.cancelled.is_set():
+                    actor.stop.remote()
+                runner.report(**ray.get(actor.progress.remote()))
+            try:
+                outcome = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                raise BioadaptError(f"fine-tuning failed: {_cause(e)}") from e
+            if runner.cancelled.is_set():
+                return {"result": outcome["result"], "version": None}
+            folder = Path(versions)
+            folder.mkdir(parents=True, exist_ok=True)
+            number = 1 + max([int(p.stem.removeprefix("v")) for p in folder.glob("v*.pt")
+                              if p.stem.removeprefix("v").isdigit()] or [0])
+            path = folder / f"v{number}.pt"
+            partial = path.with_suffix(".partial")
+            partial.write_bytes(outcome["weights"])
+            partial.rename(path)
+            return {"result": outcome["result"], "version": str(path)}
+        finally:
+            ray.kill(actor)
+
+    return JobRunner(store, "fine_tune", work)
+
+
+def _wait_until_alive(actor: Any, timeout: float = 120) -> bool:
+    """True once a restarted actor answers; False when it is gone for good (restarts used up)."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ping.remote(), timeout=timeout)
+            return True
+        except ray.exceptions.ActorDiedError:
+            return False
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+            time.sleep(0.5)
+    return False
+
+
+def _cause(error: Exception) -> str:
+    """The last exception line of a Ray error's remote traceback (the user-facing message)."""
+    lines = [line.strip() for line in str(error).splitlines()
+             if re.match(r"^\s*[\w.]*(Error|Exception): ", line)]
+    text = lines[-1] if lines else (str(error).strip().splitlines() or [type(error).__name__])[-1]
+    return text.removeprefix("bioadapt.errors.")[:500]
