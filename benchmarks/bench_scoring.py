@@ -21,7 +21,6 @@ import platform
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,18 +31,10 @@ from bioadapt.adapters.allocator import tune_malloc
 from bioadapt.adapters.unet import UNet
 from bioadapt.data.synthetic import synthetic_cells
 from bioadapt.exporters.fresh import package_new_model
+from timing import interleaved_rates
 
 RESULTS = Path(__file__).parent / "results" / "scoring.json"
 MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
-
-
-def best_rate(run: Callable[[], None], patches: int, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return patches / min(times)
 
 
 def main() -> None:
@@ -109,10 +100,7 @@ def unet_main(args: argparse.Namespace) -> None:
             "b_mc_proba_head": head_scope, "c_bare_forward": bare}
     for run in ways.values():  # warm-up: allocator, thread pools, memory-budget probe
         run() if run is not one_pass_at_a_time else model.mc_proba(patches[:1], passes=1)
-    rates = {name: 0.0 for name in ways}
-    for _ in range(args.rounds):  # interleaved, so drifting machine load hits every way alike
-        for name, run in ways.items():
-            rates[name] = max(rates[name], best_rate(run, n, 1))
+    rates = interleaved_rates(ways, n, args.rounds)
     b, a, c = rates["b_mc_proba"], rates["a_one_pass_at_a_time"], rates["c_bare_forward"]
     result = {
         "patches_per_second": {k: round(v, 3) for k, v in rates.items()},

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from timing import interleaved_rates
+
 RESULTS = Path(__file__).parent / "results" / "scoring_cellpose.json"
 
 
@@ -100,12 +102,7 @@ def cellpose_main(args: argparse.Namespace) -> None:
             ways = {"seed_plugin": seed_plugin, "full": full_way, "head": head_way, "bare": bare}
             for run in ways.values():
                 run()  # warm-up
-            rates = {name: 0.0 for name in ways}
-            for _ in range(args.rounds):
-                for name, run in ways.items():
-                    started = time.perf_counter()
-                    run()
-                    rates[name] = max(rates[name], n / (time.perf_counter() - started))
+            rates = interleaved_rates(ways, n, args.rounds)
             results[f"T={T}"] = {k: round(v, 4) for k, v in rates.items()}
             r = rates
             print(f"Cellpose 3, T={T}: " + "  ".join(f"{k} {v:.3f}" for k, v in r.items()) + " patches/s;  "

@@ -64,19 +64,26 @@ class FineTuneParams:
 
     @classmethod
     def from_any(cls, params: FineTuneParams | Mapping[str, Any] | None) -> FineTuneParams:
-        if params is None:
-            return cls()
-        if isinstance(params, cls):
-            return params
-        known = {f.name for f in fields(cls)}
-        unknown = set(params) - known
-        if unknown:
-            raise BioadaptError(f"unknown fine-tuning parameters {sorted(unknown)}; known: {sorted(known)}")
-        out = cls(**params)
-        if out.epochs < 1 or out.batch_size < 1 or out.learning_rate <= 0 or not 0 <= out.val_fraction < 1:
-            raise BioadaptError(f"fine-tuning parameters out of range: {out} (epochs, batch_size >= 1, "
-                                "learning_rate > 0, 0 <= val_fraction < 1)")
-        return out
+        return checked_params(cls, params, "fine-tuning")
+
+
+def checked_params(cls: type, params: Any, what: str) -> Any:
+    """``params`` (None, an instance, another params dataclass or a mapping) as a ``cls`` instance; unknown names
+    are refused, not ignored, and epochs, batch size, learning rate and val_fraction are range-checked."""
+    if params is None:
+        return cls()
+    if isinstance(params, cls):
+        return params
+    params = dict(params if isinstance(params, Mapping) else asdict(params))
+    known = {f.name for f in fields(cls)}
+    unknown = set(params) - known
+    if unknown:
+        raise BioadaptError(f"unknown {what} parameters {sorted(unknown)}; known: {sorted(known)}")
+    out = cls(**params)
+    if out.epochs < 1 or out.batch_size < 1 or out.learning_rate <= 0 or not 0 <= out.val_fraction < 1:
+        raise BioadaptError(f"{what} parameters out of range: {out} (epochs, batch_size >= 1, learning_rate > 0, "
+                            "0 <= val_fraction < 1)")
+    return out
 
 
 @dataclass

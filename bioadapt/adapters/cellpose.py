@@ -14,7 +14,7 @@ import inspect
 import logging
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -24,7 +24,7 @@ import torch
 
 from bioadapt.adapters.allocator import tune_malloc
 from bioadapt.adapters.base import (Adapter, FineTuneResult, ModelInfo, Progress, Stop, check_images,
-                                    check_samples)
+                                    check_samples, checked_params)
 from bioadapt.adapters.bioimageio import resolve_device
 from bioadapt.adapters.dropout import DropoutKind, HeadSplit, MCDropout, mc_strategy
 from bioadapt.adapters.shapes import activation_bytes, crop_from, default_memory_budget, pad_to, valid_shape
@@ -54,20 +54,8 @@ class CellposeTrainParams:
 
     @classmethod
     def from_any(cls, params: Any) -> CellposeTrainParams:
-        if params is None:
-            return cls()
-        if isinstance(params, cls):
-            return params
-        params = dict(params if isinstance(params, Mapping) else asdict(params))
-        known = {f.name for f in fields(cls)}
-        # the generic names of FineTuneParams that have no Cellpose meaning are refused, not ignored
-        unknown = set(params) - known
-        if unknown:
-            raise BioadaptError(f"unknown Cellpose fine-tuning parameters {sorted(unknown)}; known: {sorted(known)}")
-        out = cls(**params)
-        if out.epochs < 1 or out.batch_size < 1 or out.learning_rate <= 0 or not 0 <= out.val_fraction < 1:
-            raise BioadaptError(f"fine-tuning parameters out of range: {out}")
-        return out
+        # FineTuneParams names without a Cellpose meaning (augment, freeze_batchnorm) are refused, not ignored
+        return checked_params(cls, params, "Cellpose fine-tuning")
 
 
 class _Stopped(Exception):

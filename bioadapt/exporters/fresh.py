@@ -343,20 +343,9 @@ def _describe_v0_5(plan: _Plan) -> v0_5.ModelDescr:
     def file_descr(name: str) -> dict[str, Any]:
         return {"source": name, "sha256": get_sha256(plan.folder / name)}
 
-    entries: dict[str, Any] = {}
-    for weight_format in plan.weights:
-        entry = {**file_descr(_FILE_NAMES[weight_format]), "parent": plan.parent_of(weight_format)}
-        if weight_format == "pytorch_state_dict":
-            architecture = v0_5.ArchitectureFromFileDescr(
-                **file_descr(plan.architecture_file), callable=v0_5.Identifier(plan.architecture_callable),
-                kwargs=plan.architecture_kwargs)
-            entries[weight_format] = v0_5.PytorchStateDictWeightsDescr(
-                **entry, architecture=architecture, pytorch_version=v0_5.Version(torch.__version__))
-        elif weight_format == "torchscript":
-            entries[weight_format] = v0_5.TorchscriptWeightsDescr(
-                **entry, pytorch_version=v0_5.Version(torch.__version__))
-        else:
-            entries[weight_format] = v0_5.OnnxWeightsDescr(**entry, opset_version=ONNX_OPSET)
+    entries = _weight_entries(plan, v0_5, {"architecture": v0_5.ArchitectureFromFileDescr(
+        **file_descr(plan.architecture_file), callable=v0_5.Identifier(plan.architecture_callable),
+        kwargs=plan.architecture_kwargs)})
 
     return v0_5.ModelDescr(
         name=plan.name, description=plan.description, authors=[v0_5.Author(name=a) for a in plan.authors],
@@ -377,6 +366,24 @@ def _describe_v0_5(plan: _Plan) -> v0_5.ModelDescr:
         weights=v0_5.WeightsDescr(**entries))
 
 
+def _weight_entries(plan: _Plan, spec: Any, architecture: dict[str, Any]) -> dict[str, Any]:
+    """Weight descriptions of ``spec`` (v0_5 or v0_4) for every format in the plan; ``architecture`` holds the
+    state-dict entry's version-specific architecture fields."""
+    entries: dict[str, Any] = {}
+    for weight_format in plan.weights:
+        name = _FILE_NAMES[weight_format]
+        entry = {"source": name, "sha256": get_sha256(plan.folder / name), "parent": plan.parent_of(weight_format)}
+        if weight_format == "pytorch_state_dict":
+            entries[weight_format] = spec.PytorchStateDictWeightsDescr(
+                **entry, **architecture, pytorch_version=spec.Version(torch.__version__))
+        elif weight_format == "torchscript":
+            entries[weight_format] = spec.TorchscriptWeightsDescr(
+                **entry, pytorch_version=spec.Version(torch.__version__))
+        else:
+            entries[weight_format] = spec.OnnxWeightsDescr(**entry, opset_version=ONNX_OPSET)
+    return entries
+
+
 def _describe_v0_4(plan: _Plan) -> v0_4.ModelDescr:
     axes, n_spatial = "bc" + plan.spatial_axes, len(plan.spatial_axes)
     preprocessing: list[Any] = []
@@ -389,20 +396,9 @@ def _describe_v0_4(plan: _Plan) -> v0_4.ModelDescr:
             mode="per_sample", axes=plan.spatial_axes, min_percentile=low, max_percentile=high)))
     postprocessing = [v0_4.SigmoidDescr()] if plan.output_activation == "sigmoid" else []
 
-    entries: dict[str, Any] = {}
-    for weight_format in plan.weights:
-        name = _FILE_NAMES[weight_format]
-        entry = {"source": name, "sha256": get_sha256(plan.folder / name), "parent": plan.parent_of(weight_format)}
-        if weight_format == "pytorch_state_dict":
-            entries[weight_format] = v0_4.PytorchStateDictWeightsDescr(
-                **entry, architecture=f"{plan.architecture_file}:{plan.architecture_callable}",
-                architecture_sha256=get_sha256(plan.folder / plan.architecture_file),
-                kwargs=plan.architecture_kwargs, pytorch_version=v0_4.Version(torch.__version__))
-        elif weight_format == "torchscript":
-            entries[weight_format] = v0_4.TorchscriptWeightsDescr(
-                **entry, pytorch_version=v0_4.Version(torch.__version__))
-        else:
-            entries[weight_format] = v0_4.OnnxWeightsDescr(**entry, opset_version=ONNX_OPSET)
+    entries = _weight_entries(plan, v0_4, {
+        "architecture": f"{plan.architecture_file}:{plan.architecture_callable}",
+        "architecture_sha256": get_sha256(plan.folder / plan.architecture_file), "kwargs": plan.architecture_kwargs})
 
     return v0_4.ModelDescr(
         name=plan.name, description=plan.description, authors=[v0_4.Author(name=a) for a in plan.authors],
