@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from bioadapt.data import open_image, sample_patches  # noqa: E402
-from bioadapt.data.synthetic import write_synthetic_ome_zarr  # noqa: E402
-from bioadapt.service.execution import ImageRef, ModelWorker, ScoreRequest, start_ray  # noqa: E402
-from bioadapt.service.jobs import JobStore, score_job  # noqa: E402
-from model_factory import unet_package  # noqa: E402
+from bioadapt.adapters.unet import UNet
+from bioadapt.data import open_image, sample_patches
+from bioadapt.data.synthetic import write_synthetic_ome_zarr
+from bioadapt.exporters.fresh import package_new_model
+from bioadapt.service.execution import ImageRef, ModelWorker, ScoreRequest, start_ray
+from bioadapt.service.jobs import JobStore, score_job
 
 RESULTS = Path(__file__).parent / "results" / "ray_scoring.json"
 
@@ -37,7 +35,10 @@ def main() -> None:
         write_synthetic_ome_zarr(root / "image.ome.zarr", (2048, 2048), "crowded", seed=0)
         image = open_image(root / "image.ome.zarr")
         patches = [(i, w.origin) for i, w in enumerate(sample_patches(image, 128, (128, 128), mode="grid"))]
-        model = str(unet_package(root / "model.zip", features=8, weights=("pytorch_state_dict",)))
+        kwargs = dict(in_channels=1, out_channels=2, dims=2, features=8, depth=2)
+        torch.manual_seed(0)
+        model = str(package_new_model(UNet(**kwargs).eval(), root / "model.zip", name="benchmark U-Net",
+                                      architecture_kwargs=kwargs, weights=("pytorch_state_dict",)))
         request = ScoreRequest(image=ImageRef(str(root / "image.ome.zarr")), patch_shape=(128, 128), passes=8)
         worker = ModelWorker(model, {"device": "cpu"})
         worker.score(request, patches[:4])  # warm-up

@@ -418,15 +418,14 @@ class BioimageioAdapter(Adapter):
         common = tuple(max(s[i] for s in shapes) for i in range(len(self.layout.spatial)))
         target_shape = valid_shape(common, self.layout.min_shape, self.layout.step, (0,) * len(common))
         inputs, targets, valid = [], [], []
+        no_halo = (0,) * len(common)
         for image, labels in pairs:
-            pre = self._preprocess(image[None])
-            halo = (0,) * len(common)
-            inputs.append(pad_to(pre, target_shape, halo))
+            inputs.append(pad_to(self._preprocess(image[None]), target_shape, no_halo))
+            # targets and the valid-pixel mask are padded with zeros after the patch, where the input was mirrored
+            after = [v for s, n in reversed(list(zip(labels.shape, target_shape))) for v in (0, n - s)]
             t = torch.from_numpy(make_targets(labels, self.output_kind, info.n_classes))[None]
-            pad = [(0, n - s) for s, n in zip(labels.shape, target_shape)]
-            targets.append(torch.nn.functional.pad(t, [v for p in reversed(pad) for v in p]))
-            v = torch.ones((1, 1, *labels.shape), dtype=torch.bool)
-            valid.append(torch.nn.functional.pad(v, [v_ for p in reversed(pad) for v_ in p]))
+            targets.append(torch.nn.functional.pad(t, after))
+            valid.append(torch.nn.functional.pad(torch.ones((1, 1, *labels.shape), dtype=torch.bool), after))
         inputs_t = torch.cat(inputs)
         targets_t = torch.cat(targets).to(self.device)
         valid_t = torch.cat(valid).to(self.device)

@@ -48,10 +48,10 @@ def activation_bytes(module: nn.Module, example: torch.Tensor) -> int:
         if isinstance(output, torch.Tensor):
             total += output.numel() * output.element_size()
 
-    leaves = [m for m in module.modules() if not list(m.children())]
     if isinstance(module, torch.jit.ScriptModule):
         # no hooks on TorchScript: assume 64 feature maps of the input's size per sample
         return 64 * example[0].numel() * example.element_size() * 4
+    leaves = [m for m in module.modules() if not list(m.children())]
     handles = [m.register_forward_hook(count) for m in leaves]
     try:
         with torch.no_grad():

@@ -67,7 +67,7 @@ def _test_patch(model: BioimageioAdapter, training: Mapping[str, Any]) -> np.nda
     for n, lo, st in zip(patch.shape[1:], lay.min_shape, lay.step):
         if n < lo:
             raise BioadaptError(f"the test patch {patch.shape[1:]} is smaller than the model's minimum {lay.min_shape}")
-        shape.append(n if st == 0 and n == lo else lo + ((n - lo) // st) * st if st else lo)
+        shape.append(lo + ((n - lo) // st) * st if st else lo)
     return patch[(slice(None), *[slice(0, s) for s in shape])]
 
 

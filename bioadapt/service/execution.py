@@ -12,7 +12,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,6 @@ import numpy as np
 from bioadapt.errors import BioadaptError
 
 log = logging.getLogger(__name__)
-# glibc keeps large freed buffers for reuse in actor processes too (see adapters/allocator.py)
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str((1 << 31) - 1)}
 
 
 @dataclass(frozen=True)
@@ -74,6 +72,7 @@ def score_patches(adapter: Any, request: ScoreRequest, patches: Sequence[tuple[i
     predictions = _open_predictions(request.predictions)
     uncertainty = _open_uncertainty(request.uncertainty)
     activation = adapter.describe().activation
+    function = ACQUISITIONS[request.acquisition]
     results = []
     for patch_id, origin in patches:
         if stop is not None and stop.is_set():
@@ -82,7 +81,6 @@ def score_patches(adapter: Any, request: ScoreRequest, patches: Sequence[tuple[i
         pixels = image.read(origin, request.patch_shape, dtype="float32")
         seed = patch_seed(request.seed, patch_id)
         samples = adapter.mc_proba(pixels[None], passes=request.passes, seed=seed)[:, 0]
-        function = ACQUISITIONS[request.acquisition]
         score_map = function(samples, activation=activation, **({"seed": seed} if request.acquisition == "random"
                                                                   else {}))
         labels = adapter.segment(pixels[None])[0]
@@ -118,7 +116,7 @@ def create_uncertainty_store(path: str | Path, image: Any, chunks: Sequence[int]
     written, so it grows with what was scored."""
     import zarr
 
-    shape = image.shape[-len(image.spatial_axes):] if hasattr(image, "spatial_axes") else image.shape[1:]
+    shape = image.spatial_shape
     chunks = tuple(chunks or [min(256, s) for s in shape])
     zarr.create_array(str(path), shape=shape, chunks=chunks, dtype="float32", fill_value=np.nan,
                       config={"write_empty_chunks": False}, overwrite=True)
@@ -201,7 +199,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> dict[s
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         if address is None:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.WARNING, runtime_env={"env_vars": WORKER_ENV})
+                     logging_level=logging.WARNING)
         else:
             try:
                 ray.init(address=address, logging_level=logging.WARNING)
@@ -242,6 +240,3 @@ def make_actor(source: str | bytes, options: dict[str, Any] | None, kind: str = 
     remote = ray.remote(max_concurrency=2, max_restarts=2, max_task_retries=0)(ModelWorker)
     return remote.options(**actor_options(kind, gpu_fraction)).remote(source, options)
 
-
-def request_dict(request: ScoreRequest | FineTuneRequest) -> dict[str, Any]:
-    return asdict(request)

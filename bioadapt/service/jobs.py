@@ -18,7 +18,6 @@ from sqlalchemy import Column, Float, MetaData, String, Table, Text, create_engi
 from bioadapt.errors import BioadaptError
 from bioadapt.service.execution import FineTuneRequest, ScoreRequest, make_actor, pool_size
 
-STATES = ("queued", "running", "done", "failed", "cancelled")
 
 _metadata = MetaData()
 _jobs = Table("jobs", _metadata, Column("id", String, primary_key=True), Column("kind", String, nullable=False),
@@ -68,14 +67,11 @@ class JobStore:
             row = conn.execute(select(_jobs).where(_jobs.c.id == job_id)).mappings().first()
         if row is None:
             raise BioadaptError(f"no job {job_id!r}")
-        return Job(id=row["id"], kind=row["kind"], state=row["state"], progress=json.loads(row["progress"]),
-                   result=json.loads(row["result"]), error=row["error"], created=row["created"],
-                   started=row["started"], finished=row["finished"])
+        return _job(row)
 
     def list(self) -> list[Job]:
         with self.engine.connect() as conn:
-            ids = [r[0] for r in conn.execute(select(_jobs.c.id).order_by(_jobs.c.created))]
-        return [self.get(i) for i in ids]
+            return [_job(row) for row in conn.execute(select(_jobs).order_by(_jobs.c.created)).mappings()]
 
     def mark_interrupted(self) -> int:
         """Jobs left queued or running by a previous service process: failed, with that reason."""
@@ -86,6 +82,12 @@ class JobStore:
                 self.save(job)
                 count += 1
         return count
+
+
+def _job(row: Any) -> Job:
+    return Job(id=row["id"], kind=row["kind"], state=row["state"], progress=json.loads(row["progress"]),
+               result=json.loads(row["result"]), error=row["error"], created=row["created"], started=row["started"],
+               finished=row["finished"])
 
 
 class JobRunner:
