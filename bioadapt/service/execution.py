@@ -198,8 +198,9 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> dict[s
     if not ray.is_initialized():
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         if address is None:
+            # without _node_ip_address Ray swaps 127.0.0.1 for the machine's address and listens on every interface
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.WARNING)
+                     logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
         else:
             try:
                 ray.init(address=address, logging_level=logging.WARNING)
