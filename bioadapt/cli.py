@@ -24,6 +24,15 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(workdir=args.workdir, size=args.size, n_patches=args.patches, seed=args.seed)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from bioadapt.service.serve import ServeOptions, serve
+
+    serve(ServeOptions(server_url=args.server_url, workspace=args.workspace, token=args.token,
+                       ray_address=args.ray_address, data_dir=args.data_dir, database_url=args.database_url,
+                       public=args.public, allow_paths=args.allow_path, port=args.port, num_cpus=args.num_cpus,
+                       device=args.device, user=args.user))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bioadapt", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +46,24 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--levels", type=int, help="number of resolution levels (default: down to ~512 px)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output")
     convert.set_defaults(run=_convert)
+
+    serve = commands.add_parser("serve", help="register the bioadapt service on Hypha (embedded server by default)")
+    serve.add_argument("--server-url", help="join this Hypha server instead of starting one on 127.0.0.1")
+    serve.add_argument("--workspace", help="workspace on --server-url")
+    serve.add_argument("--token", help="token for --server-url")
+    serve.add_argument("--ray-address", help="join a Ray cluster (auto, host:port, ray://host:10001) instead of "
+                       "starting a local one")
+    serve.add_argument("--data-dir", help="projects, labels, model versions (default ~/.local/share/bioadapt)")
+    serve.add_argument("--database-url", help="SQLAlchemy URL for the metadata (default: SQLite in --data-dir)")
+    serve.add_argument("--public", action="store_true", help="let anyone on the server call the service "
+                       "(projects stay private to their creator)")
+    serve.add_argument("--allow-path", action="append", default=[], help="a folder callers may point at "
+                       "(repeatable; the data dir is always allowed)")
+    serve.add_argument("--port", type=int, help=f"port of the embedded server (default {9527} when free)")
+    serve.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all)")
+    serve.add_argument("--device", default="auto", help="torch device of the model workers (auto, cpu, cuda)")
+    serve.add_argument("--user", help="user the printed token is for (embedded server; default: your login)")
+    serve.set_defaults(run=_serve)
 
     demo = commands.add_parser("demo", help="generate data and run what bioadapt can do so far, end to end")
     demo.add_argument("--workdir", default="demo-output", help="where the demo writes its files")

@@ -101,3 +101,34 @@ def cyx_image(tmp_path, ngff_version, rng):
                           chunks=(1, 128, 128), n_levels=3, scale=(1.0, 0.5, 0.5),
                           units={"y": "micrometer", "x": "micrometer"})
     return path, data
+
+
+@pytest.fixture(scope="session")
+def hypha_server():
+    """An embedded Hypha server on 127.0.0.1 (fast transfer on) with a random JWT secret for the session.
+
+    Yields the :class:`bioadapt.service.hypha_server.HyphaServer` handle; ``hypha_server.jwt_secret`` is
+    the secret to pass to ``mint_token``.
+    """
+    import secrets
+
+    from bioadapt.service.hypha_server import start_hypha_server
+
+    server = start_hypha_server(jwt_secret=secrets.token_urlsafe(32))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole test session (2 CPUs, loopback); service processes started by tests join it
+    at ``ray_cluster["address"]``."""
+    import ray
+
+    from bioadapt.service.execution import start_ray
+
+    resources = start_ray(num_cpus=2)
+    yield {**resources, "address": ray.get_runtime_context().gcs_address}
+    ray.shutdown()

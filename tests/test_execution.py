@@ -9,21 +9,12 @@ import zarr
 from bioadapt.data import LabelStore, open_image, sample_patches
 from bioadapt.data.image import Image
 from bioadapt.data.synthetic import write_synthetic_ome_zarr
-from bioadapt.service.execution import (FineTuneRequest, ImageRef, ModelWorker, ScoreRequest,
+from bioadapt.service.execution import (FineTuneRequest, ImageRef, LabelledRegion, ModelWorker, ScoreRequest,
                                         create_uncertainty_store)
 from bioadapt.service.jobs import JobStore, fine_tune_job, score_job
 from model_factory import unet_package
 
 ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    from bioadapt.service.execution import start_ray
-
-    resources = start_ray(num_cpus=2)
-    yield resources
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +84,12 @@ def test_cancelling_a_fine_tune_stops_it_and_keeps_the_previous_version(ray_clus
     for _, origin in patches[:6]:
         y, x = origin
         store.write(origin, np.asarray(truth[y:y + 64, x:x + 64]), author="test")
-        regions.append((tuple(origin), (64, 64)))
+        regions.append(LabelledRegion(ImageRef(str(root / "image.ome.zarr")), str(store.path), tuple(origin),
+                                      (64, 64)))
     versions = tmp_path / "versions"
     versions.mkdir()
     (versions / "v1.pt").write_bytes(b"previous weights")
-    request = FineTuneRequest(image=ImageRef(str(root / "image.ome.zarr")), label_store=str(store.path),
-                              regions=tuple(regions), params={"epochs": 1000})
+    request = FineTuneRequest(regions=tuple(regions), params={"epochs": 1000})
     runner = fine_tune_job(JobStore(tmp_path / "jobs.sqlite"), str(model), {"device": "cpu"}, request, versions)
     while runner.job.progress.get("epoch", 0) < 2:
         time.sleep(0.05)
@@ -116,6 +107,10 @@ def test_an_unreachable_model_fails_the_job_with_its_cause(ray_cluster, setup, t
     store = JobStore(tmp_path / "jobs.sqlite")
     job = score_job(store, str(tmp_path / "missing.zip"), {}, _request(root, image, "bad"), patches[:4]).wait(120)
     assert job.state == "failed" and "cannot load model" in job.error and "does not exist" in job.error
+
+
+def test_the_embedded_cluster_listens_on_loopback_only(ray_cluster):
+    assert "node:127.0.0.1" in ray_cluster
 
 
 def test_jobs_interrupted_by_a_restart_are_marked_failed(tmp_path):

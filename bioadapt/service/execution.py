@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
@@ -124,26 +125,40 @@ def create_uncertainty_store(path: str | Path, image: Any, chunks: Sequence[int]
 
 
 @dataclass(frozen=True)
-class FineTuneRequest:
+class LabelledRegion:
+    """An annotated patch a worker reads itself: image, label store and window."""
+
     image: ImageRef
     label_store: str
-    regions: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]  # (origin, shape) of each corrected patch
+    origin: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        from bioadapt.data import LabelStore
+
+        pixels = self.image.open().read(self.origin, self.shape, dtype="float32")
+        return pixels, LabelStore.open(self.label_store).read(self.origin, self.shape).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class FineTuneRequest:
+    regions: tuple[LabelledRegion, ...]  # the corrected patches, read by the worker
     params: dict[str, Any] = field(default_factory=dict)
 
 
 def training_samples(request: FineTuneRequest) -> list[tuple[np.ndarray, np.ndarray]]:
-    from bioadapt.data import LabelStore
+    return [region.read() for region in request.regions]
 
-    image = request.image.open()
-    store = LabelStore.open(request.label_store)
-    return [(image.read(origin, shape, dtype="float32"), store.read(origin, shape).astype(np.int64))
-            for origin, shape in request.regions]
+
+def segments_instances(info: dict[str, Any]) -> bool:
+    """Whether ``segment`` gives instances (Cellpose; sigmoid with foreground [+ boundaries]) or classes."""
+    return info["output_kind"] == "cellpose" or (info["output_kind"] == "sigmoid" and info["n_classes"] <= 2)
 
 
 class ModelWorker:
     """What a model actor runs (a plain class, so it is testable without Ray)."""
 
-    def __init__(self, source: str | bytes, options: dict[str, Any] | None = None):
+    def __init__(self, source: str | bytes, options: dict[str, Any] | None = None, weights: str | None = None):
         from bioadapt.adapters import load_adapter
 
         self._tmp = None
@@ -156,8 +171,21 @@ class ModelWorker:
             self.adapter = load_adapter(source, **(options or {}))
         except Exception as e:
             raise BioadaptError(f"worker on {os.uname().nodename} cannot load model {source!r}: {e}") from e
+        if weights is not None:
+            self.load_weights(weights)
         self._stop = threading.Event()
         self._progress: dict[str, Any] = {}
+
+    def load_weights(self, path: str) -> None:
+        """Replace the model's weights by a saved version (a state dict written by ``fine_tune``)."""
+        import torch
+
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise BioadaptError(f"worker on {os.uname().nodename} cannot read model weights {path!r}: {e}. On a "
+                                "cluster, the project folder must be on storage every worker reaches") from e
+        self.adapter.load_state_dict(state)
 
     def describe(self) -> dict[str, Any]:
         return self.adapter.describe().to_dict()
@@ -179,6 +207,63 @@ class ModelWorker:
         buffer = io.BytesIO()
         torch.save(self.adapter.state_dict(), buffer)
         return {"result": result.to_dict(), "weights": buffer.getvalue()}
+
+    def evaluate(self, regions: Sequence[LabelledRegion]) -> dict[str, Any]:
+        """The model's segmentation of each region against its labels: F1 / AP at IoU 0.5 pooled over the
+        regions for instance models, mean Dice for semantic ones."""
+        from bioadapt.active.metrics import dice, match_instances, summarize_matches
+
+        if not regions:
+            raise BioadaptError("nothing to evaluate: no held-out annotated patches yet; annotate more patches")
+        instances = segments_instances(self.describe())
+        matches, dices = [], []
+        for region in regions:
+            pixels, truth = region.read()
+            predicted = self.adapter.segment(pixels[None])[0]
+            if instances:
+                matches.append(match_instances(predicted, truth, 0.5))
+            else:
+                dices.append(dice(predicted, truth))
+        if instances:
+            summary = summarize_matches(matches)
+            return {"metric": "f1@0.5", "f1": summary["f1"], "ap": summary["ap"], "tp": summary["tp"],
+                    "fp": summary["fp"], "fn": summary["fn"], "patches": len(regions)}
+        return {"metric": "dice", "dice": float(np.mean(dices)), "patches": len(regions)}
+
+    def predict(self, image: ImageRef, origin: Sequence[int], shape: Sequence[int], out: str | None = None,
+                tile: int = 512) -> np.ndarray | dict[str, Any]:
+        """Segment a region tile by tile; labels go to the label store ``out`` (returned: where) or, without
+        ``out``, come back as an array."""
+        from bioadapt.data import LabelStore
+
+        opened = image.open()
+        store = LabelStore.open(out) if out else None
+        labels = None if store else np.zeros(tuple(shape), np.int32)
+        tiles = 0
+        for tile_origin in np.ndindex(*[max(1, -(-s // tile)) for s in shape]):
+            start = [o + t * tile for o, t in zip(origin, tile_origin)]
+            size = [min(tile, o + s - a) for o, s, a in zip(origin, shape, start)]
+            predicted = self.adapter.segment(opened.read(start, size, dtype="float32")[None])[0]
+            if store is not None:  # ids are per tile: objects cut by a tile border keep two ids
+                store.write(start, predicted.astype(np.uint32), author="bioadapt-model")
+            else:
+                labels[tuple(slice(a - o, a - o + z) for a, o, z in zip(start, origin, size))] = predicted
+            tiles += 1
+        return {"labels": out, "origin": list(origin), "shape": list(shape), "tiles": tiles} if store else labels
+
+    def export(self, out: str, metadata: dict[str, Any], training: dict[str, Any],
+               test_region: LabelledRegion | None = None, fine_tune_record: dict[str, Any] | None = None) -> str:
+        """Write the model (with its current weights) as a bioimage.io package that passes the model test;
+        ``fine_tune_record`` ({"params", "result"}) documents the training of weights loaded from a file."""
+        from bioadapt.exporters import export_bioimageio
+
+        if fine_tune_record:
+            self.adapter.last_fine_tune = {**(getattr(self.adapter, "last_fine_tune", None) or {}),
+                                           **fine_tune_record}
+        training = dict(training)
+        if test_region is not None:
+            training["test_input"] = test_region.read()[0]
+        return str(export_bioimageio(self.adapter, out, training=training, **metadata))
 
     def progress(self) -> dict[str, Any]:
         return dict(self._progress)
@@ -233,11 +318,40 @@ def pool_size(requested: int | None, gpu_fraction: float = 0.5) -> int:
     return max(1, min(fits, requested or fits))
 
 
-def make_actor(source: str | bytes, options: dict[str, Any] | None, kind: str = "score", gpu_fraction: float = 0.5):
+def make_actor(source: str | bytes, options: dict[str, Any] | None, kind: str = "score", gpu_fraction: float = 0.5,
+               weights: str | None = None):
     """A model actor (threaded, so stop() and progress() answer while it works); restarted by Ray up to twice
     when its process dies."""
     import ray
 
     remote = ray.remote(max_concurrency=2, max_restarts=2, max_task_retries=0)(ModelWorker)
-    return remote.options(**actor_options(kind, gpu_fraction)).remote(source, options)
+    return remote.options(**actor_options(kind, gpu_fraction)).remote(source, options, weights)
 
+
+
+def _worker_call(source: str | bytes, options: dict[str, Any] | None, weights: str | None, method: str,
+                 *args: Any) -> Any:
+    return getattr(ModelWorker(source, options, weights), method)(*args)
+
+
+def run_on_worker(source: str | bytes, options: dict[str, Any] | None, weights: str | None, method: str,
+                  *args: Any, timeout: float | None = None) -> Any:
+    """One short piece of model work (describe, evaluate, predict, export) as a Ray task: the model is loaded
+    in a worker process, never in the service's. Errors come back as BioadaptError with the worker's cause."""
+    import ray
+
+    task = ray.remote(max_retries=0)(_worker_call).options(**actor_options("task"))
+    try:
+        return ray.get(task.remote(source, options, weights, method, *args), timeout=timeout)
+    except ray.exceptions.GetTimeoutError as e:
+        raise BioadaptError(f"{method} took longer than {timeout} s on the Ray worker") from e
+    except ray.exceptions.RayError as e:
+        raise BioadaptError(remote_cause(e)) from e
+
+
+def remote_cause(error: Exception) -> str:
+    """The last exception line of a Ray error's remote traceback (the user-facing message)."""
+    lines = [line.strip() for line in str(error).splitlines()
+             if re.match(r"^\s*[\w.]*(Error|Exception): ", line)]
+    text = lines[-1] if lines else (str(error).strip().splitlines() or [type(error).__name__])[-1]
+    return text.removeprefix("bioadapt.errors.")[:500]

@@ -4,7 +4,6 @@ and a persistent record (SQLAlchemy; SQLite by default) that a restarted service
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 import uuid
@@ -13,17 +12,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, Float, MetaData, String, Table, Text, create_engine, event, select
+from sqlalchemy import Engine, select
 
 from bioadapt.errors import BioadaptError
-from bioadapt.service.execution import FineTuneRequest, ScoreRequest, make_actor, pool_size
-
-
-_metadata = MetaData()
-_jobs = Table("jobs", _metadata, Column("id", String, primary_key=True), Column("kind", String, nullable=False),
-              Column("state", String, nullable=False), Column("progress", Text, default="{}"),
-              Column("result", Text, default="null"), Column("error", Text), Column("created", Float),
-              Column("started", Float), Column("finished", Float))
+from bioadapt.service.db import jobs as _jobs
+from bioadapt.service.db import make_engine
+from bioadapt.service.execution import FineTuneRequest, ScoreRequest, make_actor, pool_size, remote_cause
 
 
 @dataclass
@@ -37,25 +31,24 @@ class Job:
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
+    project_id: str | None = None
+    owner: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class JobStore:
-    """Job records in a database; ``database_url`` defaults to a SQLite file (WAL) at ``path``."""
+    """Job records in the service's database (``engine``), or in a SQLite file (WAL) at ``path``."""
 
-    def __init__(self, path: str | Path | None = None, database_url: str | None = None):
-        url = database_url or f"sqlite:///{Path(path or 'bioadapt-jobs.sqlite')}"
-        self.engine = create_engine(url)
-        if url.startswith("sqlite"):
-            event.listen(self.engine, "connect", lambda conn, _: conn.execute("PRAGMA journal_mode=WAL"))
-        _metadata.create_all(self.engine)
+    def __init__(self, path: str | Path | None = None, database_url: str | None = None, *,
+                 engine: Engine | None = None):
+        self.engine = engine or make_engine(path or "bioadapt-jobs.sqlite", database_url)
 
     def save(self, job: Job) -> None:
         row = {"id": job.id, "kind": job.kind, "state": job.state, "progress": json.dumps(job.progress),
                "result": json.dumps(job.result), "error": job.error, "created": job.created,
-               "started": job.started, "finished": job.finished}
+               "started": job.started, "finished": job.finished, "project_id": job.project_id, "owner": job.owner}
         with self.engine.begin() as conn:
             if conn.execute(select(_jobs.c.id).where(_jobs.c.id == job.id)).first():
                 conn.execute(_jobs.update().where(_jobs.c.id == job.id).values(**row))
@@ -69,9 +62,14 @@ class JobStore:
             raise BioadaptError(f"no job {job_id!r}")
         return _job(row)
 
-    def list(self) -> list[Job]:
+    def list(self, project_id: str | None = None, owner: str | None = None) -> list[Job]:
+        query = select(_jobs).order_by(_jobs.c.created)
+        if project_id is not None:
+            query = query.where(_jobs.c.project_id == project_id)
+        if owner is not None:
+            query = query.where(_jobs.c.owner == owner)
         with self.engine.connect() as conn:
-            return [_job(row) for row in conn.execute(select(_jobs).order_by(_jobs.c.created)).mappings()]
+            return [_job(row) for row in conn.execute(query).mappings()]
 
     def mark_interrupted(self) -> int:
         """Jobs left queued or running by a previous service process: failed, with that reason."""
@@ -87,15 +85,19 @@ class JobStore:
 def _job(row: Any) -> Job:
     return Job(id=row["id"], kind=row["kind"], state=row["state"], progress=json.loads(row["progress"]),
                result=json.loads(row["result"]), error=row["error"], created=row["created"], started=row["started"],
-               finished=row["finished"])
+               finished=row["finished"], project_id=row["project_id"], owner=row["owner"])
 
 
 class JobRunner:
     """Runs one job in a thread; ``cancel()`` asks it to stop."""
 
-    def __init__(self, store: JobStore, kind: str, work: Callable[[JobRunner], Any]):
+    def __init__(self, store: JobStore, kind: str, work: Callable[[JobRunner], Any], *,
+                 project_id: str | None = None, owner: str | None = None,
+                 on_result: Callable[[Any], Any] | None = None, progress: Callable[[dict], Any] | None = None):
         self.store = store
-        self.job = Job(id=uuid.uuid4().hex[:12], kind=kind)
+        self.job = Job(id=uuid.uuid4().hex[:12], kind=kind, project_id=project_id, owner=owner)
+        self._on_result = on_result  # runs in the job's thread before it is marked done; may replace the result
+        self._progress_callback = progress
         self.cancelled = threading.Event()
         self._work = work
         self.actors: list[Any] = []  # the job's Ray actors while it runs (for inspection and tests)
@@ -106,6 +108,11 @@ class JobRunner:
     def report(self, **progress: Any) -> None:
         self.job.progress.update(progress)
         self.store.save(self.job)
+        if self._progress_callback is not None:
+            try:
+                self._progress_callback({"job_id": self.job.id, "state": self.job.state, **self.job.progress})
+            except Exception:  # a caller that went away must not fail the job
+                self._progress_callback = None
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -119,81 +126,110 @@ class JobRunner:
         self.store.save(self.job)
         try:
             result = self._work(self)
+            if self._on_result is not None:
+                result = self._on_result(result)
             self.job.result = result
             self.job.state = "cancelled" if self.cancelled.is_set() else "done"
         except Exception as e:  # the job fails with its cause; the service stays up
             self.job.state, self.job.error = "failed", f"{type(e).__name__}: {e}"
         self.job.finished = time.time()
-        self.store.save(self.job)
+        self.report()
 
 
 def score_job(store: JobStore, source: str | bytes, options: dict[str, Any], request: ScoreRequest,
               patches: Sequence[tuple[int, Sequence[int]]], *, actors: int | None = None, shard_size: int = 32,
-              retries: int = 2, gpu_fraction: float = 0.5) -> JobRunner:
-    """Score ``patches`` ((id, origin) pairs) on a pool of model actors; the result is ranked by score."""
+              retries: int = 2, gpu_fraction: float = 0.5, weights: str | None = None,
+              on_shard: Callable[[list[dict[str, Any]]], Any] | None = None, **job: Any) -> JobRunner:
+    """Score ``patches`` ((id, origin) pairs) on a pool of model actors; the result is ranked by score.
+    ``weights``: a saved state dict to load over the source's; ``on_shard`` receives each finished shard's
+    results (in the job's thread, e.g. to commit them); ``job``: JobRunner's keywords."""
 
     def work(runner: JobRunner) -> list[dict[str, Any]]:
-        import ray
+        return run_score(runner, source, options, request, patches, actors=actors, shard_size=shard_size,
+                         retries=retries, gpu_fraction=gpu_fraction, weights=weights, on_shard=on_shard)
 
-        shards = [list(patches[i:i + shard_size]) for i in range(0, len(patches), shard_size)]
-        pool = [make_actor(source, options, "score", gpu_fraction)
-                for _ in range(min(pool_size(actors, gpu_fraction), len(shards)))]
-        runner.actors = pool
-        try:
-            ray.get([a.ping.remote() for a in pool])
-        except ray.exceptions.RayActorError as e:
-            raise BioadaptError(f"model actors could not start: {_cause(e)}") from e
-        pending = list(range(len(shards)))
-        attempts = [0] * len(shards)
-        in_flight: dict[Any, tuple[int, Any]] = {}
-        results: list[dict[str, Any]] = []
-        started = time.perf_counter()
-        runner.report(done=0, total=len(patches), patches_per_second=0.0)
-        try:
-            while (pending or in_flight) and not runner.cancelled.is_set():
-                busy = {actor for _, actor in in_flight.values()}
-                for actor in pool:  # bounded: one shard in flight per actor
-                    if pending and actor not in busy:
-                        shard = pending.pop(0)
-                        in_flight[actor.score.remote(request, shards[shard])] = (shard, actor)
-                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
-                for ref in ready:
-                    shard, actor = in_flight.pop(ref)
-                    try:
-                        results.extend(ray.get(ref))
-                    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                        # the actor died: Ray restarts it (up to twice); retry the shard once it answers again
-                        attempts[shard] += 1
-                        if attempts[shard] > retries:
-                            raise BioadaptError(f"shard {shard} failed {attempts[shard]} times; last cause: "
-                                                f"{_cause(e)}") from e
-                        pending.insert(0, shard)
-                        if not _wait_until_alive(actor):
-                            pool.remove(actor)
-                            if not pool:
-                                raise BioadaptError(f"every model actor died; last cause: {_cause(e)}") from e
-                    runner.report(done=len(results), total=len(patches),
-                                  patches_per_second=round(len(results) / (time.perf_counter() - started), 3))
-            if runner.cancelled.is_set():
-                for actor in pool:
-                    actor.stop.remote()
-        finally:
+    return JobRunner(store, "score", work, **job)
+
+
+def run_score(runner: JobRunner, source: str | bytes, options: dict[str, Any], request: ScoreRequest,
+              patches: Sequence[tuple[int, Sequence[int]]], *, actors: int | None = None, shard_size: int = 32,
+              retries: int = 2, gpu_fraction: float = 0.5, weights: str | None = None,
+              on_shard: Callable[[list[dict[str, Any]]], Any] | None = None, done_before: int = 0,
+              total: int | None = None) -> list[dict[str, Any]]:
+    """The body of a score job (also one step of a job that scores several images: ``done_before`` and
+    ``total`` count patches across them)."""
+    import ray
+
+    total = total or len(patches)
+    if not patches:
+        return []
+    shards = [list(patches[i:i + shard_size]) for i in range(0, len(patches), shard_size)]
+    pool = [make_actor(source, options, "score", gpu_fraction, weights=weights)
+            for _ in range(min(pool_size(actors, gpu_fraction), len(shards)))]
+    runner.actors = pool
+    try:
+        ray.get([a.ping.remote() for a in pool])
+    except ray.exceptions.RayActorError as e:
+        for actor in pool:
+            ray.kill(actor)
+        raise BioadaptError(f"model actors could not start: {remote_cause(e)}") from e
+    pending = list(range(len(shards)))
+    attempts = [0] * len(shards)
+    in_flight: dict[Any, tuple[int, Any]] = {}
+    results: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    runner.report(done=done_before, total=total)
+    try:
+        while (pending or in_flight) and not runner.cancelled.is_set():
+            busy = {actor for _, actor in in_flight.values()}
+            for actor in pool:  # bounded: one shard in flight per actor
+                if pending and actor not in busy:
+                    shard = pending.pop(0)
+                    in_flight[actor.score.remote(request, shards[shard])] = (shard, actor)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+            for ref in ready:
+                shard, actor = in_flight.pop(ref)
+                try:
+                    shard_results = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                    # the actor died: Ray restarts it (up to twice); retry the shard once it answers again
+                    attempts[shard] += 1
+                    if attempts[shard] > retries:
+                        raise BioadaptError(f"shard {shard} failed {attempts[shard]} times; last cause: "
+                                            f"{remote_cause(e)}") from e
+                    pending.insert(0, shard)
+                    if not _wait_until_alive(actor):
+                        pool.remove(actor)
+                        if not pool:
+                            raise BioadaptError(f"every model actor died; last cause: {remote_cause(e)}") from e
+                    continue
+                except ray.exceptions.RayTaskError as e:
+                    raise BioadaptError(f"scoring failed: {remote_cause(e)}") from e
+                results.extend(shard_results)
+                if on_shard is not None:
+                    on_shard(shard_results)
+                runner.report(done=done_before + len(results), total=total,
+                              patches_per_second=round(len(results) / (time.perf_counter() - started), 3))
+        if runner.cancelled.is_set():
             for actor in pool:
-                ray.kill(actor)
-        return sorted(results, key=lambda r: -r["score"])
-
-    return JobRunner(store, "score", work)
+                actor.stop.remote()
+    finally:
+        for actor in pool:
+            ray.kill(actor)
+    return sorted(results, key=lambda r: -r["score"])
 
 
 def fine_tune_job(store: JobStore, source: str | bytes, options: dict[str, Any], request: FineTuneRequest,
-                  versions: str | Path) -> JobRunner:
-    """Fine-tune on one actor (a whole GPU when there is one); the new weights become a new file in
-    ``versions`` (earlier versions are never touched)."""
+                  versions: str | Path, *, weights: str | None = None, target: str | Path | None = None,
+                  **job: Any) -> JobRunner:
+    """Fine-tune on one actor (a whole GPU when there is one), starting from ``weights`` when given; the new
+    weights become a new file ``target`` (default: the next v<N>.pt in ``versions``); earlier versions are
+    never touched."""
 
     def work(runner: JobRunner) -> dict[str, Any]:
         import ray
 
-        actor = make_actor(source, options, "fine_tune")
+        actor = make_actor(source, options, "fine_tune", weights=weights)
         runner.actors = [actor]
         try:
             ref = actor.fine_tune.remote(request)
@@ -207,14 +243,14 @@ def fine_tune_job(store: JobStore, source: str | bytes, options: dict[str, Any],
             try:
                 outcome = ray.get(ref)
             except ray.exceptions.RayError as e:
-                raise BioadaptError(f"fine-tuning failed: {_cause(e)}") from e
+                raise BioadaptError(f"fine-tuning failed: {remote_cause(e)}") from e
             if runner.cancelled.is_set():
                 return {"result": outcome["result"], "version": None}
             folder = Path(versions)
             folder.mkdir(parents=True, exist_ok=True)
             number = 1 + max([int(p.stem.removeprefix("v")) for p in folder.glob("v*.pt")
                               if p.stem.removeprefix("v").isdigit()] or [0])
-            path = folder / f"v{number}.pt"
+            path = Path(target) if target is not None else folder / f"v{number}.pt"
             partial = path.with_suffix(".partial")
             partial.write_bytes(outcome["weights"])
             partial.rename(path)
@@ -222,7 +258,7 @@ def fine_tune_job(store: JobStore, source: str | bytes, options: dict[str, Any],
         finally:
             ray.kill(actor)
 
-    return JobRunner(store, "fine_tune", work)
+    return JobRunner(store, "fine_tune", work, **job)
 
 
 def _wait_until_alive(actor: Any, timeout: float = 120) -> bool:
@@ -239,11 +275,3 @@ def _wait_until_alive(actor: Any, timeout: float = 120) -> bool:
         except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
             time.sleep(0.5)
     return False
-
-
-def _cause(error: Exception) -> str:
-    """The last exception line of a Ray error's remote traceback (the user-facing message)."""
-    lines = [line.strip() for line in str(error).splitlines()
-             if re.match(r"^\s*[\w.]*(Error|Exception): ", line)]
-    text = lines[-1] if lines else (str(error).strip().splitlines() or [type(error).__name__])[-1]
-    return text.removeprefix("bioadapt.errors.")[:500]

@@ -1,0 +1,76 @@
+"""The service's tables (SQLAlchemy Core): one database for projects, their images, patches, model versions
+and jobs. SQLite (WAL) by default; any SQLAlchemy URL (e.g. PostgreSQL for several replicas) otherwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import (Column, Engine, Float, ForeignKey, Integer, MetaData, String, Table, Text, create_engine,
+                        event)
+
+metadata = MetaData()
+
+models = Table(
+    "models", metadata,
+    Column("id", String, primary_key=True), Column("owner", String, nullable=False, index=True),
+    Column("source", Text, nullable=False), Column("options", Text, nullable=False, default="{}"),
+    Column("info", Text, nullable=False, default="{}"), Column("created", Float, nullable=False))
+
+projects = Table(
+    "projects", metadata,
+    Column("id", String, primary_key=True), Column("owner", String, nullable=False, index=True),
+    Column("name", String, nullable=False), Column("description", Text, default=""),
+    Column("model_source", Text, nullable=False), Column("model_options", Text, nullable=False, default="{}"),
+    Column("model_info", Text, nullable=False, default="{}"), Column("folder", Text, nullable=False),
+    Column("holdout_fraction", Float, nullable=False, default=0.25), Column("created", Float, nullable=False))
+
+images = Table(
+    "images", metadata,
+    Column("id", String, primary_key=True),
+    Column("project_id", String, ForeignKey("projects.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("uri", Text, nullable=False), Column("axes", String), Column("channels", Text),
+    Column("mask", Text), Column("shape", Text, nullable=False), Column("spatial_axes", String, nullable=False),
+    Column("labels", Text, nullable=False), Column("predictions", Text, nullable=False),
+    Column("uncertainty", Text, nullable=False), Column("created", Float, nullable=False))
+
+patches = Table(
+    "patches", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("project_id", String, ForeignKey("projects.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("image_id", String, nullable=False), Column("origin", Text, nullable=False),
+    Column("shape", Text, nullable=False), Column("score", Float), Column("scores", Text, default="{}"),
+    Column("objects", Integer), Column("version", Integer), Column("status", String, nullable=False),
+    Column("split", String), Column("annotator", String), Column("created", Float, nullable=False),
+    Column("scored", Float), Column("annotated", Float))
+
+versions = Table(
+    "versions", metadata,
+    Column("project_id", String, ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True),
+    Column("number", Integer, primary_key=True), Column("parent", Integer), Column("path", Text),
+    Column("metrics", Text, default="{}"), Column("params", Text, default="{}"), Column("job_id", String),
+    Column("created", Float, nullable=False))
+
+jobs = Table(
+    "jobs", metadata,
+    Column("id", String, primary_key=True), Column("kind", String, nullable=False),
+    Column("state", String, nullable=False), Column("progress", Text, default="{}"),
+    Column("result", Text, default="null"), Column("error", Text), Column("created", Float),
+    Column("started", Float), Column("finished", Float), Column("project_id", String, index=True),
+    Column("owner", String, index=True))
+
+
+def make_engine(path: str | Path | None = None, database_url: str | None = None) -> Engine:
+    """An engine with every table created; ``database_url`` wins over a SQLite file at ``path``."""
+    url = database_url or f"sqlite:///{Path(path or 'bioadapt.sqlite')}"
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(conn, _record) -> None:  # WAL: readers never wait for the writer
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA synchronous=NORMAL")
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    metadata.create_all(engine)
+    return engine

@@ -1,0 +1,194 @@
+"""The arguments of every service function as pydantic models: they give each function its JSON schema (for
+ImJoy, napari and LLM agents) and validate every call (Hypha publishes schemas but does not check calls)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Acquisition = Literal["bald", "predictive_entropy", "variation_ratios", "mean_std", "random"]
+PatchOrder = Literal["score", "id", "created", "annotated"]
+PatchStatus = Literal["pending", "annotated", "skipped"]
+Shape = list[int]
+
+
+class Args(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+
+class LoadModel(Args):
+    """Load a model (a bioimage.io package: rdf.yaml, folder, .zip, URL or zoo id; or 'cellpose:<builtin name
+    or weights path>'), check that it runs, and register it for your projects."""
+
+    source: str = Field(description="bioimage.io package path/URL/zoo id, or cellpose:<name or weights path>")
+    dropout_p: float = Field(0.05, gt=0, lt=1, description="MC-dropout probability where dropout is added")
+    mc_scope: Literal["full", "head"] | None = Field(None, description="layers MC dropout runs over")
+    output_activation: Literal["sigmoid", "softmax"] | None = Field(
+        None, description="the model's output activation, when the package does not declare it")
+
+
+class ImageSpec(Args):
+    uri: str = Field(description="Zarr / OME-Zarr: local path inside the allowed folders, file://, http(s)://, s3://")
+    axes: str | None = Field(None, description="axes of a plain Zarr array, e.g. 'cyx'; OME-Zarr declares its own")
+    channels: list[int] | None = Field(None, description="channels to feed the model (default: all)")
+    mask: str | None = Field(None, description="sampling mask: 'tissue' or a label image name inside the OME-Zarr")
+
+
+class CreateProject(Args):
+    """Create a project: a model (a model id from load_model, or a source) and the images to adapt it to."""
+
+    name: str = Field(min_length=1, max_length=200)
+    model: str = Field(description="model id returned by load_model, or a model source")
+    images: list[ImageSpec] = Field(default_factory=list)
+    description: str = Field("", max_length=10_000)
+    holdout_fraction: float = Field(0.25, ge=0, lt=1, description="share of annotated patches kept for evaluation")
+
+
+class ProjectRef(Args):
+    project_id: str = Field(min_length=1, max_length=64)
+
+
+class ListProjects(Args):
+    """Your projects (other users' projects are never listed)."""
+
+
+class ListModels(Args):
+    """The models you loaded."""
+
+
+class GetProject(ProjectRef):
+    """A project: model, versions, images, patch counts."""
+
+
+class DeleteProject(ProjectRef):
+    """Delete a project with its labels, predictions, model versions and exports."""
+
+
+class AddImage(ProjectRef, ImageSpec):
+    """Add an image to a project."""
+
+
+class Score(ProjectRef):
+    """Draw new patches (random, inside the mask, not overlapping earlier ones) and score them with MC dropout on
+    Ray actors; returns a job id (poll job_status, or pass a progress callback)."""
+
+    n_patches: int = Field(64, ge=1, le=100_000)
+    patch_shape: Shape = Field(default_factory=lambda: [256, 256], min_length=2, max_length=3)
+    mc_passes: int = Field(16, ge=2, le=256)
+    acquisition: Acquisition = "bald"
+    image_id: str | None = Field(None, description="default: patches spread over every image of the project")
+    version: int | None = Field(None, ge=0, description="model version (default: the latest)")
+    seed: int = Field(0, ge=0)
+    rescore_pending: bool = Field(False, description="also re-score earlier patches still waiting for labels")
+    actors: int | None = Field(None, ge=1, le=1024, description="at most this many model actors")
+
+
+class ListPatches(ProjectRef):
+    """Patches of a project, the most uncertain first by default."""
+
+    order: PatchOrder = "score"
+    status: PatchStatus | None = None
+    image_id: str | None = None
+    limit: int = Field(50, ge=1, le=10_000)
+    offset: int = Field(0, ge=0)
+
+
+class PatchRef(ProjectRef):
+    patch_id: int = Field(ge=1)
+
+
+class GetPatch(PatchRef):
+    """A patch: image (C, [Z], Y, X), predicted labels, uncertainty map, score, origin; and the corrected labels
+    once annotated."""
+
+
+class SubmitLabels(PatchRef):
+    """Store corrected labels for a patch (an integer array of the patch's spatial shape; 0 = background)."""
+
+    labels: Any = Field(description="numpy integer array, shape = the patch's spatial shape")
+
+
+class SkipPatch(PatchRef):
+    """Mark a patch as skipped (it will not be offered again nor trained on)."""
+
+
+class FineTune(ProjectRef):
+    """Fine-tune on every annotated training patch on a Ray actor; returns a job id. A new model version
+    appears when the job is done; cancel keeps the previous versions untouched."""
+
+    epochs: int = Field(20, ge=1, le=10_000)
+    learning_rate: float = Field(1e-3, gt=0, le=1)
+    batch_size: int = Field(4, ge=1, le=1024)
+    base_version: int | None = Field(None, ge=0, description="version to start from (default: the latest)")
+    params: dict[str, Any] = Field(default_factory=dict, description="more fine-tuning parameters of the adapter")
+
+
+class JobRef(Args):
+    job_id: str = Field(min_length=1, max_length=64)
+
+
+class JobStatus(JobRef):
+    """A job: kind, state (queued, running, done, failed, cancelled), progress, timings, error."""
+
+
+class CancelJob(JobRef):
+    """Ask a running job to stop (within a couple of seconds)."""
+
+
+class ListJobs(Args):
+    """Your jobs, optionally of one project."""
+
+    project_id: str | None = None
+
+
+class Evaluate(ProjectRef):
+    """Compare model versions on the held-out annotated patches: F1 and AP at IoU 0.5 for instance models, Dice
+    for semantic ones."""
+
+    versions: list[int] | None = Field(None, description="default: the first and the latest version")
+
+
+class Predict(ProjectRef):
+    """Segment a region of a project image with a model version: written to the image's prediction store, or
+    returned as an array when small and return_array is set."""
+
+    image_id: str
+    origin: Shape
+    shape: Shape
+    version: int | None = Field(None, ge=0)
+    return_array: bool = Field(False, description="return labels instead of writing them (small regions only)")
+
+
+class ExportModel(ProjectRef):
+    """Export a model version as a bioimage.io package (format 0.5) that passes bioimageio.core's test."""
+
+    version: int | None = Field(None, ge=0, description="default: the latest")
+    name: str | None = None
+    description: str | None = None
+    authors: list[str] = Field(default_factory=list)
+    license: str | None = None
+    return_bytes: bool = Field(False, description="also return the .zip bytes (small packages only)")
+
+
+FUNCTIONS: dict[str, type[Args]] = {
+    "load_model": LoadModel, "list_models": ListModels, "create_project": CreateProject,
+    "list_projects": ListProjects, "get_project": GetProject, "delete_project": DeleteProject,
+    "add_image": AddImage, "score": Score, "list_patches": ListPatches, "get_patch": GetPatch,
+    "submit_labels": SubmitLabels, "skip_patch": SkipPatch, "fine_tune": FineTune, "job_status": JobStatus,
+    "list_jobs": ListJobs, "cancel_job": CancelJob, "evaluate": Evaluate, "predict": Predict,
+    "export_model": ExportModel,
+}
+WITH_PROGRESS = ("score", "fine_tune")
+
+
+def function_schema(name: str) -> dict[str, Any]:
+    """The schema Hypha publishes for a function: name, description, JSON-schema parameters."""
+    model = FUNCTIONS[name]
+    parameters = model.model_json_schema()
+    parameters.pop("title", None)
+    description = parameters.pop("description", (model.__doc__ or "").strip())
+    if name in WITH_PROGRESS:
+        parameters.setdefault("properties", {})["progress"] = {
+            "description": "optional callback receiving progress dicts while the job runs"}
+    return {"name": name, "description": description, "parameters": parameters}

@@ -1,0 +1,159 @@
+"""`bioadapt serve`: register the service on a Hypha server (an embedded one on 127.0.0.1 by default), with Ray
+(embedded, or joined by address) doing the heavy work; clean shutdown on SIGINT / SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bioadapt.errors import BioadaptError
+
+log = logging.getLogger(__name__)
+DEFAULT_PORT = 9527
+SERVICE_USER = "bioadapt"
+CONNECTION_FILE = "connection.json"
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "bioadapt"
+
+
+@dataclass
+class ServeOptions:
+    server_url: str | None = None
+    workspace: str | None = None
+    token: str | None = None
+    ray_address: str | None = None
+    data_dir: str | Path | None = None
+    database_url: str | None = None
+    public: bool = False
+    allow_paths: list[str] = field(default_factory=list)
+    port: int | None = None
+    num_cpus: int | None = None
+    device: str = "auto"
+    user: str | None = None  # who the printed token is for (embedded server)
+
+
+def _secret(data_dir: Path) -> str:
+    """The embedded server's JWT secret, kept in the data folder so printed tokens outlive a restart."""
+    path = data_dir / ".hypha-jwt-secret"
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+async def _serve(options: ServeOptions, stop: asyncio.Event, started: dict[str, Any]) -> None:
+    from hypha_rpc import connect_to_server
+
+    from bioadapt.service.api import BioadaptService
+    from bioadapt.service.execution import start_ray
+    from bioadapt.service.hypha_service import SERVICE_ID, build_service
+
+    data_dir = Path(options.data_dir or default_data_dir()).expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    hypha = None
+    user_token = None
+    if options.server_url is None:
+        from bioadapt.service.hypha_server import mint_token, start_hypha_server
+
+        secret = _secret(data_dir)
+        port = options.port or (DEFAULT_PORT if _port_free(DEFAULT_PORT) else None)
+        hypha = start_hypha_server(port=port, jwt_secret=secret, log_file=data_dir / "hypha-server.log")
+        started["hypha_pid"] = hypha.process.pid
+        server_url = hypha.url
+        service_token = mint_token(SERVICE_USER, jwt_secret=secret, expires_in=365 * 86400)
+        workspace = f"ws-user-{SERVICE_USER}"
+        user_token = mint_token(options.user or getpass.getuser(), workspaces={workspace: "r"},
+                                jwt_secret=secret, expires_in=30 * 86400)
+    else:
+        server_url, service_token, workspace = options.server_url, options.token, options.workspace
+    try:
+        resources = await asyncio.to_thread(start_ray, options.ray_address, options.num_cpus)
+        api = await asyncio.to_thread(BioadaptService, data_dir, database_url=options.database_url,
+                                      allow_paths=options.allow_paths, public=options.public, device=options.device)
+        config: dict[str, Any] = {"server_url": server_url}
+        if service_token:
+            config["token"] = service_token
+        if workspace:
+            config["workspace"] = workspace
+        server = await connect_to_server(config)
+        workspace = server.config.workspace
+        registered = await server.register_service(build_service(api, public=options.public))
+        info = {"server_url": server_url, "workspace": workspace, "service_id": f"{workspace}/{SERVICE_ID}",
+                "full_service_id": registered["id"], "token": user_token, "data_dir": str(data_dir),
+                "ray": {k: v for k, v in resources.items() if k in ("CPU", "GPU")}, "pid": os.getpid(),
+                "interrupted_jobs_marked_failed": api.interrupted}
+        (data_dir / CONNECTION_FILE).write_text(json.dumps(info, indent=2))
+        os.chmod(data_dir / CONNECTION_FILE, 0o600)
+        _print_connection(info)
+        started.update(info)
+        await stop.wait()
+        print("bioadapt serve: stopping", flush=True)
+        for runner in list(api.runners.values()):
+            runner.cancel()
+        try:
+            await server.unregister_service(registered["id"])
+            await server.disconnect()
+        except Exception as e:  # the server may already be gone
+            log.info("while disconnecting: %s", e)
+    finally:
+        (data_dir / CONNECTION_FILE).unlink(missing_ok=True)
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        if hypha is not None:
+            hypha.stop()
+
+
+def _print_connection(info: dict[str, Any]) -> None:
+    token = info["token"]
+    print(f"bioadapt service ready\n"
+          f"  server     {info['server_url']}\n"
+          f"  workspace  {info['workspace']}\n"
+          f"  service    {info['service_id']}\n"
+          + (f"  token      {token}\n" if token else "")
+          + f"  data       {info['data_dir']}  (connection details in {CONNECTION_FILE})\n"
+          f"  ray        {info['ray']}\n"
+          f"Python:  from bioadapt.service.client import connect\n"
+          f"         svc = connect({info['server_url']!r}, token=<token>, workspace={info['workspace']!r})\n"
+          f"napari:  the bioadapt dock widget, with the same server, workspace and token\n"
+          f"browser: web/index.html?server_url={info['server_url']}&workspace={info['workspace']}", flush=True)
+
+
+def serve(options: ServeOptions) -> None:
+    """Run until SIGINT or SIGTERM."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await _serve(options, stop, {})
+
+    try:
+        asyncio.run(main())
+    except BioadaptError:
+        raise
+    except OSError as e:
+        raise BioadaptError(f"the service could not start: {e}") from e

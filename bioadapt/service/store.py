@@ -1,0 +1,218 @@
+"""Projects and what they hold (models, images, patches, model versions) as rows in the service's database.
+
+Arrays live in Zarr under each project's folder; this module only records where, and every change is one
+transaction, so a killed service finds everything committed before the kill.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+
+from bioadapt.errors import BioadaptError
+from bioadapt.service import db
+
+PATCH_STATES = ("pending", "annotated", "skipped")
+JSON_COLUMNS = {"options", "info", "model_options", "model_info", "channels", "shape", "origin", "scores", "metrics",
+                "params"}
+
+
+def _row(row: Any) -> dict[str, Any]:
+    return {key: (json.loads(value) if key in JSON_COLUMNS and isinstance(value, str) else value)
+            for key, value in dict(row).items()}
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+class ProjectStore:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    # -- models ---------------------------------------------------------------------------------------
+    def add_model(self, owner: str, source: str, options: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+        row = {"id": _new_id(), "owner": owner, "source": source, "options": json.dumps(options),
+               "info": json.dumps(info), "created": time.time()}
+        with self.engine.begin() as conn:
+            conn.execute(db.models.insert().values(**row))
+        return _row(row)
+
+    def models(self, owner: str) -> list[dict[str, Any]]:
+        query = select(db.models).where(db.models.c.owner == owner).order_by(db.models.c.created)
+        with self.engine.connect() as conn:
+            return [_row(r) for r in conn.execute(query).mappings()]
+
+    def model(self, model_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(db.models).where(db.models.c.id == model_id)).mappings().first()
+        return _row(row) if row else None
+
+    # -- projects -------------------------------------------------------------------------------------
+    def create_project(self, owner: str, name: str, description: str, model: dict[str, Any], folder: str,
+                       holdout_fraction: float) -> dict[str, Any]:
+        project_id = _new_id()
+        now = time.time()
+        row = {"id": project_id, "owner": owner, "name": name, "description": description,
+               "model_source": model["source"], "model_options": json.dumps(model["options"]),
+               "model_info": json.dumps(model["info"]), "folder": folder.replace("{id}", project_id),
+               "holdout_fraction": holdout_fraction, "created": now}
+        with self.engine.begin() as conn:
+            conn.execute(db.projects.insert().values(**row))
+            conn.execute(db.versions.insert().values(project_id=project_id, number=0, parent=None, path=None,
+                                                     metrics="{}", params="{}", created=now))
+        return _row(row)
+
+    def projects(self, owner: str) -> list[dict[str, Any]]:
+        query = select(db.projects).where(db.projects.c.owner == owner).order_by(db.projects.c.created)
+        with self.engine.connect() as conn:
+            return [_row(r) for r in conn.execute(query).mappings()]
+
+    def project(self, project_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(db.projects).where(db.projects.c.id == project_id)).mappings().first()
+        return _row(row) if row else None
+
+    def delete_project(self, project_id: str) -> None:
+        with self.engine.begin() as conn:
+            for table in (db.patches, db.images, db.versions, db.jobs):
+                conn.execute(table.delete().where(table.c.project_id == project_id))
+            conn.execute(db.projects.delete().where(db.projects.c.id == project_id))
+
+    def counts(self, project_id: str) -> dict[str, int]:
+        query = (select(db.patches.c.status, func.count()).where(db.patches.c.project_id == project_id)
+                 .group_by(db.patches.c.status))
+        with self.engine.connect() as conn:
+            found = dict(conn.execute(query).all())
+        return {state: int(found.get(state, 0)) for state in PATCH_STATES}
+
+    # -- images ---------------------------------------------------------------------------------------
+    def add_image(self, project_id: str, record: dict[str, Any]) -> dict[str, Any]:
+        row = {"id": record.get("id") or _new_id(), "project_id": project_id, "created": time.time(),
+               **{k: (json.dumps(v) if k in JSON_COLUMNS else v) for k, v in record.items() if k != "id"}}
+        with self.engine.begin() as conn:
+            conn.execute(db.images.insert().values(**row))
+        return _row(row)
+
+    def images(self, project_id: str) -> list[dict[str, Any]]:
+        query = select(db.images).where(db.images.c.project_id == project_id).order_by(db.images.c.created)
+        with self.engine.connect() as conn:
+            return [_row(r) for r in conn.execute(query).mappings()]
+
+    def image(self, project_id: str, image_id: str) -> dict[str, Any] | None:
+        query = select(db.images).where(db.images.c.project_id == project_id, db.images.c.id == image_id)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).mappings().first()
+        return _row(row) if row else None
+
+    # -- patches --------------------------------------------------------------------------------------
+    def add_patches(self, project_id: str, image_id: str, windows: Iterable[tuple[Sequence[int], Sequence[int]]]
+                    ) -> list[int]:
+        now = time.time()
+        ids = []
+        with self.engine.begin() as conn:
+            for origin, shape in windows:
+                result = conn.execute(db.patches.insert().values(
+                    project_id=project_id, image_id=image_id, origin=json.dumps([int(o) for o in origin]),
+                    shape=json.dumps([int(s) for s in shape]), status="pending", scores="{}", created=now))
+                ids.append(int(result.inserted_primary_key[0]))
+        return ids
+
+    def record_scores(self, project_id: str, results: Sequence[dict[str, Any]], acquisition: str,
+                      version: int) -> None:
+        """Store a shard of scoring results (one transaction per shard)."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            for result in results:
+                where = (db.patches.c.project_id == project_id) & (db.patches.c.id == result["patch_id"])
+                scores = conn.execute(select(db.patches.c.scores).where(where)).scalar_one_or_none()
+                if scores is None:
+                    continue  # the project was deleted while it was being scored
+                scores = {**json.loads(scores), acquisition: result["score"]}
+                conn.execute(db.patches.update().where(where).values(
+                    score=result["score"], scores=json.dumps(scores), objects=result.get("objects"),
+                    version=version, scored=now))
+
+    def patches(self, project_id: str, *, order: str = "score", status: str | None = None,
+                image_id: str | None = None, split: str | None = None, limit: int | None = None,
+                offset: int = 0) -> list[dict[str, Any]]:
+        query = select(db.patches).where(db.patches.c.project_id == project_id)
+        if status is not None:
+            query = query.where(db.patches.c.status == status)
+        if image_id is not None:
+            query = query.where(db.patches.c.image_id == image_id)
+        if split is not None:
+            query = query.where(db.patches.c.split == split)
+        ordering = {"score": (db.patches.c.score.is_(None), db.patches.c.score.desc(), db.patches.c.id),
+                    "id": (db.patches.c.id,), "created": (db.patches.c.created, db.patches.c.id),
+                    "annotated": (db.patches.c.annotated, db.patches.c.id)}[order]
+        query = query.order_by(*ordering).offset(offset)
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engine.connect() as conn:
+            return [_row(r) for r in conn.execute(query).mappings()]
+
+    def patch(self, project_id: str, patch_id: int) -> dict[str, Any] | None:
+        query = select(db.patches).where(db.patches.c.project_id == project_id, db.patches.c.id == patch_id)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).mappings().first()
+        return _row(row) if row else None
+
+    def mark_annotated(self, project_id: str, patch_id: int, annotator: str, holdout_fraction: float
+                       ) -> dict[str, Any]:
+        """Mark a patch annotated; its first annotation decides whether it trains or is held out: the k-th
+        annotated patch of a project is held out when floor(k f) grows, so a fraction f is spread evenly."""
+        where = (db.patches.c.project_id == project_id) & (db.patches.c.id == patch_id)
+        with self.engine.begin() as conn:
+            split = conn.execute(select(db.patches.c.split).where(where)).scalar_one_or_none()
+            if split is None:
+                k = conn.execute(select(func.count()).where(db.patches.c.project_id == project_id,
+                                                            db.patches.c.split.is_not(None))).scalar_one()
+                split = "holdout" if math.floor((k + 1) * holdout_fraction) > math.floor(k * holdout_fraction) \
+                    else "train"
+            conn.execute(db.patches.update().where(where).values(status="annotated", annotator=annotator,
+                                                                 annotated=time.time(), split=split))
+        return self.patch(project_id, patch_id)
+
+    def set_status(self, project_id: str, patch_id: int, status: str) -> dict[str, Any]:
+        if status not in PATCH_STATES:
+            raise BioadaptError(f"unknown patch status {status!r}; use one of {PATCH_STATES}")
+        with self.engine.begin() as conn:
+            conn.execute(db.patches.update().where(db.patches.c.project_id == project_id,
+                                                   db.patches.c.id == patch_id).values(status=status))
+        return self.patch(project_id, patch_id)
+
+    # -- model versions -------------------------------------------------------------------------------
+    def versions(self, project_id: str) -> list[dict[str, Any]]:
+        query = select(db.versions).where(db.versions.c.project_id == project_id).order_by(db.versions.c.number)
+        with self.engine.connect() as conn:
+            return [_row(r) for r in conn.execute(query).mappings()]
+
+    def version(self, project_id: str, number: int | None = None) -> dict[str, Any] | None:
+        """A version by number; the latest with ``None``."""
+        found = self.versions(project_id)
+        if number is None:
+            return found[-1] if found else None
+        return next((v for v in found if v["number"] == number), None)
+
+    def add_version(self, project_id: str, number: int, parent: int, path: str, params: dict[str, Any],
+                    metrics: dict[str, Any], job_id: str | None) -> dict[str, Any]:
+        row = {"project_id": project_id, "number": number, "parent": parent, "path": path,
+               "params": json.dumps(params), "metrics": json.dumps(metrics), "job_id": job_id, "created": time.time()}
+        with self.engine.begin() as conn:
+            conn.execute(db.versions.insert().values(**row))
+        return _row(row)
+
+    def update_version_metrics(self, project_id: str, number: int, metrics: dict[str, Any]) -> None:
+        where = (db.versions.c.project_id == project_id) & (db.versions.c.number == number)
+        with self.engine.begin() as conn:
+            current = conn.execute(select(db.versions.c.metrics).where(where)).scalar_one_or_none()
+            if current is not None:
+                conn.execute(db.versions.update().where(where).values(
+                    metrics=json.dumps({**json.loads(current), **metrics})))
