@@ -21,7 +21,8 @@ def _convert(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from bioadapt.demo import run_demo
 
-    run_demo(workdir=args.workdir, size=args.size, n_patches=args.patches, seed=args.seed)
+    run_demo(workdir=args.workdir, size=args.size, n_patches=args.patches, top_k=args.top_k,
+             patch_size=args.patch_size, epochs=args.epochs, base_epochs=args.base_epochs, seed=args.seed)
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -65,10 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--user", help="user the printed token is for (embedded server; default: your login)")
     serve.set_defaults(run=_serve)
 
-    demo = commands.add_parser("demo", help="generate data and run what bioadapt can do so far, end to end")
+    demo = commands.add_parser("demo", help="one full active-learning round through the real service, on data "
+                                "it generates")
     demo.add_argument("--workdir", default="demo-output", help="where the demo writes its files")
-    demo.add_argument("--size", type=int, default=3072, help="side of the generated image in pixels")
-    demo.add_argument("--patches", type=int, default=12, help="patches to sample and label")
+    demo.add_argument("--size", type=int, default=2048, help="side of the generated image in pixels")
+    demo.add_argument("--patches", type=int, default=48, help="patches to score")
+    demo.add_argument("--top-k", type=int, default=16, help="most uncertain patches the simulated annotator labels")
+    demo.add_argument("--patch-size", type=int, default=128)
+    demo.add_argument("--epochs", type=int, default=150, help="fine-tuning epochs")
+    demo.add_argument("--base-epochs", type=int, default=40, help="epochs of the base model's training")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
     return parser

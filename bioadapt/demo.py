@@ -1,88 +1,244 @@
-"""`bioadapt demo`: generate an image, convert it, sample patches inside a tissue mask, store labels.
+"""`bioadapt demo`: one full active-learning round through the real service, on data made here.
 
-What the active-learning loop needs from the data layer, end to end, on data made here. Scoring with
-MC-dropout BALD, fine-tuning on Ray and export join this demo as the service lands.
+A base U-Net is trained for a few seconds on one synthetic style ('nuclei') and packaged for bioimage.io; a large
+image of another style ('crowded': the domain shift) is written as TIFF and converted to OME-Zarr, its ground
+truth kept aside. `bioadapt serve` then runs as a child process (embedded Hypha server on 127.0.0.1, local Ray)
+and this script drives it with the Python client, as a user would: create a project, score patches with BALD,
+take the most uncertain ones, answer them from the ground truth (a simulated annotator), fine-tune, evaluate
+(F1 before / after on held-out patches), export a bioimage.io package and test it.
 """
 
 from __future__ import annotations
 
-import math
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
 from tqdm.auto import tqdm
 
-from bioadapt.data import LabelStore, SamplingMask, open_image, sample_patches
-from bioadapt.data.convert import convert_to_ome_zarr
-from bioadapt.data.synthetic import synthetic_cells
+from bioadapt.errors import BioadaptError
 
 PIXEL_SIZE_UM = 0.65
+BASE_STYLE, TARGET_STYLE = "nuclei", "crowded"
+UNET = dict(in_channels=1, out_channels=2, dims=2, features=8, depth=2, batchnorm=False, dropout=0.0)
 
 
-def _write_tiff(path: Path, image: np.ndarray) -> None:
-    tifffile.imwrite(path, image, ome=True, tile=(512, 512), compression="zlib",
-                     metadata={"axes": "CYX", "PhysicalSizeX": PIXEL_SIZE_UM, "PhysicalSizeY": PIXEL_SIZE_UM,
-                               "Channel": {"Name": ["cells", "nuclei"]}})
+def build_base_model(out: Path, epochs: int, seed: int) -> Path:
+    """A foreground + boundary U-Net trained briefly on the base style, as a bioimage.io package."""
+    import torch
+
+    from bioadapt.adapters import load_adapter
+    from bioadapt.adapters.unet import UNet
+    from bioadapt.data.synthetic import synthetic_cells
+    from bioadapt.exporters.fresh import package_new_model
+
+    torch.manual_seed(seed)
+    names = ("foreground", "boundaries")
+    fresh = package_new_model(UNet(**UNET).eval(), out.with_name("untrained.zip"), name="untrained U-Net",
+                              architecture_kwargs=UNET, output_names=names, weights=("pytorch_state_dict",))
+    model = load_adapter(fresh, device="cpu")
+    cells = synthetic_cells((512, 512), BASE_STYLE, seed=seed + 1)
+    pairs = [(cells.image[:, y:y + 64, x:x + 64].astype(np.float32), cells.labels[y:y + 64, x:x + 64])
+             for y in range(0, 512, 64) for x in range(0, 512, 64)][:32]
+    with tqdm(total=epochs, desc=f"train base model on '{BASE_STYLE}'", unit="epoch") as bar:
+        model.fine_tune(pairs, {"epochs": epochs, "learning_rate": 3e-3, "batch_size": 8},
+                        progress=lambda info: bar.update(info["epoch"] - bar.n))
+    return package_new_model(model.module, out, name=f"{BASE_STYLE} U-Net (bioadapt demo base)",
+                             description=f"A small U-Net trained for {epochs} epochs on synthetic '{BASE_STYLE}' "
+                             "images: the pre-trained model the demo adapts.", architecture_kwargs=UNET,
+                             output_names=names, weights=("pytorch_state_dict",))
 
 
-def run_demo(workdir: str | Path = "demo-output", size: int = 3072, n_patches: int = 12, seed: int = 0,
-             patch_size: int = 256) -> dict:
-    """Run the demo and return its summary (also printed)."""
+def write_target_image(workdir: Path, size: int, seed: int) -> tuple[Path, np.ndarray]:
+    """The scientist's image (TIFF -> OME-Zarr) and its ground truth, which only the simulated annotator sees."""
+    from bioadapt.data.convert import convert_to_ome_zarr
+    from bioadapt.data.synthetic import synthetic_cells
+
+    sample = synthetic_cells((size, size), TARGET_STYLE, seed, tissue_fraction=0.6)
+    tiff = workdir / "cells.ome.tif"
+    tifffile.imwrite(tiff, sample.image, ome=True, tile=(512, 512), compression="zlib",
+                     metadata={"axes": "CYX", "PhysicalSizeX": PIXEL_SIZE_UM, "PhysicalSizeY": PIXEL_SIZE_UM})
+    zarr_path = convert_to_ome_zarr(tiff, workdir / "cells.ome.zarr")
+    return Path(zarr_path), sample.labels
+
+
+class ServiceProcess:
+    """`bioadapt serve` as a child process (embedded Hypha + Ray), stopped by its process id."""
+
+    def __init__(self, data_dir: Path, allow: Path, log_path: Path, timeout_s: float = 180):
+        self.data_dir = data_dir
+        self.log_path = log_path
+        connection = data_dir / "connection.json"
+        connection.unlink(missing_ok=True)
+        command = [sys.executable, "-m", "bioadapt.cli", "serve", "--data-dir", str(data_dir), "--allow-path",
+                   str(allow), "--port", str(_free_port()), "--user", "demo-user"]
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while not connection.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise BioadaptError(f"`bioadapt serve` did not start; its log ({log_path}) ends with:\n"
+                                    f"{log_path.read_text()[-3000:]}")
+            time.sleep(0.3)
+        self.info: dict[str, Any] = json.loads(connection.read_text())
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_demo(workdir: str | Path = "demo-output", size: int = 2048, n_patches: int = 48, top_k: int = 16,
+             patch_size: int = 128, epochs: int = 150, base_epochs: int = 40, mc_passes: int = 8,
+             seed: int = 0) -> dict[str, Any]:
+    """Run the demo and return its summary (also printed and written to summary.json)."""
+    from bioadapt.service.client import connect
+
     started = time.perf_counter()
-    workdir = Path(workdir)
+    workdir = Path(workdir).resolve()
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
-    tiff_path, zarr_path = workdir / "cells.ome.tif", workdir / "cells.ome.zarr"
-
-    print(f"1/5 generating a {size} x {size} two-channel synthetic image with instance labels ...")
-    sample = synthetic_cells((size, size), "cytoplasm", seed, n_channels=2, tissue_fraction=0.45)
-    _write_tiff(tiff_path, sample.image)
-
-    print(f"2/5 converting {tiff_path.name} to a multiscale OME-Zarr (NGFF 0.5) ...")
-    convert_to_ome_zarr(tiff_path, zarr_path)
-    image = open_image(zarr_path)
-
-    print("3/5 finding the tissue on the coarsest level and sampling patches inside it ...")
-    mask = SamplingMask.from_image_level(image, level=-1, smooth_sigma=32)
-    windows = sample_patches(image, n_patches, (patch_size, patch_size), mask=mask, seed=seed,
-                             min_mask_fraction=0.6)
-
-    print(f"4/5 reading {len(windows)} patches from the chunks they overlap ...")
-    patches = [image.read(w.origin, w.shape) for w in tqdm(windows, desc="read patches", unit="patch")]
-
-    print("5/5 storing corrected labels for those patches (the generator's ground truth stands in for the "
-          "annotator) ...")
-    store = LabelStore.create(None, like=image, name="corrections")
-    for window in tqdm(windows, desc="write labels", unit="patch"):
-        store.write(window.origin, sample.labels[window.slices].astype(np.uint32), author="demo-annotator")
-
-    regions = store.regions()
-    stored_chunks = len(store.chunk_files())
-    all_chunks = math.prod(math.ceil(s / c) for s, c in zip(store.shape, store.chunks))
-    summary = {
-        "image": str(zarr_path), "axes": image.axes, "shape": list(image.shape), "levels": len(image.levels),
-        "tissue_fraction": round(mask.covered_fraction, 3), "patches": len(windows),
-        "patch_bytes_read": int(sum(p.nbytes for p in patches)), "label_store": str(store.path),
-        "regions": len(regions), "label_chunks_stored": stored_chunks, "label_chunks_total": all_chunks,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    print("\nSummary")
-    print(f"  image        {zarr_path}  axes={image.axes} shape={image.shape} levels={len(image.levels)} "
-          f"pixel={PIXEL_SIZE_UM} µm")
-    print(f"  tissue mask  {100 * mask.covered_fraction:.1f}% of the image (smoothed, Otsu threshold, on level {len(image.levels) - 1})")
-    print(f"  patches      {len(windows)} of {patch_size}x{patch_size}, all inside tissue, none overlapping")
-    print(f"  {'origin (y, x)':>22}  {'in mask':>7}  {'cells':>5}")
-    for window in windows:
-        cells = len(np.unique(store.read(window.origin, window.shape))) - 1
-        print(f"  {str(window.origin):>22}  {window.mask_fraction:7.2f}  {cells:5d}")
-    print(f"  labels       {store.path}")
-    print(f"               {len(regions)} regions logged; {stored_chunks} of {all_chunks} label chunks on disk "
-          "(only what was annotated is stored)")
-    print(f"  time         {summary['seconds']} s")
-    print("\nNext: scoring with MC-dropout BALD, fine-tuning on Ray actors and bioimage.io export come with the "
-          "bioadapt service (`bioadapt serve`); this demo will then run the full active-learning loop through it.")
+    print(f"1/8 building the base model: a U-Net trained on synthetic '{BASE_STYLE}' images ...")
+    base = build_base_model(workdir / "base-model.zip", base_epochs, seed)
+    print(f"2/8 writing the scientist's {size} x {size} image of another style ('{TARGET_STYLE}') as TIFF and "
+          "converting it to OME-Zarr (ground truth kept aside) ...")
+    image_path, truth = write_target_image(workdir, size, seed)
+    print("3/8 starting `bioadapt serve`: embedded Hypha server on 127.0.0.1 and a local Ray ...")
+    service = ServiceProcess(workdir / "service", workdir, workdir / "serve.log")
+    try:
+        info = service.info
+        print(f"    service {info['service_id']} at {info['server_url']} (Ray {info['ray']})")
+        with connect(info["server_url"], token=info["token"], workspace=info["workspace"]) as svc:
+            summary = _one_round(svc, workdir, base, image_path, truth, n_patches, top_k, patch_size, epochs,
+                                 mc_passes, seed)
+    finally:
+        service.stop()
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    _print_summary(summary)
     return summary
+
+
+def _one_round(svc: Any, workdir: Path, base: Path, image_path: Path, truth: np.ndarray, n_patches: int,
+               top_k: int, patch_size: int, epochs: int, mc_passes: int, seed: int) -> dict[str, Any]:
+    model = svc.load_model(str(base))
+    project = svc.create_project("demo: nuclei model -> crowded cells", model["id"],
+                                 [{"uri": str(image_path), "mask": "auto"}],
+                                 description="bioadapt demo: one active-learning round")
+    project_id, image_id = project["id"], project["images"][0]["id"]
+    print(f"4/8 scoring {n_patches} patches of {patch_size} x {patch_size} inside the tissue with MC-dropout BALD "
+          f"(T = {mc_passes}) on Ray actors ...")
+    job = svc.score(project_id, n_patches=n_patches, patch_shape=[patch_size, patch_size], mc_passes=mc_passes,
+                    acquisition="bald", seed=seed)
+    scoring = svc.wait(job["job_id"])
+    top = svc.list_patches(project_id, order="score", limit=top_k)
+    print(f"5/8 the simulated annotator corrects the {len(top)} most uncertain patches ...")
+    shown = []
+    for patch in tqdm(top, desc="correct patches", unit="patch"):
+        window = tuple(slice(o, o + s) for o, s in zip(patch["origin"], patch["shape"]))
+        if len(shown) < 4:
+            shown.append(svc.get_patch(project_id, patch["id"]))
+        svc.submit_labels(project_id, patch["id"], truth[window].astype(np.uint32))
+    print(f"6/8 fine-tuning on the corrected patches ({epochs} epochs) on a Ray actor ...")
+    job = svc.fine_tune(project_id, epochs=epochs, learning_rate=3e-3, batch_size=4)
+    tuned = svc.wait(job["job_id"])
+    version = tuned["result"]["version"]
+    print(f"7/8 evaluating versions 0 and {version} on the held-out corrected patches ...")
+    evaluation = svc.evaluate(project_id, versions=[0, version])
+    print("8/8 exporting the fine-tuned model as a bioimage.io package and testing it ...")
+    exported = svc.export_model(project_id, version=version, authors=["bioadapt demo"], license="MIT")
+    test_status = _test_package(Path(exported["path"]))
+    png = _summary_png(workdir / "summary.png", svc, project_id, image_id, shown, truth, version)
+    before, after = evaluation["versions"]["0"], evaluation["versions"][str(version)]
+    return {"project": project_id, "model": model["info"]["name"], "image": str(image_path),
+            "scored": scoring["progress"].get("done"), "patches_per_second": scoring["progress"].get(
+                "patches_per_second"), "top_scores": [round(p["score"], 4) for p in top],
+            "median_score": float(np.median([p["score"] for p in svc.list_patches(project_id, limit=10_000)])),
+            "annotated": len(top), "holdout_patches": evaluation["holdout_patches"],
+            "training": {k: tuned["result"]["result"].get(k) for k in ("epochs_run", "best_epoch", "seconds",
+                                                                        "initial_val_score", "best_val_score")},
+            "f1_before": before.get("f1"), "f1_after": after.get("f1"), "ap_before": before.get("ap"),
+            "ap_after": after.get("ap"), "version": version, "package": exported["path"],
+            "package_test": test_status, "png": str(png)}
+
+
+def _test_package(path: Path) -> str:
+    from bioimageio.core import test_model
+
+    return test_model(str(path)).status
+
+
+def _summary_png(out: Path, svc: Any, project_id: str, image_id: str, shown: list[dict[str, Any]],
+                 truth: np.ndarray, version: int) -> Path:
+    """Top patches: image, uncertainty overlay, base and fine-tuned predictions, ground truth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from skimage.color import label2rgb
+
+    columns = ["image", "BALD uncertainty", "base model (v0)", f"fine-tuned (v{version})", "ground truth"]
+    figure, axes = plt.subplots(len(shown), len(columns), figsize=(3 * len(columns), 3 * len(shown)),
+                                squeeze=False)
+    for row, patch in enumerate(shown):
+        image = patch["image"][0].astype(np.float32)
+        window = tuple(slice(o, o + s) for o, s in zip(patch["origin"], patch["shape"]))
+        tuned = svc.predict(project_id, image_id, patch["origin"], patch["shape"], version=version,
+                            return_array=True)["labels"]
+        panels = [image, image, label2rgb(patch["predicted_labels"], image / max(image.max(), 1e-6), bg_label=0),
+                  label2rgb(tuned, image / max(image.max(), 1e-6), bg_label=0),
+                  label2rgb(truth[window], image / max(image.max(), 1e-6), bg_label=0)]
+        for col, panel in enumerate(panels):
+            ax = axes[row, col]
+            ax.imshow(panel, cmap="gray")
+            if col == 1:
+                ax.imshow(patch["uncertainty"], cmap="magma", alpha=0.6)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(columns[col])
+        axes[row, 0].set_ylabel(f"patch {patch['id']}\nscore {patch['score']:.3f}")
+    figure.tight_layout()
+    figure.savefig(out, dpi=80)
+    plt.close(figure)
+    return out
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    training = summary["training"]
+    print("\nSummary")
+    print(f"  model      {summary['model']} -> project {summary['project']}")
+    print(f"  scoring    {summary['scored']} patches, {summary['patches_per_second']} patches/s; top-"
+          f"{summary['annotated']} BALD {summary['top_scores'][0]:.4f} .. {summary['top_scores'][-1]:.4f} "
+          f"(median of all {summary['median_score']:.4f})")
+    print(f"  training   {training['epochs_run']} epochs in {training['seconds']} s, best epoch "
+          f"{training['best_epoch']}, validation Dice {training['initial_val_score']:.3f} -> "
+          f"{training['best_val_score']:.3f}")
+    print(f"  F1 @ IoU 0.5 on {summary['holdout_patches']} held-out corrected patches: "
+          f"{summary['f1_before']:.3f} (v0) -> {summary['f1_after']:.3f} (v{summary['version']});  "
+          f"AP {summary['ap_before']:.3f} -> {summary['ap_after']:.3f}")
+    print(f"  package    {summary['package']}  (bioimageio.core test: {summary['package_test']})")
+    print(f"  figure     {summary['png']}")
+    print(f"  time       {summary['seconds']} s")

@@ -1,16 +1,20 @@
-"""`bioadapt demo` runs end to end on data it generates (a small image to keep the test short)."""
+"""`bioadapt demo` runs one full active-learning round through a real `bioadapt serve` (small settings)."""
+
+import json
 
 from bioadapt.cli import main
-from bioadapt.data import LabelStore, open_image
 
 
-def test_demo_converts_samples_and_stores_labels(tmp_path, capsys):
-    assert main(["demo", "--workdir", str(tmp_path / "demo"), "--size", "1024", "--patches", "4"]) == 0
+def test_demo_runs_a_full_round_through_the_service(tmp_path, capsys):
+    workdir = tmp_path / "demo"
+    assert main(["demo", "--workdir", str(workdir), "--size", "512", "--patches", "8", "--top-k", "8",
+                 "--patch-size", "64", "--epochs", "5", "--base-epochs", "3"]) == 0
     out = capsys.readouterr().out
-    assert "Summary" in out and "4 regions logged" in out and "come with the bioadapt service" in out
-    image = open_image(tmp_path / "demo" / "cells.ome.zarr")
-    assert image.axes == "cyx" and image.shape == (2, 1024, 1024) and image.scale[-1] == 0.65
-    store = LabelStore.open(tmp_path / "demo" / "cells.ome.zarr" / "labels" / "corrections")
-    regions = store.regions()
-    assert len(regions) == 4 and all(r.author == "demo-annotator" for r in regions)
-    assert all(store.read(r.origin, r.shape).max() > 0 for r in regions)
+    assert "Summary" in out and "F1 @ IoU 0.5" in out and "bioimageio.core test: passed" in out
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["scored"] == 8 and summary["annotated"] == 8 and summary["holdout_patches"] == 2
+    assert summary["package_test"] == "passed" and summary["version"] == 1
+    assert 0 <= summary["f1_before"] <= 1 and 0 <= summary["f1_after"] <= 1
+    assert summary["top_scores"] == sorted(summary["top_scores"], reverse=True)
+    assert (workdir / "summary.png").stat().st_size > 10_000
+    assert not (workdir / "service" / "connection.json").exists()  # the service stopped cleanly

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import shutil
 import threading
 import time
@@ -402,7 +403,7 @@ class BioadaptService:
         images = {i["id"]: i for i in self.store.images(project["id"])}
         trained = [{"image": images[p["image_id"]]["uri"], "origin": p["origin"], "shape": p["shape"]}
                    for p in self.store.patches(project["id"], status="annotated", order="annotated")]
-        name = args.name or f"{project['name']} (bioadapt v{version['number']})"
+        name = args.name or re.sub(r"[^A-Za-z0-9_+\- ()]+", "-", f"{project['name']} (bioadapt v{version['number']})")
         metadata = {"name": name, "authors": args.authors or [caller.id], "license": args.license,
                     "description": args.description or f"{project['model_info'].get('name', 'model')} fine-tuned "
                     f"with bioadapt on {len(trained)} corrected patches (project {project['name']!r}, version "

@@ -186,6 +186,9 @@ class BioadaptClient:
                     bar.set_postfix(postfix, refresh=False)
                     bar.refresh()
                 if job["state"] in FINISHED:
+                    if bar is not None and job["state"] == "done":
+                        bar.n = total
+                        bar.refresh()
                     break
                 if deadline is not None and time.monotonic() > deadline:
                     raise BioadaptError(f"job {job_id} still {job['state']} after {timeout_s} s")
@@ -198,10 +201,15 @@ class BioadaptClient:
         return job
 
     def disconnect(self) -> None:
+        rpc_log = logging.getLogger("RPC")
+        level = rpc_log.level
+        rpc_log.setLevel(logging.ERROR)  # hypha-rpc warns "Connection lost" on every deliberate disconnect
         try:
             self.server.disconnect()
         except Exception:
             pass
+        finally:
+            rpc_log.setLevel(level)
 
     def __enter__(self) -> "BioadaptClient":
         return self

@@ -350,8 +350,11 @@ def run_on_worker(source: str | bytes, options: dict[str, Any] | None, weights: 
 
 
 def remote_cause(error: Exception) -> str:
-    """The last exception line of a Ray error's remote traceback (the user-facing message)."""
-    lines = [line.strip() for line in str(error).splitlines()
-             if re.match(r"^\s*[\w.]*(Error|Exception): ", line)]
-    text = lines[-1] if lines else (str(error).strip().splitlines() or [type(error).__name__])[-1]
-    return text.removeprefix("bioadapt.errors.")[:500]
+    """The user-facing message of a Ray error: the remote traceback's last exception line and what follows it
+    (pydantic and others write several lines), without the class name when it is our own BioadaptError."""
+    lines = str(error).strip().splitlines()
+    starts = [i for i, line in enumerate(lines) if re.match(r"^\s*[\w.]*(Error|Exception): ", line)]
+    if not starts:
+        return (lines or [type(error).__name__])[-1][:2000]
+    text = "\n".join(line.rstrip() for line in lines[starts[-1]:]).strip()
+    return re.sub(r"^(bioadapt\.errors\.)?BioadaptError: ", "", text)[:2000]

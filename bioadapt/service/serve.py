@@ -53,6 +53,13 @@ def _secret(data_dir: Path) -> str:
     return path.read_text().strip()
 
 
+def _login() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # containers without a passwd entry
+        return "local-user"
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as sock:
         try:
@@ -83,7 +90,7 @@ async def _serve(options: ServeOptions, stop: asyncio.Event, started: dict[str, 
         server_url = hypha.url
         service_token = mint_token(SERVICE_USER, jwt_secret=secret, expires_in=365 * 86400)
         workspace = f"ws-user-{SERVICE_USER}"
-        user_token = mint_token(options.user or getpass.getuser(), workspaces={workspace: "r"},
+        user_token = mint_token(options.user or _login(), workspaces={workspace: "r"},
                                 jwt_secret=secret, expires_in=30 * 86400)
     else:
         server_url, service_token, workspace = options.server_url, options.token, options.workspace
