@@ -25,6 +25,8 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_patch_read.py
 	$(BIN)/python benchmarks/bench_scoring.py
+	$(BIN)/python benchmarks/bench_ray_scoring.py
+	$(BIN)/python benchmarks/bench_rpc.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

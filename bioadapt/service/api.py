@@ -60,6 +60,7 @@ class BioadaptService:
         self.gpu_fraction = gpu_fraction
         self.device = device
         self.runners: dict[str, JobRunner] = {}
+        self._open: dict[tuple, Any] = {}
         self._patch_locks: defaultdict[tuple[str, int], threading.Lock] = defaultdict(threading.Lock)
 
     # -- access ---------------------------------------------------------------------------------------
@@ -190,6 +191,20 @@ class BioadaptService:
             "shape": list(image.shape), "spatial_axes": image.spatial_axes, "labels": str(labels.path),
             "predictions": str(predictions.path), "uncertainty": uncertainty})
 
+    def _opened(self, key: tuple, open_it: Callable[[], Any]) -> Any:
+        """Opened images and stores are kept (metadata parsed once); pixels are always read fresh."""
+        if key not in self._open:
+            self._open[key] = open_it()
+        return self._open[key]
+
+    def _opened_image(self, row: dict[str, Any]) -> Any:
+        return self._opened(("image", row["uri"], row["axes"], str(row["channels"])), _ref(row).open)
+
+    def _opened_labels(self, path: str) -> Any:
+        from bioadapt.data import LabelStore
+
+        return self._opened(("labels", path), lambda: LabelStore.open(path))
+
     def _image(self, project: dict[str, Any], image_id: str) -> dict[str, Any]:
         image = self.store.image(project["id"], image_id)
         if image is None:
@@ -266,7 +281,6 @@ class BioadaptService:
     def get_patch(self, caller: Caller, args: s.GetPatch) -> dict[str, Any]:
         import zarr
 
-        from bioadapt.data import LabelStore
 
         project = self._project(caller, args.project_id)
         patch = self._patch(project, args.patch_id)
@@ -276,22 +290,22 @@ class BioadaptService:
         row = self._image(project, patch["image_id"])
         origin, shape = patch["origin"], patch["shape"]
         window = tuple(slice(o, o + n) for o, n in zip(origin, shape))
-        answer = {**patch, "image": _ref(row).open().read(origin, shape),
-                  "predicted_labels": LabelStore.open(row["predictions"]).read(origin, shape),
-                  "uncertainty": np.asarray(zarr.open_array(row["uncertainty"], mode="r")[window])}
+        answer = {**patch, "image": self._opened_image(row).read(origin, shape),
+                  "predicted_labels": self._opened_labels(row["predictions"]).read(origin, shape),
+                  "uncertainty": np.asarray(self._opened(("uncertainty", row["uncertainty"]), lambda: zarr.open_array(
+                      row["uncertainty"], mode="r"))[window])}
         if patch["status"] == "annotated":
-            answer["labels"] = LabelStore.open(row["labels"]).read(origin, shape)
+            answer["labels"] = self._opened_labels(row["labels"]).read(origin, shape)
         return answer
 
     def submit_labels(self, caller: Caller, args: s.SubmitLabels) -> dict[str, Any]:
-        from bioadapt.data import LabelStore
 
         project = self._project(caller, args.project_id)
         patch = self._patch(project, args.patch_id)
         labels = _labels(args.labels, patch["shape"])
         row = self._image(project, patch["image_id"])
         with self._patch_locks[(project["id"], patch["id"])]:
-            LabelStore.open(row["labels"]).write(patch["origin"], labels, author=caller.id)
+            self._opened_labels(row["labels"]).write(patch["origin"], labels, author=caller.id)
             return self.store.mark_annotated(project["id"], patch["id"], caller.id, project["holdout_fraction"])
 
     def skip_patch(self, caller: Caller, args: s.SkipPatch) -> dict[str, Any]:
@@ -387,7 +401,7 @@ class BioadaptService:
                                 "pixels; leave return_array off to write it to the project's prediction store")
         from bioadapt.data.windows import check_window
 
-        check_window(args.origin, args.shape, _ref(row).open().spatial_shape, axes=row["spatial_axes"],
+        check_window(args.origin, args.shape, self._opened_image(row).spatial_shape, axes=row["spatial_axes"],
                      where=f"image {row['id']}")
         out = None if args.return_array else row["predictions"]
         result = run_on_worker(project["model_source"], self._options(project), weights, "predict", _ref(row),

@@ -143,9 +143,8 @@ def _print_connection(info: dict[str, Any]) -> None:
           + f"  data       {info['data_dir']}  (connection details in {CONNECTION_FILE})\n"
           f"  ray        {info['ray']}\n"
           f"Python:  from bioadapt.service.client import connect\n"
-          f"         svc = connect({info['server_url']!r}, token=<token>, workspace={info['workspace']!r})\n"
-          f"napari:  the bioadapt dock widget, with the same server, workspace and token\n"
-          f"browser: web/index.html?server_url={info['server_url']}&workspace={info['workspace']}", flush=True)
+          f"         svc = connect({info['server_url']!r}, token=<token>, workspace={info['workspace']!r})",
+          flush=True)
 
 
 def serve(options: ServeOptions) -> None:
