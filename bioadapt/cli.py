@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(projects stay private to their creator)")
     serve.add_argument("--allow-path", action="append", default=[], help="a folder callers may point at "
                        "(repeatable; the data dir is always allowed)")
-    serve.add_argument("--port", type=int, help=f"port of the embedded server (default {9527} when free)")
+    serve.add_argument("--port", type=int,
+                       help="port of the embedded server (default 9527 when free, else any; 0: any free port)")
     serve.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all)")
     serve.add_argument("--device", default="auto", help="torch device of the model workers (auto, cpu, cuda)")
     serve.add_argument("--user", help="user the printed token is for (embedded server; default: your login)")

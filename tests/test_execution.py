@@ -9,6 +9,7 @@ import zarr
 from bioadapt.data import LabelStore, open_image, sample_patches
 from bioadapt.data.image import Image
 from bioadapt.data.synthetic import write_synthetic_ome_zarr
+from bioadapt.data.writer import write_ome_zarr
 from bioadapt.service.execution import (FineTuneRequest, ImageRef, LabelledRegion, ModelWorker, ScoreRequest,
                                         create_uncertainty_store)
 from bioadapt.service.jobs import JobStore, fine_tune_job, score_job
@@ -107,6 +108,27 @@ def test_an_unreachable_model_fails_the_job_with_its_cause(ray_cluster, setup, t
     store = JobStore(tmp_path / "jobs.sqlite")
     job = score_job(store, str(tmp_path / "missing.zip"), {}, _request(root, image, "bad"), patches[:4]).wait(120)
     assert job.state == "failed" and "cannot load model" in job.error and "does not exist" in job.error
+
+
+def test_a_model_sent_as_bytes_scores_like_its_path(ray_cluster, setup, tmp_path):
+    root, image, patches, model = setup
+    request = ScoreRequest(image=ImageRef(str(root / "image.ome.zarr")), patch_shape=(64, 64), passes=4)
+    store = JobStore(tmp_path / "jobs.sqlite")
+    by_bytes = score_job(store, model.read_bytes(), {"device": "cpu"}, request, patches[:8], actors=1).wait(120)
+    by_path = score_job(store, str(model), {"device": "cpu"}, request, patches[:8], actors=1).wait(120)
+    assert by_bytes.state == by_path.state == "done", (by_bytes.error, by_path.error)
+    assert by_bytes.result == [{**r, "seconds": b["seconds"]} for r, b in zip(by_path.result, by_bytes.result)]
+
+
+def test_nan_pixels_fail_the_job_with_a_clear_cause(ray_cluster, setup, tmp_path):
+    _, _, _, model = setup
+    pixels = np.ones((1, 128, 128), np.float32)
+    pixels[0, 70, 70] = np.nan
+    write_ome_zarr(tmp_path / "nan.ome.zarr", pixels, "cyx")
+    request = ScoreRequest(image=ImageRef(str(tmp_path / "nan.ome.zarr")), patch_shape=(64, 64), passes=2)
+    job = score_job(JobStore(tmp_path / "jobs.sqlite"), str(model), {"device": "cpu"}, request,
+                    [(0, (0, 0)), (1, (64, 64))], actors=1).wait(120)
+    assert job.state == "failed" and "NaN or infinite pixels" in job.error and "[64, 64]" in job.error
 
 
 def test_the_embedded_cluster_listens_on_loopback_only(ray_cluster):

@@ -34,7 +34,6 @@ TOLERANCE = 1e-4  # torchscript re-export must reproduce the state-dict module's
 
 def export_fine_tuned_bioimageio(model: BioimageioAdapter, out: Path, meta: Metadata,
                                  training: Mapping[str, Any], as_folder: bool) -> Path:
-    parent = model.description
     lay = model.layout
     test_input = _test_patch(model, training)
     with tempfile.TemporaryDirectory(prefix="bioadapt-export-") as tmp:

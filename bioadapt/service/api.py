@@ -220,7 +220,7 @@ class BioadaptService:
         images = ([self._image(project, args.image_id)] if args.image_id else self.store.images(project["id"]))
         if not images:
             raise BioadaptError(f"project {project['id']!r} has no images; add one with add_image")
-        plan = []  # (image row, [(patch id, origin)])
+        drawn = []  # (image row, new windows, earlier patches to re-score): every image first, then the writes
         share = [args.n_patches // len(images) + (i < args.n_patches % len(images)) for i in range(len(images))]
         for row, n in zip(images, share):
             image = _ref(row).open()
@@ -236,9 +236,11 @@ class BioadaptService:
                                      seed=args.seed + len(earlier), avoid=avoid) if n else []
             todo = [(p["id"], p["origin"]) for p in earlier
                     if args.rescore_pending and p["status"] == "pending" and p["shape"] == args.patch_shape]
+            drawn.append((row, windows, todo))
+        plan = []  # (image row, [(patch id, origin)])
+        for row, windows, todo in drawn:
             ids = self.store.add_patches(project["id"], row["id"], [(w.origin, w.shape) for w in windows])
-            todo += [(i, list(w.origin)) for i, w in zip(ids, windows)]
-            plan.append((row, todo))
+            plan.append((row, todo + [(i, list(w.origin)) for i, w in zip(ids, windows)]))
         total = sum(len(todo) for _, todo in plan)
         if total == 0:
             raise BioadaptError("no new patch fits: the image (or its mask) is covered by earlier patches or too "
@@ -382,9 +384,9 @@ class BioadaptService:
         if not regions:
             raise BioadaptError("no held-out annotated patches: annotate more patches (a share of them, "
                                 f"holdout_fraction={project['holdout_fraction']}, is kept for evaluation)")
+        weights_of = {number: self._weights(project, number)[1] for number in numbers}  # all checked first
         results = {}
-        for number in numbers:
-            _, weights = self._weights(project, number)
+        for number, weights in weights_of.items():
             metrics = run_on_worker(project["model_source"], self._options(project), weights, "evaluate", regions)
             self.store.update_version_metrics(project["id"], number, {"holdout": metrics})
             results[str(number)] = metrics

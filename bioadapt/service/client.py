@@ -17,7 +17,8 @@ from bioadapt.errors import AccessDenied, BioadaptError
 SERVICE_ID = "bioadapt"
 FINISHED = ("done", "failed", "cancelled")
 _EXPIRED = re.compile(r"Method (expired|not found)|Service not found|Session not found|not found: .*bioadapt|"
-                      r"Client .* not found|Connection .* closed|TimeoutError", re.IGNORECASE)
+                      r"Client .* not found|Target peer .* not connected|Connection .* closed|TimeoutError",
+                      re.IGNORECASE)
 
 
 def connect(server_url: str, token: str | None = None, workspace: str | None = None, *,
@@ -60,6 +61,10 @@ class BioadaptClient:
 
     def _call(self, function: str, /, **kwargs: Any) -> Any:
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if callable(kwargs.get("progress")):
+            # hypha-rpc drops a plain function argument when the call returns (score / fine_tune return a job id
+            # at once); one inside an object marked _rintf stays callable until the service disposes of it
+            kwargs["progress"] = {"_rintf": True, "on_progress": kwargs["progress"]}
         for attempt in range(3):
             try:
                 return getattr(self._service, function)(**kwargs)

@@ -80,6 +80,9 @@ def score_patches(adapter: Any, request: ScoreRequest, patches: Sequence[tuple[i
             break
         started = time.perf_counter()
         pixels = image.read(origin, request.patch_shape, dtype="float32")
+        if not np.isfinite(pixels).all():
+            raise BioadaptError(f"patch {patch_id} at {list(origin)} of {request.image.uri} holds NaN or infinite "
+                                "pixels; fill them (or exclude that region with a sampling mask) before scoring")
         seed = patch_seed(request.seed, patch_id)
         samples = adapter.mc_proba(pixels[None], passes=request.passes, seed=seed)[:, 0]
         score_map = function(samples, activation=activation, **({"seed": seed} if request.acquisition == "random"
@@ -278,12 +281,15 @@ class ModelWorker:
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> dict[str, float]:
     """Join ``address`` ("auto", "host:port", "ray://host:10001") or start an embedded local Ray (no
     dashboard, quiet logs, listeners on loopback); returns the cluster's resources."""
+    # Ray swaps 127.0.0.1 for the machine's address (and listens on every interface) unless this variable is 0
+    # when ray is imported; it may have been imported already, so its constant is set too.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
+    from ray._private import ray_constants
 
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         if address is None:
-            # without _node_ip_address Ray swaps 127.0.0.1 for the machine's address and listens on every interface
+            ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in ("0", "false")
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                      logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
         else:

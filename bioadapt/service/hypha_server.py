@@ -99,6 +99,7 @@ def start_hypha_server(host: str = "127.0.0.1", port: int | None = None, *, jwt_
     if fast_transfer:
         for key, value in FAST_TRANSFER_ENV.items():
             child_env.setdefault(key, value)
+        child_env["BIOADAPT_PARENT_PID"] = str(os.getpid())
     module = "bioadapt.service.hypha_server" if fast_transfer else "hypha.server"
     command = [sys.executable, "-m", module, f"--host={host}", f"--port={port}", *extra_args]
 
@@ -163,12 +164,27 @@ def mint_token(user_id: str, *, workspaces: dict[str, str] | None = None, email:
         return pool.submit(generate).result()
 
 
+def _die_with_parent(parent: int) -> None:
+    """Linux: get SIGTERM when the process that started us dies, even by SIGKILL (no orphaned servers)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _launch(argv: Sequence[str]) -> None:
     """Run ``hypha.server`` as ``__main__`` with websocket per-message-deflate off."""
     import functools
     import runpy
 
     import uvicorn
+
+    if os.environ.get("BIOADAPT_PARENT_PID", "").isdigit():
+        _die_with_parent(int(os.environ["BIOADAPT_PARENT_PID"]))
 
     uvicorn.run = functools.partial(uvicorn.run, ws_per_message_deflate=False)
     sys.argv = ["hypha.server", *argv]

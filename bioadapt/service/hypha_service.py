@@ -71,9 +71,7 @@ def build_service(api: BioadaptService, *, public: bool = False, workers: int = 
                     raise BioadaptError(_validation_message(name, e)) from None
                 extra = {}
                 if progress is not None:
-                    if not callable(progress):
-                        raise BioadaptError(f"{name}: progress must be a function")
-                    extra["progress"] = _threadsafe(progress, running)
+                    extra["progress"] = _threadsafe(*_progress_callback(name, progress), running)
                 return await running.run_in_executor(pool, lambda: method(caller, validated, **extra))
             except AccessDenied as e:
                 raise PermissionError(f"AccessDenied: {e}") from None
@@ -99,16 +97,47 @@ def build_service(api: BioadaptService, *, public: bool = False, workers: int = 
     return service
 
 
-def _threadsafe(callback: Any, loop: asyncio.AbstractEventLoop):
+def _progress_callback(name: str, progress: Any) -> tuple[Any, Any]:
+    """(callback, dispose) from a ``progress`` argument. hypha-rpc drops a function passed as an argument when
+    the call returns, and score / fine_tune return at once with a job id: a callback that outlives the call must
+    come inside an object marked ``_rintf`` (``{"_rintf": True, "on_progress": f}``, what the Python client
+    sends); its ``_dispose`` is called when the job ends. A bare function only sees events sent before the call
+    returns."""
+    if callable(progress):
+        return progress, None
+    member = _member(progress, "on_progress")
+    if callable(member):
+        return member, _member(progress, "_dispose")
+    raise BioadaptError(f"{name}: progress must be a function, or an object with an on_progress function (with "
+                        "_rintf set, so that it outlives the call)")
+
+
+def _member(value: Any, key: str) -> Any:
+    try:
+        return value[key]
+    except Exception:
+        return getattr(value, key, None)
+
+
+def _threadsafe(callback: Any, dispose: Any, loop: asyncio.AbstractEventLoop):
     """A job thread's progress reports, sent to the caller's callback from the service's event loop (fire and
-    forget: a slow or vanished caller never holds a job up)."""
+    forget: a slow or vanished caller never holds a job up); the caller's callback is released after the job's
+    last report."""
+
+    def run(function: Any, *args: Any) -> None:
+        try:
+            result = function(*args)
+        except Exception:  # a caller that went away
+            return
+        if asyncio.iscoroutine(result) or asyncio.isfuture(result):
+            task = asyncio.ensure_future(result)
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def send(info: dict[str, Any]) -> None:
         def fire() -> None:
-            result = callback(info)
-            if asyncio.iscoroutine(result) or asyncio.isfuture(result):
-                task = asyncio.ensure_future(result)
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            run(callback, info)
+            if callable(dispose) and info.get("state") in ("done", "failed", "cancelled"):
+                run(dispose)
 
         loop.call_soon_threadsafe(fire)
 

@@ -244,6 +244,7 @@ def fine_tune_job(store: JobStore, source: str | bytes, options: dict[str, Any],
                 outcome = ray.get(ref)
             except ray.exceptions.RayError as e:
                 raise BioadaptError(f"fine-tuning failed: {remote_cause(e)}") from e
+            runner.report(**ray.get(actor.progress.remote()))  # the last epoch, also when training took < 0.5 s
             if runner.cancelled.is_set():
                 return {"result": outcome["result"], "version": None}
             folder = Path(versions)

@@ -14,7 +14,7 @@ Shape = list[int]
 
 
 class Args(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False)
+    model_config = ConfigDict(extra="forbid", strict=False, allow_inf_nan=False)  # NaN: "finite number", not a bound
 
 
 class LoadModel(Args):
@@ -190,5 +190,7 @@ def function_schema(name: str) -> dict[str, Any]:
     description = parameters.pop("description", (model.__doc__ or "").strip())
     if name in WITH_PROGRESS:
         parameters.setdefault("properties", {})["progress"] = {
-            "description": "optional callback receiving progress dicts while the job runs"}
+            "description": "optional callback receiving progress dicts while the job runs: an object "
+                           "{_rintf: true, on_progress: function} (a bare function is dropped when the call "
+                           "returns)"}
     return {"name": name, "description": description, "parameters": parameters}

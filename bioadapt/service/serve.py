@@ -84,7 +84,10 @@ async def _serve(options: ServeOptions, stop: asyncio.Event, started: dict[str, 
         from bioadapt.service.hypha_server import mint_token, start_hypha_server
 
         secret = _secret(data_dir)
-        port = options.port or (DEFAULT_PORT if _port_free(DEFAULT_PORT) else None)
+        if options.port is None:
+            port = DEFAULT_PORT if _port_free(DEFAULT_PORT) else None
+        else:
+            port = options.port or None  # 0: any free port
         hypha = start_hypha_server(port=port, jwt_secret=secret, log_file=data_dir / "hypha-server.log")
         started["hypha_pid"] = hypha.process.pid
         server_url = hypha.url
