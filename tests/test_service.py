@@ -7,13 +7,9 @@ One service (user "svc") and one project (alice's) are shared by most tests, in 
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +18,7 @@ import numpy as np
 import pytest
 import zarr
 from model_factory import unet_package
+from service_helpers import SERVICE_WS, ServiceProcess, client_for, ray_cpus_free, wait_until
 
 from bioadapt.data import LabelStore
 from bioadapt.data.synthetic import write_synthetic_ome_zarr
@@ -31,91 +28,7 @@ from bioadapt.service.hypha_server import mint_token
 
 ray = pytest.importorskip("ray")
 
-SERVICE_WS = "ws-user-svc"
 PATCH = [64, 64]
-START_TIMEOUT_S = 90
-
-
-# -- service processes ------------------------------------------------------------------------------------
-class ServiceProcess:
-    """A `bioadapt serve` subprocess joined to an existing Hypha server and Ray cluster."""
-
-    def __init__(self, hypha_server, ray_cluster, user: str, data_dir: Path, allow: list[Path]):
-        self.user, self.data_dir, self.log = user, data_dir, data_dir.parent / f"{data_dir.name}-serve.log"
-        token = mint_token(user, jwt_secret=hypha_server.jwt_secret, expires_in=3600)
-        self.command = [sys.executable, "-m", "bioadapt.cli", "serve", "--server-url", hypha_server.url,
-                        "--token", token, "--workspace", f"ws-user-{user}", "--ray-address",
-                        ray_cluster["address"], "--data-dir", str(data_dir)]
-        for folder in allow:
-            self.command += ["--allow-path", str(folder)]
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        # ray.init() in this process (the ray_cluster fixture) turned Ray 2.60's token auth on by setting
-        # RAY_AUTH_MODE=token here (and wrote ~/.ray/auth_token). A process joining the cluster without that
-        # variable fails to connect ("Failed to connect to Ray cluster", after ~20 s): pass the mode on.
-        if "RAY_AUTH_MODE" not in self.env and (Path.home() / ".ray" / "auth_token").exists():
-            self.env["RAY_AUTH_MODE"] = "token"
-        self.process: subprocess.Popen | None = None
-        self.info: dict | None = None
-
-    def start(self) -> dict:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=self.env)
-        connection = self.data_dir / "connection.json"
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"bioadapt serve exited with {self.process.returncode}:\n{self.output()}")
-            try:  # a file left by a killed earlier process names that process's pid
-                info = json.loads(connection.read_text())
-                if info["pid"] == self.process.pid:
-                    self.info = info
-                    return info
-            except (OSError, ValueError, KeyError):
-                pass
-            time.sleep(0.2)
-        self.stop()
-        pytest.fail(f"bioadapt serve wrote no {connection} within {START_TIMEOUT_S} s:\n{self.output()}")
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-6000:] if self.log.exists() else "(no output)"
-
-    def kill(self) -> None:
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=15)
-
-    def stop(self) -> int | None:
-        """SIGTERM by pid, SIGKILL after 15 s; the exit status."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=15)
-        return self.process.returncode
-
-
-def _client(hypha_server, user: str, workspace: str = SERVICE_WS) -> BioadaptClient:
-    token = mint_token(user, workspaces={workspace: "r"}, jwt_secret=hypha_server.jwt_secret)
-    return connect(hypha_server.url, token=token, workspace=workspace)
-
-
-def _wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"{what}: not within {timeout_s} s")
-
-
-def _ray_cpus_free(n: float = 2.0) -> bool:
-    return ray.available_resources().get("CPU", 0) >= n
 
 
 # -- fixtures ---------------------------------------------------------------------------------------------
@@ -152,14 +65,14 @@ def service(hypha_server, ray_cluster, inputs):
 
 @pytest.fixture(scope="module")
 def alice(hypha_server, service):
-    client = _client(hypha_server, "alice")
+    client = client_for(hypha_server, "alice")
     yield client
     client.disconnect()
 
 
 @pytest.fixture(scope="module")
 def bob(hypha_server, service):
-    client = _client(hypha_server, "bob")
+    client = client_for(hypha_server, "bob")
     yield client
     client.disconnect()
 
@@ -186,12 +99,12 @@ def _labels_for(truth: np.ndarray, patch: dict) -> np.ndarray:
 
 
 # -- 2. the loop --------------------------------------------------------------------------------------------
-def test_full_loop_through_the_client(alice, project, inputs):
+def test_full_loop_through_theclient_for(alice, project, inputs):
     p = project["id"]
     assert project["score_job"]["patches"] == 24
     assert project["score_result"]["progress"]["done"] == project["score_result"]["progress"]["total"] == 24
     # the progress callback passed to score received live events
-    events = _wait_until(lambda: [e for e in project["events"] if e.get("done") == 24 and e["state"] == "done"],
+    events = wait_until(lambda: [e for e in project["events"] if e.get("done") == 24 and e["state"] == "done"],
                          10, f"final progress event (got {project['events']})")
     assert events[0]["job_id"] == project["score_job"]["job_id"]
     assert any(e.get("done", 0) < 24 for e in project["events"]), "only the final event arrived"
@@ -232,7 +145,7 @@ def test_full_loop_through_the_client(alice, project, inputs):
     assert tuned["base_version"] == 0 and tuned["patches"] == 6
     job = alice.wait(tuned["job_id"], progress=False, timeout_s=120)
     assert job["state"] == "done" and job["result"]["version"] == 1, job
-    _wait_until(lambda: any(e["state"] == "done" and e.get("epoch") == 3 for e in tuning_events), 10,
+    wait_until(lambda: any(e["state"] == "done" and e.get("epoch") == 3 for e in tuning_events), 10,
                 f"the fine-tune's last progress event (got {tuning_events})")
     versions = alice.get_project(p)["versions"]
     assert [(v["number"], v["parent"]) for v in versions] == [(0, None), (1, 0)]
@@ -256,12 +169,12 @@ def test_cancelling_a_long_fine_tune(alice, project):
     p = project["id"]
     before = alice.get_project(p)["versions"]
     started = alice.fine_tune(p, epochs=1000)
-    _wait_until(lambda: alice.job_status(started["job_id"])["progress"].get("epoch", 0) >= 1, 60,
+    wait_until(lambda: alice.job_status(started["job_id"])["progress"].get("epoch", 0) >= 1, 60,
                 "the long fine-tune trains", poll_s=0.2)
     asked = time.monotonic()
     answer = alice.cancel_job(started["job_id"])
     assert answer["cancel_requested"] and answer["state"] == "running"
-    job = _wait_until(lambda: (j := alice.job_status(started["job_id"]))["state"] in ("done", "failed", "cancelled")
+    job = wait_until(lambda: (j := alice.job_status(started["job_id"]))["state"] in ("done", "failed", "cancelled")
                       and j, 5, "cancelled", poll_s=0.1)
     assert job["state"] == "cancelled", job
     assert time.monotonic() - asked < 5
@@ -269,7 +182,7 @@ def test_cancelling_a_long_fine_tune(alice, project):
     assert alice.get_project(p)["versions"] == before
     # cancelling a finished job changes nothing
     assert alice.cancel_job(started["job_id"])["state"] == "cancelled"
-    _wait_until(_ray_cpus_free, 30, "the fine-tune actor released its CPU")
+    wait_until(ray_cpus_free, 30, "the fine-tune actor released its CPU")
 
 
 # -- 3. users -----------------------------------------------------------------------------------------------
@@ -324,7 +237,7 @@ def test_eight_clients_label_eight_patches_at_once(alice, project, hypha_server)
     targets = alice.list_patches(p, status="pending", order="id", limit=8)
     assert len(targets) == 8
     annotated_before = alice.get_project(p)["patches"]["annotated"]
-    clients = [_client(hypha_server, "alice") for _ in range(8)]
+    clients = [client_for(hypha_server, "alice") for _ in range(8)]
     rng = np.random.default_rng(7)
     labels = [rng.integers(0, 50, PATCH, dtype=np.uint16) + 1000 * (i + 1) for i in range(8)]
     barrier = threading.Barrier(8)
@@ -498,14 +411,14 @@ def test_score_writes_no_patch_when_a_later_image_cannot_take_the_patch_shape(al
 
 # -- 4. restart ---------------------------------------------------------------------------------------------
 def test_a_killed_service_restarts_with_everything_committed(hypha_server, ray_cluster, inputs, tmp_path):
-    _wait_until(_ray_cpus_free, 30, "Ray idle before the restart test")
+    wait_until(ray_cpus_free, 30, "Ray idle before the restart test")
     process = ServiceProcess(hypha_server, ray_cluster, "svc2", tmp_path / "data2", [inputs["allowed"]])
     workspace = "ws-user-svc2"
     carol = None
     try:
         info = process.start()
         assert info["workspace"] == workspace
-        carol = _client(hypha_server, "carol", workspace)
+        carol = client_for(hypha_server, "carol", workspace)
         model = carol.load_model(str(inputs["model"]))
         p = carol.create_project("restart", model["id"], [{"uri": str(inputs["image"])}])["id"]
         job = carol.wait(carol.score(p, n_patches=8, patch_shape=PATCH, mc_passes=2)["job_id"], progress=False,
@@ -518,14 +431,14 @@ def test_a_killed_service_restarts_with_everything_committed(hypha_server, ray_c
             sent[q["id"]] = _labels_for(inputs["truth"], q)
             carol.submit_labels(p, q["id"], sent[q["id"]])
         long_job = carol.fine_tune(p, epochs=1000)["job_id"]
-        _wait_until(lambda: carol.job_status(long_job)["state"] == "running", 30, "fine-tune running")
+        wait_until(lambda: carol.job_status(long_job)["state"] == "running", 30, "fine-tune running")
         for q in scored[4:6]:  # more labels while it trains, then the kill between two submissions
             sent[q["id"]] = _labels_for(inputs["truth"], q)
             carol.submit_labels(p, q["id"], sent[q["id"]])
         process.kill()
         assert process.process.returncode == -signal.SIGKILL
         # the killed driver's fine-tune actor goes with it
-        _wait_until(_ray_cpus_free, 30, "Ray released the killed service's actor", poll_s=0.2)
+        wait_until(ray_cpus_free, 30, "Ray released the killed service's actor", poll_s=0.2)
 
         info = process.start()
         assert info["interrupted_jobs_marked_failed"] == 1
@@ -544,7 +457,7 @@ def test_a_killed_service_restarts_with_everything_committed(hypha_server, ray_c
                 assert q["status"] == "pending"
         assert carol.get_project(p)["versions"][-1]["number"] == 0  # no version from the interrupted job
         # a fresh connection works too, and the service keeps working: a new job runs to the end
-        fresh = _client(hypha_server, "carol", workspace)
+        fresh = client_for(hypha_server, "carol", workspace)
         try:
             job = fresh.wait(fresh.fine_tune(p, epochs=1)["job_id"], progress=False, timeout_s=120)
             assert job["state"] == "done" and job["result"]["version"] == 1, job
@@ -556,6 +469,6 @@ def test_a_killed_service_restarts_with_everything_committed(hypha_server, ray_c
         code = process.stop()
     assert code in (0, -signal.SIGTERM), process.output()
     assert not (process.data_dir / "connection.json").exists()
-    _wait_until(_ray_cpus_free, 30, "nothing left running on Ray")
+    wait_until(ray_cpus_free, 30, "nothing left running on Ray")
     with pytest.raises(BioadaptError, match="no service"):  # the stopped service unregistered
-        _client(hypha_server, "carol", workspace)
+        client_for(hypha_server, "carol", workspace)
