@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from bioadapt.errors import BioadaptError
@@ -51,11 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="register the bioadapt service on Hypha (embedded server by default)")
     serve.add_argument("--server-url", help="join this Hypha server instead of starting one on 127.0.0.1")
     serve.add_argument("--workspace", help="workspace on --server-url")
-    serve.add_argument("--token", help="token for --server-url")
+    serve.add_argument("--token", default=os.environ.get("BIOADAPT_TOKEN"),
+                       help="token for --server-url (default: $BIOADAPT_TOKEN, which keeps it out of `ps`)")
     serve.add_argument("--ray-address", help="join a Ray cluster (auto, host:port, ray://host:10001) instead of "
                        "starting a local one")
     serve.add_argument("--data-dir", help="projects, labels, model versions (default ~/.local/share/bioadapt)")
-    serve.add_argument("--database-url", help="SQLAlchemy URL for the metadata (default: SQLite in --data-dir)")
+    serve.add_argument("--database-url", default=os.environ.get("BIOADAPT_DATABASE_URL"),
+                       help="SQLAlchemy URL for the metadata (default: $BIOADAPT_DATABASE_URL, else SQLite in "
+                       "--data-dir)")
     serve.add_argument("--public", action="store_true", help="let anyone on the server call the service "
                        "(projects stay private to their creator)")
     serve.add_argument("--allow-path", action="append", default=[], help="a folder callers may point at "

@@ -53,8 +53,8 @@ class BioadaptClient:
         self._service = self._fetch()
 
     def _fetch(self) -> Any:
-        try:
-            return self.server.get_service(self.service_id)
+        try:  # mode "random": several replicas of the service may share one workspace
+            return self.server.get_service(self.service_id, {"mode": "random"})
         except Exception as e:
             raise BioadaptError(f"no service {self.service_id!r} reachable: {_message(e)}. Is `bioadapt serve` "
                                 "running, and does your token give access to its workspace?") from e

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import (Column, Engine, Float, ForeignKey, Integer, MetaData, String, Table, Text, create_engine,
-                        event)
+from sqlalchemy import (Column, Connection, Engine, Float, ForeignKey, Integer, MetaData, String, Table, Text,
+                        create_engine, event, text)
 
 metadata = MetaData()
 
@@ -59,9 +59,23 @@ jobs = Table(
     Column("owner", String, index=True))
 
 
+#: Key of the PostgreSQL advisory lock held while the tables are created (any constant; "bioadapt" in ASCII).
+SCHEMA_LOCK_KEY = 0x62696F6164617074
+
+
+def database_url_of(url: str) -> str:
+    """``url`` with PostgreSQL's bare schemes (``postgres://``, ``postgresql://``, as hosting providers print them)
+    sent to the psycopg 3 driver; SQLAlchemy would otherwise reject ``postgres://`` or ask for psycopg2."""
+    for bare in ("postgres://", "postgresql://"):
+        if url.startswith(bare):
+            return "postgresql+psycopg://" + url[len(bare):]
+    return url
+
+
 def make_engine(path: str | Path | None = None, database_url: str | None = None) -> Engine:
-    """An engine with every table created; ``database_url`` wins over a SQLite file at ``path``."""
-    url = database_url or f"sqlite:///{Path(path or 'bioadapt.sqlite')}"
+    """An engine with every table created; ``database_url`` wins over a SQLite file at ``path``. Several
+    processes may open the same database at once (replicas starting together): the tables are created once."""
+    url = database_url_of(database_url) if database_url else f"sqlite:///{Path(path or 'bioadapt.sqlite')}"
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
@@ -72,5 +86,21 @@ def make_engine(path: str | Path | None = None, database_url: str | None = None)
             conn.execute("PRAGMA synchronous=NORMAL")
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    metadata.create_all(engine)
+    with engine.begin() as conn:
+        # create_all checks, then creates: two processes doing it at once both try to create (SQLite: "table
+        # models already exists"; PostgreSQL: duplicate key in pg_type). Hold the database's lock meanwhile.
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+        elif engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")  # pysqlite opens no transaction for reads or DDL by itself
+        metadata.create_all(conn)
     return engine
+
+
+def lock_project(conn: Connection, project_id: str) -> None:
+    """Serialise this transaction with every other one that locks the same project, until it ends: a row lock on
+    PostgreSQL, the database's write lock on SQLite. A no-op UPDATE does both: on SQLite it must be the
+    transaction's first statement (pysqlite begins the transaction there, and a read before it would let another
+    writer slip in between)."""
+    conn.execute(projects.update().where(projects.c.id == project_id)
+                 .values(holdout_fraction=projects.c.holdout_fraction))

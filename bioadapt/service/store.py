@@ -167,9 +167,11 @@ class ProjectStore:
     def mark_annotated(self, project_id: str, patch_id: int, annotator: str, holdout_fraction: float
                        ) -> dict[str, Any]:
         """Mark a patch annotated; its first annotation decides whether it trains or is held out: the k-th
-        annotated patch of a project is held out when floor(k f) grows, so a fraction f is spread evenly."""
+        annotated patch of a project is held out when floor(k f) grows, so a fraction f is spread evenly. Safe
+        across processes (service replicas): submissions to one project count their k in turn."""
         where = (db.patches.c.project_id == project_id) & (db.patches.c.id == patch_id)
         with self.engine.begin() as conn:
+            db.lock_project(conn, project_id)
             split = conn.execute(select(db.patches.c.split).where(where)).scalar_one_or_none()
             if split is None:
                 k = conn.execute(select(func.count()).where(db.patches.c.project_id == project_id,

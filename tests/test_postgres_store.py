@@ -1,0 +1,294 @@
+"""The project store on both backends it supports: SQLite (one service) and PostgreSQL (several replicas).
+
+The story: a service writes projects, patches, labels, model versions and jobs, is dropped and restarted on the
+same database and finds everything; several service processes submit labels to one project at the same time and
+the train / hold-out split stays exact; several replicas start on an empty database at once.
+
+PostgreSQL is a real server started for this module (Debian's ``postgresql`` package: initdb into a temporary
+folder, ``postgres`` on 127.0.0.1 and a free port, run as the ``postgres`` user when the tests run as root);
+the PostgreSQL cases are skipped, with the reason, when its binaries or the psycopg driver are missing.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import store_workers
+
+from bioadapt.errors import AccessDenied
+from bioadapt.service import schemas as s
+from bioadapt.service.api import BioadaptService, Caller
+from bioadapt.service.db import make_engine
+from bioadapt.service.jobs import Job
+from bioadapt.service.store import ProjectStore
+
+BACKENDS = ["sqlite", "postgresql"]
+PG_USER = "bioadapt"
+PG_START_TIMEOUT_S = 30
+RESTART_REASON = "interrupted: the service restarted"
+
+
+# -- a PostgreSQL server for this module ------------------------------------------------------------------
+def postgres_bin_dir() -> Path | None:
+    """The folder of ``postgres`` and ``initdb``: on PATH, else Debian's newest /usr/lib/postgresql/<ver>/bin."""
+    on_path = shutil.which("postgres")
+    if on_path and shutil.which("initdb"):
+        return Path(on_path).parent
+    found = [p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/postgres") if (p.parent / "initdb").exists()]
+    found.sort(key=lambda bin_dir: int(bin_dir.parent.name) if bin_dir.parent.name.isdigit() else 0)
+    return found[-1] if found else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_as() -> dict:
+    """Popen keywords that drop root: PostgreSQL refuses to run as root ('root execution ... not permitted')."""
+    if os.geteuid() != 0:
+        return {}
+    for name in ("postgres", "nobody"):
+        try:
+            user = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+    pytest.skip("running as root and there is neither a 'postgres' nor a 'nobody' user to run PostgreSQL as")
+
+
+def _die_with_parent() -> list[str]:
+    """A command prefix that makes the server get SIGINT (fast shutdown) when pytest dies, even by SIGKILL: util-linux's
+    setpriv sets the parent-death signal after Popen dropped root (a change of user would clear it), then execs."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "INT", "--"] if setpriv else []
+
+
+def _stop_postgres(process: subprocess.Popen) -> None:
+    """By pid: SIGINT is PostgreSQL's fast shutdown (SIGTERM would wait for every client to disconnect)."""
+    for sig, wait_s in ((signal.SIGINT, 20), (signal.SIGQUIT, 10), (signal.SIGKILL, 10)):
+        if process.poll() is not None:
+            return
+        os.kill(process.pid, sig)
+        try:
+            process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def postgres_server():
+    """A PostgreSQL server on 127.0.0.1 for this module; yields a function making a fresh database's URL."""
+    psycopg = pytest.importorskip("psycopg", reason="the PostgreSQL driver psycopg 3 is not installed "
+                                  "(pip install -c constraints.txt 'psycopg[binary]')")
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL server binaries (postgres, initdb) not found on PATH or under "
+                    "/usr/lib/postgresql/*/bin: apt-get install postgresql")
+    run_as = _run_as()
+    # not pytest's tmp_path: that folder is private to the test user, and the server may run as another one
+    root = Path(tempfile.mkdtemp(prefix="bioadapt-pg-"))
+    if run_as:
+        os.chown(root, run_as["user"], run_as["group"])
+    process = None
+    log = root / "postgres.log"
+    try:
+        initdb = subprocess.run([str(bin_dir / "initdb"), "-D", str(root / "data"), "-U", PG_USER, "--auth=trust",
+                                 "-E", "UTF8", "--no-sync"], cwd=root, capture_output=True, text=True, check=False,
+                                **run_as)
+        if initdb.returncode != 0:
+            pytest.fail(f"initdb failed ({initdb.returncode}):\n{initdb.stdout}\n{initdb.stderr}")
+        port = _free_port()
+        with open(log, "wb") as log_handle:
+            process = subprocess.Popen(
+                [*_die_with_parent(), str(bin_dir / "postgres"), "-D", str(root / "data"), "-k", str(root),
+                 "-h", "127.0.0.1", "-p", str(port), "-c", "fsync=off", "-c", "max_connections=100"],
+                cwd=root, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **run_as)
+        admin = None
+        deadline = time.monotonic() + PG_START_TIMEOUT_S
+        while admin is None:
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"postgres did not start: {log.read_text(errors='replace')[-3000:]}")
+            try:
+                admin = psycopg.connect(host="127.0.0.1", port=port, user=PG_USER, dbname="postgres", autocommit=True)
+            except psycopg.OperationalError:
+                time.sleep(0.1)
+
+        def new_database() -> str:
+            name = f"bioadapt_{uuid.uuid4().hex[:10]}"
+            admin.execute(f'CREATE DATABASE "{name}"')
+            return f"postgresql+psycopg://{PG_USER}@127.0.0.1:{port}/{name}"
+
+        try:
+            yield new_database
+        finally:
+            admin.close()
+    finally:
+        if process is not None:
+            _stop_postgres(process)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request, tmp_path) -> str:
+    """A fresh, empty database of each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.sqlite'}"
+    return request.getfixturevalue("postgres_server")()
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+def new_project(store: ProjectStore, folder: Path, holdout_fraction: float, n_patches: int) -> tuple[dict, list[int]]:
+    model = store.add_model("alice", "cellpose:cyto3", {"dropout_p": 0.05},
+                            {"axes": "cyx", "input_channels": 1, "output": "cellpose"})
+    project = store.create_project("alice", "nuclei", "round one", model, str(folder / "projects" / "{id}"),
+                                   holdout_fraction)
+    image = store.add_image(project["id"], {
+        "uri": str(folder / "slide.ome.zarr"), "axes": "cyx", "channels": [0], "mask": None,
+        "shape": [1, 512, 512], "spatial_axes": "yx", "labels": str(folder / "labels.ome.zarr"),
+        "predictions": str(folder / "predictions.ome.zarr"), "uncertainty": str(folder / "uncertainty.zarr")})
+    windows = [((32 * (i // 16), 32 * (i % 16)), (32, 32)) for i in range(n_patches)]
+    return project, store.add_patches(project["id"], image["id"], windows)
+
+
+def snapshot(service: BioadaptService, project_id: str) -> dict:
+    """Everything the store holds about alice's work, read back through the store."""
+    store = service.store
+    return {"models": store.models("alice"), "projects": store.projects("alice"),
+            "images": store.images(project_id), "patches": store.patches(project_id, order="id"),
+            "ranked": [p["id"] for p in store.patches(project_id)], "versions": store.versions(project_id),
+            "counts": store.counts(project_id),
+            "holdout": [p["id"] for p in store.patches(project_id, split="holdout")]}
+
+
+def expected_holdout(n_annotated: int, holdout_fraction: float) -> int:
+    return math.floor(n_annotated * holdout_fraction)
+
+
+# -- (a) restart safety -----------------------------------------------------------------------------------
+def test_a_restarted_service_finds_everything_and_fails_its_unfinished_jobs(database_url, tmp_path):
+    alice = Caller("alice")
+    service = BioadaptService(tmp_path / "data", database_url=database_url)
+    project, ids = new_project(service.store, tmp_path, holdout_fraction=0.5, n_patches=6)
+    pid = project["id"]
+    service.store.record_scores(pid, [{"patch_id": i, "score": 0.1 * n, "objects": n} for n, i in enumerate(ids[:5])],
+                                "bald", 0)
+    for patch_id in ids[:4]:
+        service.store.mark_annotated(pid, patch_id, "alice", project["holdout_fraction"])
+    service.store.set_status(pid, ids[5], "skipped")
+    service.store.add_version(pid, 1, 0, str(tmp_path / "v1.pt"), {"epochs": 3}, {"training": {"loss": 0.25}},
+                              "tune-1")
+    service.store.update_version_metrics(pid, 1, {"holdout": {"f1": 0.75}})
+    service.jobs.save(Job(id="score-1", kind="score", state="done", result={"scored": 5}, project_id=pid,
+                          owner="alice", started=time.time(), finished=time.time()))
+    service.jobs.save(Job(id="tune-1", kind="fine_tune", state="running", progress={"epoch": 2, "loss": 0.3},
+                          project_id=pid, owner="alice", started=time.time()))
+    service.jobs.save(Job(id="score-2", kind="score", state="queued", project_id=pid, owner="alice"))
+    before = snapshot(service, pid)
+    assert before["counts"] == {"pending": 1, "annotated": 4, "skipped": 1}
+    assert len(before["holdout"]) == expected_holdout(4, 0.5)
+    service.engine.dispose()
+    del service
+
+    restarted = BioadaptService(tmp_path / "data", database_url=database_url)
+    try:
+        assert restarted.interrupted == 2
+        assert snapshot(restarted, pid) == before
+        jobs = {job.id: job for job in restarted.jobs.list(project_id=pid)}
+        assert jobs["score-1"].state == "done" and jobs["score-1"].result == {"scored": 5}
+        for job_id in ("tune-1", "score-2"):
+            assert jobs[job_id].state == "failed" and jobs[job_id].error == RESTART_REASON
+            assert jobs[job_id].finished is not None
+        assert jobs["tune-1"].progress == {"epoch": 2, "loss": 0.3}
+        assert restarted.jobs.mark_interrupted() == 0
+
+        # the service's own functions see the same project, and only alice does
+        shown = restarted.get_project(alice, s.GetProject(project_id=pid))
+        assert [v["number"] for v in shown["versions"]] == [0, 1]
+        assert shown["versions"][1]["metrics"] == {"training": {"loss": 0.25}, "holdout": {"f1": 0.75}}
+        assert restarted.job_status(alice, s.JobStatus(job_id="tune-1"))["error"] == RESTART_REASON
+        with pytest.raises(AccessDenied):
+            restarted.get_project(Caller("bob"), s.GetProject(project_id=pid))
+
+        # a patch annotated again keeps the split its first annotation gave it
+        first = before["patches"][0]
+        again = restarted.store.mark_annotated(pid, first["id"], "alice", 0.5)
+        assert again["split"] == first["split"] and again["annotator"] == "alice"
+    finally:
+        restarted.engine.dispose()
+
+
+# -- (b) labels from several service processes at once ----------------------------------------------------
+@pytest.mark.parametrize("holdout_fraction", [0.25, 0.3])
+def test_b_labels_from_several_processes_keep_the_split_exact(database_url, tmp_path, holdout_fraction):
+    n_processes, per_process = 4, 6
+    engine = make_engine(database_url=database_url)
+    store = ProjectStore(engine)
+    project, ids = new_project(store, tmp_path, holdout_fraction, n_patches=n_processes * per_process)
+    context = multiprocessing.get_context("spawn")  # each a fresh interpreter, like separate replicas
+    start = context.Barrier(n_processes)
+    workers = [context.Process(target=store_workers.label_patches,
+                               args=(database_url, project["id"], ids[i::n_processes], holdout_fraction, start))
+               for i in range(n_processes)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    try:
+        assert [w.exitcode for w in workers] == [0] * n_processes, "a labelling process failed (its stderr above)"
+        annotated = store.patches(project["id"], status="annotated", order="annotated")
+        assert sorted(p["id"] for p in annotated) == sorted(ids)
+        assert len({p["annotator"] for p in annotated}) == n_processes
+        holdout = [p for p in annotated if p["split"] == "holdout"]
+        train = [p for p in annotated if p["split"] == "train"]
+        assert len(holdout) == expected_holdout(len(ids), holdout_fraction), (len(holdout), len(train))
+        assert len(holdout) + len(train) == len(ids)
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+        engine.dispose()
+
+
+# -- (c) replicas starting together -----------------------------------------------------------------------
+def test_c_replicas_starting_at_once_create_the_tables_once(database_url):
+    n_processes = 4
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(n_processes)
+    workers = [context.Process(target=store_workers.open_store, args=(database_url, start))
+               for _ in range(n_processes)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0] * n_processes, "a replica failed to open the store (stderr above)"
+    engine = make_engine(database_url=database_url)
+    try:
+        assert ProjectStore(engine).projects("alice") == []
+    finally:
+        engine.dispose()
+
+
+# -- (d) the URLs hosting providers print -------------------------------------------------------------------
+def test_d_plain_postgresql_urls_use_psycopg(postgres_server):
+    url = postgres_server()
+    for scheme in ("postgresql://", "postgres://"):
+        engine = make_engine(database_url=url.replace("postgresql+psycopg://", scheme))
+        try:
+            assert engine.dialect.driver == "psycopg"
+            assert ProjectStore(engine).projects("alice") == []
+        finally:
+            engine.dispose()
