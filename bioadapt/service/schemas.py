@@ -32,7 +32,8 @@ class ImageSpec(Args):
     uri: str = Field(description="Zarr / OME-Zarr: local path inside the allowed folders, file://, http(s)://, s3://")
     axes: str | None = Field(None, description="axes of a plain Zarr array, e.g. 'cyx'; OME-Zarr declares its own")
     channels: list[int] | None = Field(None, description="channels to feed the model (default: all)")
-    mask: str | None = Field(None, description="sampling mask: 'tissue' or a label image name inside the OME-Zarr")
+    mask: str | None = Field(None, description="sampling mask: 'auto' (foreground of the coarsest level) or the name "
+                                              "of a label image inside the OME-Zarr (e.g. 'tissue')")
 
 
 class CreateProject(Args):

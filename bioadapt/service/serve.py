@@ -75,6 +75,7 @@ async def _serve(options: ServeOptions, stop: asyncio.Event, started: dict[str, 
     from bioadapt.service.api import BioadaptService
     from bioadapt.service.execution import start_ray
     from bioadapt.service.hypha_service import SERVICE_ID, build_service
+    from bioadapt.service.web import register_web_page
 
     data_dir = Path(options.data_dir or default_data_dir()).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -109,8 +110,10 @@ async def _serve(options: ServeOptions, stop: asyncio.Event, started: dict[str, 
         server = await connect_to_server(config)
         workspace = server.config.workspace
         registered = await server.register_service(build_service(api, public=options.public))
+        web_url = await register_web_page(server, server_url)
         info = {"server_url": server_url, "workspace": workspace, "service_id": f"{workspace}/{SERVICE_ID}",
-                "full_service_id": registered["id"], "token": user_token, "data_dir": str(data_dir),
+                "full_service_id": registered["id"], "web_url": web_url, "token": user_token,
+                "data_dir": str(data_dir),
                 "ray": {k: v for k, v in resources.items() if k in ("CPU", "GPU")}, "pid": os.getpid(),
                 "interrupted_jobs_marked_failed": api.interrupted}
         (data_dir / CONNECTION_FILE).write_text(json.dumps(info, indent=2))
@@ -145,7 +148,8 @@ def _print_connection(info: dict[str, Any]) -> None:
           + (f"  token      {token}\n" if token else "")
           + f"  data       {info['data_dir']}  (connection details in {CONNECTION_FILE})\n"
           f"  ray        {info['ray']}\n"
-          f"Python:  from bioadapt.service.client import connect\n"
+          + (f"  web page   {info['web_url']}  (paste the token there)\n" if info["web_url"] else "")
+          + f"Python:  from bioadapt.service.client import connect\n"
           f"         svc = connect({info['server_url']!r}, token=<token>, workspace={info['workspace']!r})",
           flush=True)
 

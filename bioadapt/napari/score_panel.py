@@ -1,0 +1,90 @@
+"""Score new patches of the open project: how many, their size, MC-dropout passes and the acquisition function;
+a progress bar follows the service's job, and Cancel stops it."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, get_args
+
+from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLineEdit, QProgressBar, QPushButton, QWidget
+
+from bioadapt.errors import BioadaptError
+from bioadapt.napari.fields import int_field
+from bioadapt.napari.session import Session
+from bioadapt.service.schemas import Acquisition
+
+
+class ScorePanel(QWidget):
+    def __init__(self, session: Session, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.session = session
+        self.job_id: str | None = None
+        self.n_patches = int_field(1, 100_000, 32)
+        self.patch_shape = QLineEdit("256, 256")
+        self.patch_shape.setToolTip("patch size in pixels: Y, X (2D images) or Z, Y, X (3D)")
+        self.mc_passes = int_field(2, 256, 16)
+        self.acquisition = QComboBox()
+        self.acquisition.addItems(get_args(Acquisition))
+        self.score_button = QPushButton("Score")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.progress = QProgressBar()
+        self.progress.setFormat("%v / %m patches")
+        self.progress.setValue(0)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.score_button)
+        buttons.addWidget(self.cancel_button)
+        form = QFormLayout(self)
+        form.addRow("Patches", self.n_patches)
+        form.addRow("Patch size", self.patch_shape)
+        form.addRow("MC passes", self.mc_passes)
+        form.addRow("Acquisition", self.acquisition)
+        form.addRow(buttons)
+        form.addRow(self.progress)
+        self.score_button.clicked.connect(lambda: session.act("scoring", self.score))
+        self.cancel_button.clicked.connect(lambda: session.act("cancelling scoring", self.cancel))
+
+    def shape(self) -> list[int]:
+        numbers = [int(n) for n in re.findall(r"\d+", self.patch_shape.text())]
+        if len(numbers) not in (2, 3) or min(numbers, default=0) < 1:
+            raise BioadaptError(f"patch size {self.patch_shape.text()!r}: give 2 (Y, X) or 3 (Z, Y, X) positive "
+                                "numbers, e.g. 256, 256")
+        return numbers
+
+    def score(self) -> None:
+        _, project_id = self.session.need_project()
+        arguments = {"n_patches": self.n_patches.value(), "patch_shape": self.shape(),
+                     "mc_passes": self.mc_passes.value(), "acquisition": self.acquisition.currentText()}
+        self.score_button.setEnabled(False)
+        self.session.say(f"scoring {arguments['n_patches']} patches ({arguments['acquisition']}, "
+                         f"{arguments['mc_passes']} MC passes) ...")
+        self.session.start_job("scoring", lambda client: client.score(project_id, **arguments), self._started,
+                               self._progressed, self._finished, self._idle)
+
+    def _started(self, started: dict[str, Any]) -> None:
+        self.job_id = started["job_id"]
+        self.progress.setRange(0, started["patches"])
+        self.progress.setValue(0)
+        self.cancel_button.setEnabled(True)
+
+    def _progressed(self, job: dict[str, Any]) -> None:
+        progress = job["progress"]
+        if progress.get("total"):
+            self.progress.setRange(0, int(progress["total"]))
+            self.progress.setValue(int(progress.get("done", 0)))
+
+    def _finished(self, job: dict[str, Any]) -> None:
+        scored = (job.get("result") or {}).get("scored", job["progress"].get("done", 0))
+        if job["state"] == "failed":
+            self.session.fail("scoring", BioadaptError(job["error"] or "the job failed"))
+        else:
+            self.session.say(f"scoring {job['state']}: {scored} patches scored")
+        self.session.reload_project(then_emit=self.session.patches_changed)
+
+    def _idle(self) -> None:
+        self.job_id = None
+        self.score_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+
+    def cancel(self) -> None:
+        self.session.cancel_job("scoring", self.job_id)

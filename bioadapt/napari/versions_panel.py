@@ -1,0 +1,129 @@
+"""The project's model versions with their held-out scores: Evaluate compares versions (F1 and AP at IoU 0.5 for
+instance models, Dice for semantic ones), Export writes a version as a bioimage.io package to a chosen file."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHeaderView, QPushButton, QTableWidget,
+                            QTableWidgetItem, QVBoxLayout, QWidget)
+
+from bioadapt.errors import BioadaptError
+from bioadapt.napari.session import Session
+
+COLUMNS = ("version", "from", "patches", "F1", "AP", "Dice")
+METRIC_COLUMNS = {"F1": "f1", "AP": "ap", "Dice": "dice"}
+_ON_SERVER = re.compile(r"fetch it from (?P<path>\S+)\s*$")
+
+
+class VersionsPanel(QWidget):
+    def __init__(self, session: Session, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.session = session
+        self.versions: list[dict[str, Any]] = []
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.verticalHeader().setVisible(False)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.table.setToolTip("select versions to evaluate (default: the first and the latest) or the one to export "
+                              "(default: the latest)")
+        self.evaluate_button = QPushButton("Evaluate")
+        self.export_button = QPushButton("Export…")
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.evaluate_button)
+        buttons.addWidget(self.export_button)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.table, 1)
+        layout.addLayout(buttons)
+        self.evaluate_button.clicked.connect(lambda: session.act("evaluating", self.evaluate))
+        self.export_button.clicked.connect(lambda: session.act("exporting", self._export_clicked))
+        session.project_changed.connect(lambda project: self._fill())
+        session.versions_changed.connect(self._fill)
+
+    def _fill(self) -> None:
+        self.versions = list((self.session.project or {}).get("versions", []))
+        shown = [column for column, key in METRIC_COLUMNS.items()
+                 if any(key in (v["metrics"].get("holdout") or {}) for v in self.versions)]
+        self.table.setRowCount(len(self.versions))
+        for row, version in enumerate(self.versions):
+            holdout = version["metrics"].get("holdout") or {}
+            cells = {"version": str(version["number"]),
+                     "from": "" if version["parent"] is None else str(version["parent"]),
+                     "patches": str(version["metrics"].get("patches", "")),
+                     **{column: _number(holdout.get(key)) for column, key in METRIC_COLUMNS.items()}}
+            for column, name in enumerate(COLUMNS):
+                item = QTableWidgetItem(cells[name])
+                item.setData(Qt.ItemDataRole.UserRole, version["number"])
+                self.table.setItem(row, column, item)
+        for column, name in enumerate(COLUMNS):
+            self.table.setColumnHidden(column, name in METRIC_COLUMNS and name not in shown)
+
+    def selected_versions(self) -> list[int]:
+        return sorted({self.versions[index.row()]["number"] for index in self.table.selectionModel().selectedRows()})
+
+    def evaluate(self) -> None:
+        client, project_id = self.session.need_project()
+        versions = self.selected_versions() or None
+        self.evaluate_button.setEnabled(False)
+        self.session.say("evaluating on the held-out patches ...")
+        worker = self.session.background.run("evaluating", lambda: client.evaluate(project_id, versions),
+                                             self._evaluated)
+        worker.finished.connect(lambda: self.evaluate_button.setEnabled(True))
+
+    def _evaluated(self, answer: dict[str, Any]) -> None:
+        summary = "; ".join(f"v{number}: " + ", ".join(f"{key} {_number(metrics.get(key))}" for key in
+                                                       METRIC_COLUMNS.values() if key in metrics)
+                            for number, metrics in answer["versions"].items())
+        self.session.say(f"evaluated on {answer['holdout_patches']} held-out patches: {summary}")
+        self.session.reload_project(then_emit=self.session.versions_changed)
+
+    def _export_clicked(self) -> None:
+        project = self.session.project
+        if project is None:
+            raise BioadaptError("no project open: pick one or create one on the Project tab")
+        version = (self.selected_versions() or [None])[-1]
+        suggested = f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', project['name'])}-v{version or 'latest'}.zip"
+        path, _ = QFileDialog.getSaveFileName(self, "Export a bioimage.io package", str(Path.home() / suggested),
+                                              "bioimage.io package (*.zip)")
+        if path:
+            self.export_to(Path(path), version)
+
+    def export_to(self, path: Path, version: int | None = None) -> None:
+        """Export ``version`` (default: the latest) as a bioimage.io package and write it to ``path`` here; a
+        package too large to send stays on the server, whose path is shown."""
+        client, project_id = self.session.need_project()
+        self.export_button.setEnabled(False)
+        self.session.say(f"exporting version {'latest' if version is None else version} (the service builds and "
+                         "tests the package) ...")
+
+        def export() -> dict[str, Any]:
+            try:
+                answer = client.export_model(project_id, version=version, return_bytes=True)
+            except BioadaptError as e:
+                found = _ON_SERVER.search(str(e))
+                if found is None:
+                    raise
+                return {"server_path": found["path"]}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(bytes(answer["bytes"]))
+            return {"version": answer["version"], "size": answer["size"]}
+
+        worker = self.session.background.run("exporting", export, lambda answer: self._exported(path, answer))
+        worker.finished.connect(lambda: self.export_button.setEnabled(True))
+
+    def _exported(self, path: Path, answer: dict[str, Any]) -> None:
+        if "server_path" in answer:
+            self.session.say(f"the package is too large to send (over 64 MiB); it is on the server at "
+                             f"{answer['server_path']}")
+        else:
+            self.session.say(f"exported version {answer['version']} to {path} ({answer['size'] / 2**20:.1f} MiB)")
+
+
+def _number(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else ""
