@@ -38,7 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pool-size", type=int, default=1024, help="side of the pool image (grid of patches)")
     parser.add_argument("--patch", type=int, default=64)
     parser.add_argument("--passes", type=int, default=8, help="MC-dropout passes when scoring")
-    parser.add_argument("--steps", type=int, default=400, help="optimiser steps of every fine-tuning")
+    parser.add_argument("--steps", type=int, default=400, help="optimiser steps of every fine-tuning (same "
+                        "compute for every budget)")
+    parser.add_argument("--epochs", type=int, default=None, help="instead of --steps: epochs of every fine-tuning "
+                        "(compute grows with the budget, as when a user trains to convergence)")
     parser.add_argument("--test-size", type=int, default=512, help="side of the test image (tiles of 128)")
     parser.add_argument("--base-epochs", type=int, default=40)
     parser.add_argument("--out", default=str(RESULTS / "al_efficiency"))
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
                     samples = [(pool_image.read(windows[i].origin, windows[i].shape, dtype="float32"),
                                 truth[windows[i].slices].astype(np.int64)) for i in chosen]
                     worker.adapter.load_state_dict(base_state)
-                    epochs = max(1, round(args.steps / math.ceil(budget / 4)))
+                    epochs = args.epochs or max(1, round(args.steps / math.ceil(budget / 4)))
                     result = worker.adapter.fine_tune(samples, {"epochs": epochs, "learning_rate": 3e-3,
                                                                 "batch_size": 4, "val_fraction": 0.0,
                                                                 "seed": seed})

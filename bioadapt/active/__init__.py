@@ -8,5 +8,5 @@ from bioadapt.active.reduce import patch_score
 from bioadapt.active.selection import select_diverse, select_top
 
 __all__ = ["ACQUISITIONS", "MatchResult", "average_precision", "bald", "dice", "f1_score", "match_instances",
-           "mean_std", "patch_score", "predictive_entropy", "random_scores", "select_diverse", "select_top", "summarize_matches",
-           "variation_ratios"]
+           "mean_std", "patch_score", "predictive_entropy", "random_scores", "select_diverse", "select_top",
+           "summarize_matches", "variation_ratios"]
