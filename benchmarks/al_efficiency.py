@@ -5,14 +5,17 @@ patches over a large synthetic image of another style ('crowded'), with ground t
 separate 'crowded' image. For each seed, the base model scores the whole pool through the service's scoring
 code (``score_patches``: MC dropout, the acquisition map, the patch score); then, for each acquisition and
 budget k, k patches are picked, "annotated" from the ground truth and the base model is fine-tuned on them with
-the same settings (a fixed number of optimiser steps, so every budget gets the same compute; no validation
-split, so small budgets keep every label), and F1 at IoU 0.5 is measured on the test set.
+the same settings (100 epochs, so larger budgets get more optimiser steps, as a user's training would;
+``--steps N`` gives every budget the same compute instead; no validation split, so small budgets keep every
+label), and F1 at IoU 0.5 is measured on the test set.
 
 Acquisitions: BALD (top-k), BALD made diverse (``select_diverse``: score-weighted k-means over where a patch
 sits and what it looks like, the most uncertain patch of each cluster), predictive entropy (top-k), random.
 
-Small setting (the default, 3 seeds; ~15 min on 2 cores):  python benchmarks/al_efficiency.py
-Full setting (5 seeds; ~25 min):                           python benchmarks/al_efficiency.py --seeds 5
+Small setting (the default, 3 seeds; 12 min on 2 cores):  python benchmarks/al_efficiency.py
+Full setting (5 seeds; ~20 min):                         python benchmarks/al_efficiency.py --seeds 5
+Equal compute per budget:
+    python benchmarks/al_efficiency.py --steps 400 --out benchmarks/results/al_efficiency_fixed_steps
 Writes benchmarks/results/al_efficiency.{json,md,png}.
 """
 
@@ -38,10 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pool-size", type=int, default=1024, help="side of the pool image (grid of patches)")
     parser.add_argument("--patch", type=int, default=64)
     parser.add_argument("--passes", type=int, default=8, help="MC-dropout passes when scoring")
-    parser.add_argument("--steps", type=int, default=400, help="optimiser steps of every fine-tuning (same "
-                        "compute for every budget)")
-    parser.add_argument("--epochs", type=int, default=None, help="instead of --steps: epochs of every fine-tuning "
-                        "(compute grows with the budget, as when a user trains to convergence)")
+    parser.add_argument("--epochs", type=int, default=100, help="epochs of every fine-tuning (compute grows "
+                        "with the budget, as when a user trains for a set number of epochs)")
+    parser.add_argument("--steps", type=int, default=None, help="instead of --epochs: optimiser steps of every "
+                        "fine-tuning (the same compute for every budget)")
     parser.add_argument("--test-size", type=int, default=512, help="side of the test image (tiles of 128)")
     parser.add_argument("--base-epochs", type=int, default=40)
     parser.add_argument("--out", default=str(RESULTS / "al_efficiency"))
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
                     samples = [(pool_image.read(windows[i].origin, windows[i].shape, dtype="float32"),
                                 truth[windows[i].slices].astype(np.int64)) for i in chosen]
                     worker.adapter.load_state_dict(base_state)
-                    epochs = args.epochs or max(1, round(args.steps / math.ceil(budget / 4)))
+                    epochs = max(1, round(args.steps / math.ceil(budget / 4))) if args.steps else args.epochs
                     result = worker.adapter.fine_tune(samples, {"epochs": epochs, "learning_rate": 3e-3,
                                                                 "batch_size": 4, "val_fraction": 0.0,
                                                                 "seed": seed})
