@@ -99,7 +99,7 @@ def _labels_for(truth: np.ndarray, patch: dict) -> np.ndarray:
 
 
 # -- 2. the loop --------------------------------------------------------------------------------------------
-def test_full_loop_through_theclient_for(alice, project, inputs):
+def test_full_loop_through_the_client(alice, project, inputs):
     p = project["id"]
     assert project["score_job"]["patches"] == 24
     assert project["score_result"]["progress"]["done"] == project["score_result"]["progress"]["total"] == 24

@@ -43,7 +43,11 @@ def connect(server_url: str, token: str | None = None, workspace: str | None = N
                             "workspace) printed by `bioadapt serve`") from e
     finally:
         rpc_log.setLevel(level)
-    return BioadaptClient(server, service_id)
+    try:
+        return BioadaptClient(server, service_id)
+    except BioadaptError:
+        server.disconnect()  # otherwise the connection lingers and keeps reconnecting
+        raise
 
 
 class BioadaptClient:
