@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,32 +28,19 @@ import torch
 RESULTS = Path(__file__).parent / "results" / "rpc.json"
 
 
-def serve(hypha_url: str, token: str, data_dir: Path, allow: Path) -> tuple[subprocess.Popen, dict]:
-    command = [sys.executable, "-m", "bioadapt.cli", "serve", "--server-url", hypha_url, "--token", token,
-               "--workspace", "ws-user-bench-svc", "--data-dir", str(data_dir), "--allow-path", str(allow),
-               "--num-cpus", str(os.cpu_count())]
-    log = open(data_dir.parent / f"{data_dir.name}.log", "wb")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    connection = data_dir / "connection.json"
-    deadline = time.monotonic() + 180
-    while not connection.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"bioadapt serve did not start; see {log.name}")
-        time.sleep(0.3)
-    return process, json.loads(connection.read_text())
-
-
 def measure(fast_transfer: bool, root: Path, model: Path, image: Path) -> dict:
     from bioadapt.service.client import connect
     from bioadapt.service.hypha_server import mint_token, start_hypha_server
+    from bioadapt.service.serve_process import ServeProcess
 
     secret = "bench-" + os.urandom(16).hex()
     hypha = start_hypha_server(jwt_secret=secret, fast_transfer=fast_transfer)
-    data_dir = root / f"service-{'fast' if fast_transfer else 'default'}"
-    data_dir.mkdir()
-    process = None
+    service = ServeProcess(root / f"service-{'fast' if fast_transfer else 'default'}",
+                           ["--server-url", hypha.url, "--token", mint_token("bench-svc", jwt_secret=secret),
+                            "--workspace", "ws-user-bench-svc", "--allow-path", str(root),
+                            "--num-cpus", str(os.cpu_count())])
     try:
-        process, info = serve(hypha.url, mint_token("bench-svc", jwt_secret=secret), data_dir, root)
+        service.start()
         token = mint_token("bench-user", workspaces={"ws-user-bench-svc": "r"}, jwt_secret=secret)
         svc = connect(hypha.url, token=token, workspace="ws-user-bench-svc")
         project = svc.create_project("rpc benchmark", str(model), [{"uri": str(image)}])
@@ -91,9 +75,7 @@ def measure(fast_transfer: bool, root: Path, model: Path, image: Path) -> dict:
         svc.disconnect()
         return figures
     finally:
-        if process is not None and process.poll() is None:
-            os.kill(process.pid, signal.SIGTERM)
-            process.wait(timeout=60)
+        service.stop(timeout_s=60)
         hypha.stop()
 
 

@@ -11,11 +11,7 @@ take the most uncertain ones, answer them from the ground truth (a simulated ann
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +20,6 @@ import numpy as np
 import tifffile
 from tqdm.auto import tqdm
 
-from bioadapt.errors import BioadaptError
 
 PIXEL_SIZE_UM = 0.65
 BASE_STYLE, TARGET_STYLE = "nuclei", "crowded"
@@ -70,50 +65,12 @@ def write_target_image(workdir: Path, size: int, seed: int) -> tuple[Path, np.nd
     return Path(zarr_path), sample.labels
 
 
-class ServiceProcess:
-    """`bioadapt serve` as a child process (embedded Hypha + Ray), stopped by its process id."""
-
-    def __init__(self, data_dir: Path, allow: Path, log_path: Path, timeout_s: float = 180):
-        self.data_dir = data_dir
-        self.log_path = log_path
-        connection = data_dir / "connection.json"
-        connection.unlink(missing_ok=True)
-        command = [sys.executable, "-m", "bioadapt.cli", "serve", "--data-dir", str(data_dir), "--allow-path",
-                   str(allow), "--port", str(_free_port()), "--user", "demo-user"]
-        with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout_s
-        while not connection.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise BioadaptError(f"`bioadapt serve` did not start; its log ({log_path}) ends with:\n"
-                                    f"{log_path.read_text()[-3000:]}")
-            time.sleep(0.3)
-        self.info: dict[str, Any] = json.loads(connection.read_text())
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_demo(workdir: str | Path = "demo-output", size: int = 2048, n_patches: int = 48, top_k: int = 16,
              patch_size: int = 128, epochs: int = 150, base_epochs: int = 40, mc_passes: int = 8,
              seed: int = 0) -> dict[str, Any]:
     """Run the demo and return its summary (also printed and written to summary.json)."""
     from bioadapt.service.client import connect
+    from bioadapt.service.serve_process import ServeProcess
 
     started = time.perf_counter()
     workdir = Path(workdir).resolve()
@@ -126,15 +83,16 @@ def run_demo(workdir: str | Path = "demo-output", size: int = 2048, n_patches: i
           "converting it to OME-Zarr (ground truth kept aside) ...")
     image_path, truth = write_target_image(workdir, size, seed)
     print("3/8 starting `bioadapt serve`: embedded Hypha server on 127.0.0.1 and a local Ray ...")
-    service = ServiceProcess(workdir / "service", workdir, workdir / "serve.log")
+    service = ServeProcess(workdir / "service", ["--allow-path", str(workdir), "--port", "0", "--user", "demo-user"],
+                           log_path=workdir / "serve.log")
     try:
-        info = service.info
+        info = service.start()
         print(f"    service {info['service_id']} at {info['server_url']} (Ray {info['ray']})")
         with connect(info["server_url"], token=info["token"], workspace=info["workspace"]) as svc:
             summary = _one_round(svc, workdir, base, image_path, truth, n_patches, top_k, patch_size, epochs,
                                  mc_passes, seed)
     finally:
-        service.stop()
+        service.stop(timeout_s=60)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     _print_summary(summary)
