@@ -223,7 +223,7 @@ class BioadaptService:
         drawn = []  # (image row, new windows, earlier patches to re-score): every image first, then the writes
         share = [args.n_patches // len(images) + (i < args.n_patches % len(images)) for i in range(len(images))]
         for row, n in zip(images, share):
-            image = _ref(row).open()
+            image = self._opened_image(row)
             if len(args.patch_shape) != len(image.spatial_axes):
                 raise BioadaptError(f"patch_shape {args.patch_shape} has {len(args.patch_shape)} dimensions; the "
                                     f"image has spatial axes {image.spatial_axes!r}")
@@ -283,7 +283,6 @@ class BioadaptService:
     def get_patch(self, caller: Caller, args: s.GetPatch) -> dict[str, Any]:
         import zarr
 
-
         project = self._project(caller, args.project_id)
         patch = self._patch(project, args.patch_id)
         if math.prod(patch["shape"]) > self.max_patch_pixels:
@@ -301,7 +300,6 @@ class BioadaptService:
         return answer
 
     def submit_labels(self, caller: Caller, args: s.SubmitLabels) -> dict[str, Any]:
-
         project = self._project(caller, args.project_id)
         patch = self._patch(project, args.patch_id)
         labels = _labels(args.labels, patch["shape"])
@@ -337,12 +335,12 @@ class BioadaptService:
         folder = Path(project["folder"]) / "versions"
         target = folder / f"{uuid.uuid4().hex[:12]}.pt"
 
-        def record(outcome: dict[str, Any]) -> dict[str, Any]:
+        def record(outcome: dict[str, Any], job_id: str) -> dict[str, Any]:
             if outcome["version"] is None:
-                return {**outcome, "version": None}
+                return outcome
             number = self.store.version(project["id"])["number"] + 1
             self.store.add_version(project["id"], number, base["number"], outcome["version"], params,
-                                   {"training": outcome["result"], "patches": len(regions)}, runner.job.id)
+                                   {"training": outcome["result"], "patches": len(regions)}, job_id)
             return {**outcome, "version": number, "parent": base["number"], "path": outcome["version"]}
 
         runner = fine_tune_job(self.jobs, project["model_source"], self._options(project),
@@ -454,19 +452,13 @@ def _mask(image: Any, mask: str | None) -> Any:
 
 
 def _labels(labels: Any, shape: Sequence[int]) -> np.ndarray:
+    """A copy of the labels (received arrays are read-only views) once their shape is the patch's; the label
+    store checks their values."""
     if not isinstance(labels, np.ndarray):
         raise BioadaptError(f"labels must be a numpy integer array, got {type(labels).__name__}")
-    if labels.dtype == bool:
-        labels = labels.astype(np.uint8)
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise BioadaptError(f"labels must be integers (0 = background, 1, 2, ... objects), got dtype {labels.dtype}")
     if list(labels.shape) != list(shape):
         raise BioadaptError(f"labels of shape {list(labels.shape)} do not match the patch's shape {list(shape)}")
-    if labels.size and labels.min() < 0:
-        raise BioadaptError("labels must not be negative: 0 is background, 1, 2, ... are objects")
-    if labels.size and int(labels.max()) > np.iinfo(np.uint32).max:
-        raise BioadaptError("label ids must fit in uint32")
-    return np.array(labels, dtype=np.uint32, copy=True)  # received arrays are read-only views
+    return labels.copy()
 
 
 def _public_model(model: dict[str, Any]) -> dict[str, Any]:

@@ -8,17 +8,20 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
 from bioadapt.errors import AccessDenied, BioadaptError
+from bioadapt.service.schemas import Acquisition
 
 SERVICE_ID = "bioadapt"
+ACQUISITIONS: tuple[str, ...] = get_args(Acquisition)  # what score(acquisition=...) takes
 FINISHED = ("done", "failed", "cancelled")
+# errors that mean the handle is stale (the service restarted) and the call never ran: safe to re-fetch and retry;
+# a timeout is not among them (the call may have run, and score / fine_tune must not start twice)
 _EXPIRED = re.compile(r"Method (expired|not found)|Service not found|Session not found|not found: .*bioadapt|"
-                      r"Client .* not found|Target peer .* not connected|Connection .* closed|TimeoutError",
-                      re.IGNORECASE)
+                      r"Client .* not found|Target peer .* not connected|Connection .* closed", re.IGNORECASE)
 
 
 def connect(server_url: str, token: str | None = None, workspace: str | None = None, *,

@@ -6,6 +6,7 @@ The driver only sends coordinates and paths: pixels move between Zarr and the ac
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -328,10 +329,8 @@ def make_actor(source: str | bytes, options: dict[str, Any] | None, kind: str = 
                weights: str | None = None):
     """A model actor (threaded, so stop() and progress() answer while it works); restarted by Ray up to twice
     when its process dies."""
-    import ray
-
-    remote = ray.remote(max_concurrency=2, max_restarts=2, max_task_retries=0)(ModelWorker)
-    return remote.options(**actor_options(kind, gpu_fraction)).remote(source, options, weights)
+    return _remote(ModelWorker, max_concurrency=2, max_restarts=2, max_task_retries=0).options(
+        **actor_options(kind, gpu_fraction)).remote(source, options, weights)
 
 
 
@@ -340,13 +339,21 @@ def _worker_call(source: str | bytes, options: dict[str, Any] | None, weights: s
     return getattr(ModelWorker(source, options, weights), method)(*args)
 
 
+@functools.cache
+def _remote(target: Any, **options: Any) -> Any:
+    """``ray.remote(**options)(target)``, made once: every new wrapper is exported to the cluster again."""
+    import ray
+
+    return ray.remote(**options)(target)
+
+
 def run_on_worker(source: str | bytes, options: dict[str, Any] | None, weights: str | None, method: str,
                   *args: Any, timeout: float | None = None) -> Any:
     """One short piece of model work (describe, evaluate, predict, export) as a Ray task: the model is loaded
     in a worker process, never in the service's. Errors come back as BioadaptError with the worker's cause."""
     import ray
 
-    task = ray.remote(max_retries=0)(_worker_call).options(**actor_options("task"))
+    task = _remote(_worker_call, max_retries=0).options(**actor_options("task"))
     try:
         return ray.get(task.remote(source, options, weights, method, *args), timeout=timeout)
     except ray.exceptions.GetTimeoutError as e:

@@ -50,8 +50,7 @@ def _validation_message(name: str, error: ValidationError) -> str:
     return f"{name}: invalid arguments: " + "; ".join(problems)
 
 
-def build_service(api: BioadaptService, *, public: bool = False, workers: int = 16,
-                  loop: asyncio.AbstractEventLoop | None = None) -> dict[str, Any]:
+def build_service(api: BioadaptService, *, public: bool = False, workers: int = 16) -> dict[str, Any]:
     """The service definition to pass to ``server.register_service``."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bioadapt-call")
 

@@ -93,10 +93,10 @@ class JobRunner:
 
     def __init__(self, store: JobStore, kind: str, work: Callable[[JobRunner], Any], *,
                  project_id: str | None = None, owner: str | None = None,
-                 on_result: Callable[[Any], Any] | None = None, progress: Callable[[dict], Any] | None = None):
+                 on_result: Callable[[Any, str], Any] | None = None, progress: Callable[[dict], Any] | None = None):
         self.store = store
         self.job = Job(id=uuid.uuid4().hex[:12], kind=kind, project_id=project_id, owner=owner)
-        self._on_result = on_result  # runs in the job's thread before it is marked done; may replace the result
+        self._on_result = on_result  # (result, job id) -> the result to keep; in the job thread, before "done"
         self._progress_callback = progress
         self.cancelled = threading.Event()
         self._work = work
@@ -127,7 +127,7 @@ class JobRunner:
         try:
             result = self._work(self)
             if self._on_result is not None:
-                result = self._on_result(result)
+                result = self._on_result(result, self.job.id)
             self.job.result = result
             self.job.state = "cancelled" if self.cancelled.is_set() else "done"
         except Exception as e:  # the job fails with its cause; the service stays up
@@ -247,11 +247,8 @@ def fine_tune_job(store: JobStore, source: str | bytes, options: dict[str, Any],
             runner.report(**ray.get(actor.progress.remote()))  # the last epoch, also when training took < 0.5 s
             if runner.cancelled.is_set():
                 return {"result": outcome["result"], "version": None}
-            folder = Path(versions)
-            folder.mkdir(parents=True, exist_ok=True)
-            number = 1 + max([int(p.stem.removeprefix("v")) for p in folder.glob("v*.pt")
-                              if p.stem.removeprefix("v").isdigit()] or [0])
-            path = Path(target) if target is not None else folder / f"v{number}.pt"
+            path = Path(target) if target is not None else _next_version_file(Path(versions))
+            path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_suffix(".partial")
             partial.write_bytes(outcome["weights"])
             partial.rename(path)
@@ -260,6 +257,11 @@ def fine_tune_job(store: JobStore, source: str | bytes, options: dict[str, Any],
             ray.kill(actor)
 
     return JobRunner(store, "fine_tune", work, **job)
+
+
+def _next_version_file(folder: Path) -> Path:
+    numbers = [int(p.stem[1:]) for p in folder.glob("v*.pt") if p.stem[1:].isdigit()]
+    return folder / f"v{1 + max(numbers, default=0)}.pt"
 
 
 def _wait_until_alive(actor: Any, timeout: float = 120) -> bool:

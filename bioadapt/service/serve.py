@@ -69,7 +69,7 @@ def _port_free(port: int) -> bool:
             return False
 
 
-async def _serve(options: ServeOptions, stop: asyncio.Event, started: dict[str, Any]) -> None:
+async def _serve(options: ServeOptions, stop: asyncio.Event) -> None:
     from hypha_rpc import connect_to_server
 
     from bioadapt.service.api import BioadaptService
@@ -90,7 +90,6 @@ async def _serve(options: ServeOptions, stop: asyncio.Event, started: dict[str, 
         else:
             port = options.port or None  # 0: any free port
         hypha = start_hypha_server(port=port, jwt_secret=secret, log_file=data_dir / "hypha-server.log")
-        started["hypha_pid"] = hypha.process.pid
         server_url = hypha.url
         service_token = mint_token(SERVICE_USER, jwt_secret=secret, expires_in=365 * 86400)
         workspace = f"ws-user-{SERVICE_USER}"
@@ -119,7 +118,6 @@ async def _serve(options: ServeOptions, stop: asyncio.Event, started: dict[str, 
         (data_dir / CONNECTION_FILE).write_text(json.dumps(info, indent=2))
         os.chmod(data_dir / CONNECTION_FILE, 0o600)
         _print_connection(info)
-        started.update(info)
         await stop.wait()
         print("bioadapt serve: stopping", flush=True)
         for runner in list(api.runners.values()):
@@ -162,7 +160,7 @@ def serve(options: ServeOptions) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await _serve(options, stop, {})
+        await _serve(options, stop)
 
     try:
         asyncio.run(main())

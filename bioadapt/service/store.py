@@ -36,6 +36,15 @@ class ProjectStore:
     def __init__(self, engine: Engine):
         self.engine = engine
 
+    def _all(self, query: Any) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return [_row(r) for r in conn.execute(query).mappings()]
+
+    def _first(self, query: Any) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(query).mappings().first()
+        return _row(row) if row else None
+
     # -- models ---------------------------------------------------------------------------------------
     def add_model(self, owner: str, source: str, options: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
         row = {"id": _new_id(), "owner": owner, "source": source, "options": json.dumps(options),
@@ -45,14 +54,10 @@ class ProjectStore:
         return _row(row)
 
     def models(self, owner: str) -> list[dict[str, Any]]:
-        query = select(db.models).where(db.models.c.owner == owner).order_by(db.models.c.created)
-        with self.engine.connect() as conn:
-            return [_row(r) for r in conn.execute(query).mappings()]
+        return self._all(select(db.models).where(db.models.c.owner == owner).order_by(db.models.c.created))
 
     def model(self, model_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(select(db.models).where(db.models.c.id == model_id)).mappings().first()
-        return _row(row) if row else None
+        return self._first(select(db.models).where(db.models.c.id == model_id))
 
     # -- projects -------------------------------------------------------------------------------------
     def create_project(self, owner: str, name: str, description: str, model: dict[str, Any], folder: str,
@@ -70,14 +75,10 @@ class ProjectStore:
         return _row(row)
 
     def projects(self, owner: str) -> list[dict[str, Any]]:
-        query = select(db.projects).where(db.projects.c.owner == owner).order_by(db.projects.c.created)
-        with self.engine.connect() as conn:
-            return [_row(r) for r in conn.execute(query).mappings()]
+        return self._all(select(db.projects).where(db.projects.c.owner == owner).order_by(db.projects.c.created))
 
     def project(self, project_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(select(db.projects).where(db.projects.c.id == project_id)).mappings().first()
-        return _row(row) if row else None
+        return self._first(select(db.projects).where(db.projects.c.id == project_id))
 
     def delete_project(self, project_id: str) -> None:
         with self.engine.begin() as conn:
@@ -101,15 +102,12 @@ class ProjectStore:
         return _row(row)
 
     def images(self, project_id: str) -> list[dict[str, Any]]:
-        query = select(db.images).where(db.images.c.project_id == project_id).order_by(db.images.c.created)
-        with self.engine.connect() as conn:
-            return [_row(r) for r in conn.execute(query).mappings()]
+        return self._all(select(db.images).where(db.images.c.project_id == project_id)
+                         .order_by(db.images.c.created))
 
     def image(self, project_id: str, image_id: str) -> dict[str, Any] | None:
-        query = select(db.images).where(db.images.c.project_id == project_id, db.images.c.id == image_id)
-        with self.engine.connect() as conn:
-            row = conn.execute(query).mappings().first()
-        return _row(row) if row else None
+        return self._first(select(db.images).where(db.images.c.project_id == project_id,
+                                                   db.images.c.id == image_id))
 
     # -- patches --------------------------------------------------------------------------------------
     def add_patches(self, project_id: str, image_id: str, windows: Iterable[tuple[Sequence[int], Sequence[int]]]
@@ -153,16 +151,11 @@ class ProjectStore:
                     "id": (db.patches.c.id,), "created": (db.patches.c.created, db.patches.c.id),
                     "annotated": (db.patches.c.annotated, db.patches.c.id)}[order]
         query = query.order_by(*ordering).offset(offset)
-        if limit is not None:
-            query = query.limit(limit)
-        with self.engine.connect() as conn:
-            return [_row(r) for r in conn.execute(query).mappings()]
+        return self._all(query if limit is None else query.limit(limit))
 
     def patch(self, project_id: str, patch_id: int) -> dict[str, Any] | None:
-        query = select(db.patches).where(db.patches.c.project_id == project_id, db.patches.c.id == patch_id)
-        with self.engine.connect() as conn:
-            row = conn.execute(query).mappings().first()
-        return _row(row) if row else None
+        return self._first(select(db.patches).where(db.patches.c.project_id == project_id,
+                                                    db.patches.c.id == patch_id))
 
     def mark_annotated(self, project_id: str, patch_id: int, annotator: str, holdout_fraction: float
                        ) -> dict[str, Any]:
@@ -192,9 +185,8 @@ class ProjectStore:
 
     # -- model versions -------------------------------------------------------------------------------
     def versions(self, project_id: str) -> list[dict[str, Any]]:
-        query = select(db.versions).where(db.versions.c.project_id == project_id).order_by(db.versions.c.number)
-        with self.engine.connect() as conn:
-            return [_row(r) for r in conn.execute(query).mappings()]
+        return self._all(select(db.versions).where(db.versions.c.project_id == project_id)
+                         .order_by(db.versions.c.number))
 
     def version(self, project_id: str, number: int | None = None) -> dict[str, Any] | None:
         """A version by number; the latest with ``None``."""
