@@ -1,8 +1,10 @@
-"""Number fields of the widget's forms, built one way everywhere."""
+"""Number fields and tables of the widget's forms, built one way everywhere."""
 
 from __future__ import annotations
 
-from qtpy.QtWidgets import QDoubleSpinBox, QSpinBox
+from collections.abc import Sequence
+
+from qtpy.QtWidgets import QAbstractItemView, QDoubleSpinBox, QHeaderView, QSpinBox, QTableWidget
 
 
 def int_field(minimum: int, maximum: int, value: int) -> QSpinBox:
@@ -20,3 +22,22 @@ def float_field(minimum: float, maximum: float, value: float, decimals: int = 6,
     field.setSingleStep(step)
     field.setValue(value)
     return field
+
+
+def read_only_table(columns: Sequence[str], selection: QAbstractItemView.SelectionMode,
+                    stretch: str | None = None) -> QTableWidget:
+    """A table of whole-row selections that cannot be edited; ``stretch`` names the column that takes the spare
+    width (all columns share it when None)."""
+    table = QTableWidget(0, len(columns))
+    table.setHorizontalHeaderLabels(list(columns))
+    table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+    table.setSelectionMode(selection)
+    table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+    table.verticalHeader().setVisible(False)
+    header = table.horizontalHeader()
+    if stretch is None:
+        header.setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+    else:
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(list(columns).index(stretch), QHeaderView.ResizeMode.Stretch)
+    return table

@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import (QAbstractItemView, QGridLayout, QHeaderView, QLabel, QPushButton, QTableWidget,
-                            QTableWidgetItem, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import QAbstractItemView, QGridLayout, QLabel, QPushButton, QTableWidgetItem, QVBoxLayout, QWidget
 
 from bioadapt.errors import BioadaptError
+from bioadapt.napari.fields import read_only_table
 from bioadapt.napari.layers import edited_labels, patch_layers, show_patch
 from bioadapt.napari.session import Session
 
@@ -26,15 +26,7 @@ class PatchPanel(QWidget):
         self.patches: list[dict[str, Any]] = []
         self.wanted: int | None = None  # the patch whose data is on its way (older answers are dropped)
         self.shown: dict[str, Any] | None = None  # the patch in the viewer
-        self.table = QTableWidget(0, len(COLUMNS))
-        self.table.setHorizontalHeaderLabels(COLUMNS)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.verticalHeader().setVisible(False)
-        header = self.table.horizontalHeader()
-        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        header.setSectionResizeMode(COLUMNS.index("image"), QHeaderView.ResizeMode.Stretch)
+        self.table = read_only_table(COLUMNS, QAbstractItemView.SelectionMode.SingleSelection, stretch="image")
         self.about = QLabel("score patches, then select one to correct its labels")
         self.about.setWordWrap(True)
         self.previous_button = QPushButton("◀ Previous")

@@ -4,14 +4,14 @@ a progress bar follows the service's job, and Cancel stops it."""
 from __future__ import annotations
 
 import re
-from typing import Any, get_args
+from typing import Any
 
 from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLineEdit, QProgressBar, QPushButton, QWidget
 
 from bioadapt.errors import BioadaptError
 from bioadapt.napari.fields import int_field
 from bioadapt.napari.session import Session
-from bioadapt.service.schemas import Acquisition
+from bioadapt.service.client import ACQUISITIONS
 
 
 class ScorePanel(QWidget):
@@ -24,7 +24,7 @@ class ScorePanel(QWidget):
         self.patch_shape.setToolTip("patch size in pixels: Y, X (2D images) or Z, Y, X (3D)")
         self.mc_passes = int_field(2, 256, 16)
         self.acquisition = QComboBox()
-        self.acquisition.addItems(get_args(Acquisition))
+        self.acquisition.addItems(ACQUISITIONS)
         self.score_button = QPushButton("Score")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)

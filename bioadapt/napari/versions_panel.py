@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHeaderView, QPushButton, QTableWidget,
-                            QTableWidgetItem, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QPushButton, QTableWidgetItem, QVBoxLayout,
+                            QWidget)
 
 from bioadapt.errors import BioadaptError
+from bioadapt.napari.fields import read_only_table
 from bioadapt.napari.session import Session
 
 COLUMNS = ("version", "from", "patches", "F1", "AP", "Dice")
@@ -24,13 +25,7 @@ class VersionsPanel(QWidget):
         super().__init__(parent)
         self.session = session
         self.versions: list[dict[str, Any]] = []
-        self.table = QTableWidget(0, len(COLUMNS))
-        self.table.setHorizontalHeaderLabels(COLUMNS)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.verticalHeader().setVisible(False)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.table = read_only_table(COLUMNS, QAbstractItemView.SelectionMode.ExtendedSelection)
         self.table.setToolTip("select versions to evaluate (default: the first and the latest) or the one to export "
                               "(default: the latest)")
         self.evaluate_button = QPushButton("Evaluate")
