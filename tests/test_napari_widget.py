@@ -1,7 +1,8 @@
 """The napari widget as a user drives it, against a real `bioadapt serve` subprocess (user "svc-napari") on the
 session's Hypha server and Ray: open the widget from its npe2 manifest, connect, create a project, score, load
 the most uncertain patch, correct its labels and commit them, skip one, fine-tune, evaluate, export; a screenshot
-of the viewer goes to docs/napari-widget.png.
+of the viewer goes to $BIOADAPT_NAPARI_SCREENSHOT when set (docs/napari-widget.png was made that way), else to a
+temporary folder, so a test run leaves the checkout as it was.
 
 napari's canvas needs OpenGL on an X display: without $DISPLAY the module starts its own Xvfb (Debian packages
 xvfb, libxcb-icccm4, libxcb-keysyms1), or skips when there is none. Qt's 'offscreen' platform cannot render
@@ -38,7 +39,6 @@ pytest.importorskip("pytestqt")
 SERVICE_USER = "svc-napari"
 WORKSPACE = f"ws-user-{SERVICE_USER}"
 PATCH = [128, 128]
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "napari-widget.png"
 MANIFEST = Path(__file__).resolve().parents[1] / "bioadapt" / "napari" / "napari.yaml"
 WAIT_MS = 60_000
 
@@ -316,8 +316,8 @@ def test_a_user_labels_and_tunes_through_the_widget(make_napari_viewer, qtbot, s
         (y, x), (h, w) = corrected["origin"], corrected["shape"]
         np.testing.assert_array_equal(viewer.layers[LABELS_LAYER].data, inputs["truth"][y:y + h, x:x + w])
         qtbot.wait(200)
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        viewer.screenshot(str(SCREENSHOT), canvas_only=False)
-        assert SCREENSHOT.stat().st_size > 10_000
+        screenshot = Path(os.environ.get("BIOADAPT_NAPARI_SCREENSHOT") or tmp_path / "napari-widget.png")
+        viewer.screenshot(str(screenshot), canvas_only=False)
+        assert screenshot.stat().st_size > 10_000
     finally:
         widget.close_session()
