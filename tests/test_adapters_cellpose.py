@@ -16,31 +16,16 @@ from bioadapt.active.metrics import match_instances
 from bioadapt.adapters import load_adapter
 from bioadapt.adapters.cellpose import GENERATION, CellposeTrainParams
 from bioadapt.errors import BioadaptError
-from model_factory import cell_patches
+from model_factory import SMALL_CPSAM, cell_patches, cellpose_weights
 
 CPSAM = GENERATION >= 4
 cpsam_only = pytest.mark.skipif(not CPSAM, reason="Cellpose 4 (CPSAM) behaviour")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-SMALL_CPSAM = {"embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": [1]}
-
-
-def random_cellpose_weights(path):
-    """Random weights of the installed generation's network, saved as Cellpose saves them."""
-    torch.manual_seed(0)
-    if CPSAM:
-        from bioadapt.adapters.cpsam import build_cpsam
-
-        build_cpsam(**SMALL_CPSAM).save_model(str(path))
-    else:
-        from cellpose import resnet_torch
-
-        resnet_torch.CPnet([2, 32, 64, 128, 256], 3, sz=3, mkldnn=False).save_model(str(path))
-    return path
 
 
 @pytest.fixture(scope="session")
 def weights(tmp_path_factory):
-    return random_cellpose_weights(tmp_path_factory.mktemp("cellpose") / "random_weights")
+    return cellpose_weights(tmp_path_factory.mktemp("cellpose") / "random_weights")
 
 
 @pytest.fixture(autouse=True)
