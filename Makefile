@@ -10,7 +10,7 @@ STAMP_CP3 := $(VENV_CP3)/.installed-stamp
 CELLPOSE_TESTS := tests/test_adapters_cellpose.py tests/test_export.py
 PYTEST_ARGS ?=
 
-.PHONY: test test-cellpose3 demo bench env clean
+.PHONY: test test-cellpose3 gpu-check-cpu demo bench env env-cellpose3 clean
 
 env: $(STAMP)
 
@@ -31,8 +31,14 @@ $(STAMP_CP3): pyproject.toml constraints.txt
 		"pytest>=8" "pytest-timeout>=2.3" "pyyaml>=6"
 	touch $(STAMP_CP3)
 
+env-cellpose3: $(STAMP_CP3)
+
 test-cellpose3: $(STAMP_CP3)
 	$(VENV_CP3)/bin/python -m pytest $(PYTEST_ARGS) -k cellpose $(CELLPOSE_TESTS)
+
+# the GPU check's script (benchmarks/gpu/README.md) in its small CPU setting, so it keeps working without a GPU
+gpu-check-cpu: $(STAMP) $(STAMP_CP3)
+	PYTHON=$(BIN)/python PYTHON_CP3=$(VENV_CP3)/bin/python benchmarks/gpu/run.sh --cpu
 
 demo: $(STAMP)
 	$(BIN)/bioadapt demo

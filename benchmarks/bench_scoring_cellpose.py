@@ -104,26 +104,28 @@ def synchronize(device: torch.device) -> None:
 
 
 def mc_rates(model, patches: np.ndarray, passes: int, rounds: int, bare_module: torch.nn.Module,
-             bare_shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> dict[str, float]:
-    """Patches per second of mc_proba's full and head scopes (one patch per call, as scoring runs) and of the
-    bare forward passes (T per patch: all in one call on a GPU, one by one on a CPU), best of ``rounds``."""
+             bare_shape: tuple[int, ...], dtype: torch.dtype = torch.float32, per_call: int = 1) -> dict[str, float]:
+    """Patches per second of mc_proba's full and head scopes (``per_call`` patches per call; the service scores
+    one) and of the bare forward passes (T per patch: one call per ``per_call`` patches on a GPU, one row at a time
+    on a CPU, as mc_proba runs there), best of ``rounds``."""
     device = model.device
-    bare_input = torch.randn(passes, *bare_shape, device=device, dtype=dtype)
-    rows = passes if device.type == "cuda" else 1  # on CPU bigger batches are no faster (and mc_proba runs 1 row)
+    groups = [patches[i:i + per_call] for i in range(0, len(patches), per_call)]
+    bare_input = torch.randn(passes * per_call, *bare_shape, device=device, dtype=dtype)
+    rows = len(bare_input) if device.type == "cuda" else 1  # on CPU bigger batches are no faster
 
     def full() -> None:
-        for p in patches:
-            model.mc_proba(p[None], passes=passes, scope="full")
+        for group in groups:
+            model.mc_proba(group, passes=passes, scope="full")
 
     def head() -> None:
-        for p in patches:
-            model.mc_proba(p[None], passes=passes, scope="head")
+        for group in groups:
+            model.mc_proba(group, passes=passes, scope="head")
 
     def bare() -> None:
         with torch.no_grad():
-            for _ in patches:
-                for i in range(0, passes, rows):
-                    bare_module(bare_input[i:i + rows])
+            for group in groups:
+                for i in range(0, passes * len(group), rows):
+                    bare_module(bare_input[i:min(i + rows, passes * len(group))])
         synchronize(device)
 
     ways = {"full": full, "head": head, "bare": bare}

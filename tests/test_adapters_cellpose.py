@@ -248,6 +248,32 @@ def test_missing_weights_and_offline_builtin_names_fail_clearly(tmp_path):
         CellposeTrainParams.from_any({"lr": 1})
 
 
+@pytest.mark.slow
+@cpsam_only
+def test_full_size_cpsam_predicts_scores_trains_and_reloads(tmp_path):
+    """Cellpose-SAM at full size (ViT-L, 305 M parameters, random weights: nothing is downloaded) through every
+    path once on the CPU, with train_seg's own defaults for one epoch. About 2 minutes and 11 GB at peak."""
+    from bioadapt.adapters.cpsam import VIT_L, build_cpsam
+
+    torch.manual_seed(0)
+    build_cpsam().save_model(str(tmp_path / "vitl"))
+    model = load_adapter(f"cellpose:{tmp_path / 'vitl'}", device="cpu", mc_scope="head")
+    assert model.network_kwargs() == VIT_L and sum(p.numel() for p in model.net.parameters()) > 300e6
+    pairs = cell_patches("nuclei", 2, size=256, seed=1)
+    image = pairs[0][0]
+    proba = model.predict_proba(image)
+    assert proba.shape == (2, 256, 256)
+    head = model.mc_proba(image, passes=3)
+    assert head.shape == (3, 2, 256, 256) and np.abs(head[0] - head[1]).max() > 0
+    assert model.mc_proba(image, passes=2, scope="full").shape == (2, 2, 256, 256)
+    result = model.fine_tune(pairs, {"epochs": 1, "min_train_masks": 1})
+    assert result.epochs_run == 1 and model.training_record.params["learning_rate"] == 1e-5
+    tuned = model.predict_proba(image)
+    saved = model.save(tmp_path / "tuned")
+    del model
+    np.testing.assert_array_equal(load_adapter(f"cellpose:{saved}", device="cpu").predict_proba(image), tuned)
+
+
 @pytest.mark.gpu
 @cuda
 def test_on_the_gpu_in_cellposes_precision(weights, images, tmp_path):

@@ -106,9 +106,11 @@ class CommonMasks:
 
     def _draw(self, shape: Sequence[int], key: tuple[int, ...], pass_index: int, p: float,
               device: torch.device) -> torch.Tensor:
-        generator = torch.Generator(device=device).manual_seed(mask_seed(self.seed, *key, pass_index))
-        keep = torch.rand(tuple(shape), generator=generator, device=device) >= p
-        return keep.to(torch.float32) / (1 - p)
+        # drawn on the CPU: CUDA's generator gives other numbers for the same seed, and a round's masks must not
+        # depend on the device an actor scores on
+        generator = torch.Generator().manual_seed(mask_seed(self.seed, *key, pass_index))
+        keep = torch.rand(tuple(shape), generator=generator) >= p
+        return (keep.to(torch.float32) / (1 - p)).to(device)
 
     def mask(self, x: torch.Tensor, key: tuple[int, ...], pass_index: int, *, feature_axis: int = 1,
              p: float | None = None, kind: DropoutKind | None = None) -> torch.Tensor:
