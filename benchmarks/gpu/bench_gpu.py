@@ -47,11 +47,11 @@ def _seconds_per_epoch(history: list[dict]) -> list[float]:
     return [round(b - a, 3) for a, b in zip([0.0] + times[:-1], times)]
 
 
-def _scoring(model, images: np.ndarray, module: torch.nn.Module, shape: tuple[int, ...], small: bool, rounds: int,
-             per_call: list[int]) -> dict:
+def _scoring(model, images: np.ndarray, module: torch.nn.Module, shape: tuple[int, ...], passes: tuple[int, ...],
+             rounds: int, per_call: list[int]) -> dict:
     out = {}
     for calls in per_call:
-        for T in SMALL_PASSES if small else PASSES:
+        for T in passes:
             rates = mc_rates(model, images, T, rounds, module, shape, getattr(model, "dtype", torch.float32),
                              per_call=calls)
             out[f"T={T},per_call={calls}"] = {k: round(v, 3) for k, v in rates.items()} | {
@@ -76,7 +76,8 @@ def unet(device: str, small: bool, rounds: int, per_call: list[int]) -> dict:
     pairs = _patches(2 if small else 32)
     images = np.stack([p[0] for p in pairs])
     result = {"parameters": sum(p.numel() for p in model.module.parameters()), "dtype": "float32",
-              "scoring": _scoring(model, images, model.module, (1, 256, 256), small, rounds, per_call)}
+              "scoring": _scoring(model, images, model.module, (1, 256, 256),
+                                               SMALL_PASSES if small else PASSES, rounds, per_call)}
     tuned = model.fine_tune(pairs, {"epochs": 2, "batch_size": 8, "val_fraction": 0.5 if small else 0.25})
     result["fine_tune"] = {"patches": len(pairs), "batch_size": 8, "seconds_per_epoch": _seconds_per_epoch(tuned.history)}
     return result
@@ -108,8 +109,9 @@ def cellpose(name: str, device: str, small: bool, rounds: int, per_call: list[in
             model = load_adapter(f"cellpose:{weights}", device=device, bfloat16=bfloat16)
             print(f" {name} {precision}", flush=True)
             channels = 3 if name == "cpsam" else 2
-            result[precision] = _scoring(model, images, model.net, (channels, 256, 256), small, rounds,
-                                         per_call)
+            # bfloat16 on a CPU without bf16 units is ~10x slower: the small setting only checks that it runs
+            passes = PASSES if not small else SMALL_PASSES[:1] if bfloat16 else SMALL_PASSES
+            result[precision] = _scoring(model, images, model.net, (channels, 256, 256), passes, rounds, per_call)
         result["parameters"] = sum(p.numel() for p in model.net.parameters())
         epochs = 2
         tuned = model.fine_tune(pairs, {"epochs": epochs, "min_train_masks": 1, "val_fraction": 0.5 if small else 0.25})
@@ -129,9 +131,9 @@ def _targets(results: dict) -> dict:
             if key is not None:
                 met[f"{model} {precision} full within 1.5x of bare at T=16 ({key})"] = \
                     scoring[key]["bare_over_full"] <= 1.5
-        if model == "cpsam" and "bfloat16" in figures:
-            best = max(v["head"] for k, v in figures["bfloat16"].items() if k.startswith("T=16,"))
-            met["cpsam bfloat16 head >= 100 patches/s at T=16"] = best >= 100
+        heads = [v["head"] for k, v in figures.get("bfloat16", {}).items() if k.startswith("T=16,")]
+        if model == "cpsam" and heads:
+            met["cpsam bfloat16 head >= 100 patches/s at T=16"] = max(heads) >= 100
     return met
 
 

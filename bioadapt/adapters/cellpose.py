@@ -119,7 +119,7 @@ def resolve_weights(name: str) -> tuple[str, bool]:
     """(what to hand Cellpose, is it a built-in name); local paths must exist (Cellpose would silently fall
     back to downloading its default model)."""
     models = import_cellpose()
-    builtins = list(getattr(models, "MODEL_NAMES", [])) + ["cpsam"]
+    builtins = list(getattr(models, "MODEL_NAMES", [])) + (["cpsam"] if GENERATION >= 4 else [])
     path = Path(name).expanduser()
     if path.exists():
         return str(path), False
@@ -158,6 +158,8 @@ def _load_cpsam(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn
     from bioadapt.adapters.cpsam import build_cpsam, encoder_size
 
     weights, builtin = resolve_weights(name)
+    if builtin and name.startswith("cpdino"):
+        raise BioadaptError(f"{name!r} is Cellpose-DINO; bioadapt adapts Cellpose-SAM models (cpsam, cpsam_v2)")
     if builtin:
         try:
             weights = models.cache_model_path(name)
