@@ -249,6 +249,7 @@ def test_missing_weights_and_offline_builtin_names_fail_clearly(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~2 minutes on 2 quiet cores; far more on a shared, busy machine
 @cpsam_only
 def test_full_size_cpsam_predicts_scores_trains_and_reloads(tmp_path):
     """Cellpose-SAM at full size (ViT-L, 305 M parameters, random weights: nothing is downloaded) through every

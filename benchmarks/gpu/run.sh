@@ -48,7 +48,7 @@ if compgen -G ".whl/cellpose3/*.whl" >/dev/null; then
 fi
 # bioadapt runs from this tree (not installed); the tests import their helpers from tests/
 export PYTHONPATH="$ROOT:$ROOT/benchmarks:$ROOT/tests${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1 BIOADAPT_GPU_CHECK=1
+export PYTHONUNBUFFERED=1
 RESULTS_DIR=$(dirname "$OUT_JSON")
 mkdir -p "$RESULTS_DIR"
 status=0
