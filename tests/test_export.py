@@ -136,7 +136,9 @@ def test_cellpose_round_trip(tmp_path):
         assert "cpsam.py" in files and [a.get("size") for a in rdf["inputs"][0]["axes"][2:]] == [256, 256]
     else:
         assert architecture["callable"] == "CellposeFlows" and "cellpose_arch.py" in files
-    assert rdf["config"]["bioadapt"]["cellpose_version"] == GENERATION and rdf["config"]["bioadapt"]["rescale"] == 1
+    # the resize the model's own eval applies without a diameter: none for Cellpose 4, diam_mean / diam_labels for 3
+    assert rdf["config"]["bioadapt"]["cellpose_version"] == GENERATION
+    assert rdf["config"]["bioadapt"]["rescale"] == pytest.approx(1.0 if cpsam else model.diam_mean / model.diam_labels)
     packaged = load_adapter(out, device="cpu")
     assert packaged.describe().output_kind == "cellpose"
     if not cpsam:  # the package runs at the network's scale: tell the adapter the cells are diam_mean wide

@@ -30,7 +30,7 @@ STARTED=$(date +%s)
 if [ "$MODE" = gpu ]; then
     DEVICE=cuda; SMALL=""; OUT_JSON=${OUT_JSON:-benchmarks/results/gpu.json}; LIMITS=(120 60 270 90)
 else
-    DEVICE=cpu; SMALL="--small"; OUT_JSON=${OUT_JSON:-$(mktemp -d)/gpu_cpu_check.json}; LIMITS=(600 300 1200 600)
+    DEVICE=cpu; SMALL="--small"; OUT_JSON=${OUT_JSON:-$(mktemp -d)/gpu_cpu_check.json}; LIMITS=(900 600 2400 1200)
 fi
 rm -f "$OUT_JSON"
 
