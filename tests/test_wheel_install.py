@@ -23,8 +23,9 @@ from conftest import free_port
 from bioadapt.service.serve_process import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(os.environ.get("BIOADAPT_TEST_INSTALL") != "1",
-                                reason="installs the whole stack into a fresh venv: run `make test-install`")
+pytestmark = [pytest.mark.skipif(os.environ.get("BIOADAPT_TEST_INSTALL") != "1",
+                                 reason="installs the whole stack into a fresh venv: run `make test-install`"),
+              pytest.mark.timeout(2400)]  # the install alone took 570 s on 2 cores shared with other test runs
 
 
 def run(command: list[str], cwd: Path, timeout_s: float) -> str:
