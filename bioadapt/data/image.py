@@ -257,7 +257,7 @@ def open_image(uri: str | Path, axes: str | None = None, channels: Sequence[int]
         return _open_tiff_image(uri, path, axes, channels, time)
     if path is None and is_tiff_path(uri.split("?")[0]):
         raise BioadaptError(f"'{uri}' is a remote TIFF: TIFF files are read in place from local paths only; copy it "
-                            f"here, or {CONVERT_HINT} (and can write it to s3://)")
+                            f"here, or {CONVERT_HINT}")
     node = open_node(uri, storage_options=storage_options)
     if isinstance(node, zarr.Group):
         multiscales = ngff.read_multiscales(node)

@@ -17,8 +17,7 @@ TIFF_AXES = {"T": "t", "C": "c", "S": "c", "Z": "z", "Y": "y", "X": "x", "I": "t
 OME_UNITS = {"µm": "micrometer", "um": "micrometer", "nm": "nanometer", "mm": "millimeter"}
 SUPPORTED = ("OME-Zarr (NGFF 0.4 / 0.5) and plain Zarr arrays (local, file://, http(s)://, s3://), and local TIFF / "
              "OME-TIFF files (read in place)")
-CONVERT_HINT = ("`bioadapt convert in.tif out.ome.zarr` writes a chunked, multiscale OME-Zarr from any TIFF "
-                "tifffile reads")
+CONVERT_HINT = "`bioadapt convert in.tif out.ome.zarr` writes a chunked, multiscale OME-Zarr from any TIFF tifffile reads"
 
 
 def is_tiff_path(path: str | Path) -> bool:
@@ -52,7 +51,7 @@ def ngff_axes(tiff_axes: str, source: str) -> str:
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise BioadaptError(f"'{source}' has several axes ({tiff_axes}) that map to {repeated}: pass axes= with one "
-                            f"letter per dimension, or merge them with {CONVERT_HINT.split(' writes')[0]}")
+                            "letter per dimension, e.g. axes='tcyx'")
     return "".join(names)
 
 
