@@ -10,7 +10,7 @@ STAMP_CP3 := $(VENV_CP3)/.installed-stamp
 CELLPOSE_TESTS := tests/test_adapters_cellpose.py tests/test_export.py
 PYTEST_ARGS ?=
 
-.PHONY: test test-cellpose3 gpu-check-cpu demo bench env env-cellpose3 clean
+.PHONY: test test-install test-cellpose3 gpu-check-cpu demo bench env env-cellpose3 clean
 
 env: $(STAMP)
 
@@ -39,6 +39,13 @@ test-cellpose3: $(STAMP_CP3)
 # the GPU check's script (benchmarks/gpu/README.md) in its small CPU setting, so it keeps working without a GPU
 gpu-check-cpu: $(STAMP) $(STAMP_CP3)
 	PYTHON=$(BIN)/python PYTHON_CP3=$(VENV_CP3)/bin/python benchmarks/gpu/run.sh --cpu
+
+# A newcomer's install, apart from `make test` (CI runs both): build the sdist and wheel, install the wheel into a
+# fresh venv with the constraints (the whole stack again, torch included: ~6.6 GB; 10-19 min on 2 cores shared
+# with other test runs, less alone; pip reuses its cache), check `bioadapt --help` and the package data, and fetch
+# the page from that venv's `bioadapt serve`.
+test-install: $(STAMP)
+	BIOADAPT_TEST_INSTALL=1 $(BIN)/python -m pytest tests/test_wheel_install.py -s $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/bioadapt demo
