@@ -106,9 +106,11 @@ class CommonMasks:
 
     def _draw(self, shape: Sequence[int], key: tuple[int, ...], pass_index: int, p: float,
               device: torch.device) -> torch.Tensor:
-        generator = torch.Generator(device=device).manual_seed(mask_seed(self.seed, *key, pass_index))
-        keep = torch.rand(tuple(shape), generator=generator, device=device) >= p
-        return keep.to(torch.float32) / (1 - p)
+        # drawn on the CPU: CUDA's generator gives other numbers for the same seed, and a round's masks must not
+        # depend on the device an actor scores on
+        generator = torch.Generator().manual_seed(mask_seed(self.seed, *key, pass_index))
+        keep = torch.rand(tuple(shape), generator=generator) >= p
+        return (keep.to(torch.float32) / (1 - p)).to(device)
 
     def mask(self, x: torch.Tensor, key: tuple[int, ...], pass_index: int, *, feature_axis: int = 1,
              p: float | None = None, kind: DropoutKind | None = None) -> torch.Tensor:
@@ -277,13 +279,17 @@ class HeadSplit:
     """The output layer of a network, found by tracing one forward pass, for ``mc_scope="head"``.
 
     The network runs once to get the output layer's input features; the T passes then only repeat
-    dropout + output layer (+ a trailing activation module, if the network ends with one).
+    dropout + output layer (+ a trailing activation module, if the network ends with one, and the
+    fixed ``after`` function).
     """
 
     def __init__(self, module: nn.Module, example: torch.Tensor,
-                 select: Callable[[Any], torch.Tensor] = lambda output: output):
+                 select: Callable[[Any], torch.Tensor] = lambda output: output,
+                 after: Callable[[torch.Tensor], torch.Tensor] | None = None):
         """``select`` picks the prediction from the network's return value (e.g. ``out[0]`` for Cellpose,
-        whose networks also return a style vector)."""
+        whose networks also return a style vector). ``after``: a fixed function without trainable weights that the
+        network applies to its output layer's result (Cellpose-SAM's pixel-shuffling ``conv_transpose2d``); it is
+        checked on ``example`` to reproduce the network's output."""
         if is_scripted(module):
             raise BioadaptError("mc_scope='head' needs hooks, which TorchScript modules do not accept; "
                                 "use mc_scope='full' or pytorch_state_dict weights")
@@ -307,7 +313,13 @@ class HeadSplit:
         self.head, head_output = order[last]
         self.tail = [m for m, _ in order[last + 1:]]
         self.feature_axis = feature_axes(module).get(id(self.head), 1) if isinstance(self.head, nn.Linear) else 1
-        ends_in_head = final is head_output if not self.tail else final is order[-1][1]
+        self.after = after
+        last_output = order[-1][1] if self.tail else head_output
+        if after is None:
+            ends_in_head = final is last_output
+        else:
+            with torch.no_grad():
+                ends_in_head = torch.equal(after(last_output), final)
         if not ends_in_head or not all(isinstance(m, OUTPUT_ACTIVATION_TYPES) for m in self.tail):
             raise BioadaptError(f"mc_scope='head' needs a network whose output is its last weighted layer "
                                 f"({type(self.head).__name__}) or that layer plus an activation; this one computes "
@@ -329,7 +341,7 @@ class HeadSplit:
         out = self.head(dropped)
         for m in self.tail:
             out = m(out)
-        return out
+        return out if self.after is None else self.after(out)
 
     def passes(self, features: torch.Tensor, masks: CommonMasks, passes: int) -> torch.Tensor:
         """All T passes, pass-major (row t * N + b)."""
