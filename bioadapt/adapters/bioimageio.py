@@ -383,6 +383,23 @@ class BioimageioAdapter(Adapter):
         raw = self._head.passes(features, CommonMasks(seed, self.dropout_p, self.dropout_kind), passes)
         return lay.from_model(raw, lay.out_ids)
 
+    def patch_features(self, x: np.ndarray) -> np.ndarray:
+        """Mean and standard deviation over each image of the feature maps the output layer reads (the decoder's
+        last features for a U-Net): (B, 2F) float32."""
+        info = self.describe()
+        if self.module is None or "head" not in info.mc_scopes:
+            raise BioadaptError(f"{info.name}: features need a torch module that accepts hooks "
+                                "(pytorch_state_dict weights)")
+        x, _ = check_images(x, info)
+        padded = self._padded(self._preprocess(x))
+        model_input = self.layout.to_model(padded)
+        if self._head is None:
+            self._head = HeadSplit(self.module, model_input[:1])
+        with torch.no_grad():
+            features = self.layout.from_model(self._head.features(self.module, model_input), self.layout.out_ids)
+        features = crop_from(features, x.shape[2:], self.layout.halo).flatten(2).float()
+        return torch.cat([features.mean(2), features.std(2, correction=0)], 1).cpu().numpy()
+
     def segment(self, x: np.ndarray) -> np.ndarray:
         if self.output_kind == "cellpose":
             return self._cellpose_masks(x)
