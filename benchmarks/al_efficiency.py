@@ -52,10 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", choices=DATASETS, default="synthetic")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--budgets", default="2,4,8,16,32", help="labelled patches")
-    parser.add_argument("--strategies", default=f"random,bald,{DEFAULT_STRATEGY}",
+    parser.add_argument("--strategies", default=f"random,bald,typical,{DEFAULT_STRATEGY}",
                         help="one-shot strategies (names of bioadapt.active.STRATEGIES)")
     parser.add_argument("--multi-round", default=DEFAULT_STRATEGY, help="strategies also run round by round")
-    parser.add_argument("--steps", type=int, default=600, help="optimiser steps of every fine-tuning")
+    parser.add_argument("--steps", type=int, default=300, help="optimiser steps of every fine-tuning")
     parser.add_argument("--passes", type=int, default=16, help="MC-dropout passes when scoring")
     parser.add_argument("--plateau-steps", type=int, default=1800)
     parser.add_argument("--learning-rate", type=float, default=TUNE["learning_rate"])
@@ -149,18 +149,27 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         base_scores = {}
         for strategy in dict.fromkeys(one_shot + rounds):
             key = (STRATEGIES[strategy].acquisition, STRATEGIES[strategy].reduce)
-            if key not in base_scores:
+            if key not in base_scores and strategy != "random":  # random picks read no score
                 base_scores[key] = bench.score(strategy, seed)
-        first_picks = {}
+        if "random" in one_shot:
+            base_scores[("random", "mean")] = (np.zeros(len(bench.dataset.windows)), None)
+        first_round = {}  # the first budget's one-shot picks are the multi-round's first round
         for strategy in one_shot:
             scores, features = base_scores[(STRATEGIES[strategy].acquisition, STRATEGIES[strategy].reduce)]
             for budget in budgets:
                 picks = select(STRATEGIES[strategy].selection, budget, scores, features, seed=1000 + seed)
-                first_picks[(strategy, budget)] = picks
-                record(seed, strategy, "one-shot", budget, picks, bench.tune(picks, seed, args.steps))
+                tuned = bench.tune(picks, seed, args.steps)
+                record(seed, strategy, "one-shot", budget, picks, tuned)
+                if budget == budgets[0]:
+                    first_round[strategy] = (picks, tuned, bench.worker.adapter.state_dict())
         for strategy in rounds:
             labelled: list[int] = []
             for budget in budgets:
+                if not labelled and strategy in first_round:
+                    labelled, tuned, state = first_round[strategy]
+                    bench.worker.adapter.load_state_dict(state)
+                    record(seed, strategy, "multi-round", budget, list(labelled), tuned)
+                    continue
                 if labelled:
                     bench.worker.adapter.load_state_dict(state)
                     scores, features = bench.score(strategy, seed)
@@ -292,7 +301,35 @@ def report(args: argparse.Namespace) -> None:
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     out.with_name(out.name + "_table.md").write_text(text)
     plot(summary, out.with_suffix(".png"))
+    plot_plateaus(sorted(out.parent.glob(out.name + "_plateau_*.json")), out.with_name(out.name + "_plateau.png"))
     print(text)
+
+
+def plot_plateaus(paths: list[Path], out: Path) -> None:
+    """Training loss and test F1 along each long fine-tuning on the largest budget."""
+    if not paths:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axis, f1_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for path in paths:
+        run = json.loads(path.read_text())
+        label = f"{run['dataset']}, k={run['budget']}, lr {run.get('learning_rate', TUNE['learning_rate']):g}"
+        loss_axis.plot([r["step"] for r in run["curve"]], [r["loss"] for r in run["curve"]], label=label)
+        scored = [r for r in run["curve"] if "f1" in r]
+        f1_axis.plot([r["step"] for r in scored], [r["f1"] for r in scored], marker="o", label=label)
+    for axis, name in ((loss_axis, "training loss (epoch mean)"), (f1_axis, "F1 at IoU 0.5 (test image)")):
+        axis.axvline(run["benchmark_steps"], color="grey", linestyle="--")
+        axis.set_xlabel("optimiser steps")
+        axis.set_ylabel(name)
+        axis.legend(fontsize=7)
+    figure.suptitle("fine-tuning on the largest budget; dashed: the steps every benchmark fine-tuning runs")
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
 
 
 def plot(summary: dict, out: Path) -> None:

@@ -9,7 +9,7 @@ top-16 overlap between the seeds, and the Spearman correlation of the mean-BALD 
 ground-truth foreground fraction (how much the score just measures how crowded a patch is).
 
     python benchmarks/bench_ranking.py
-Writes benchmarks/results/ranking.json and ranking.md.
+Appends each row to benchmarks/results/ranking.jsonl; writes ranking.json and ranking.md from every row there.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    RESULTS.mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bioadapt-ranking-") as tmp:
         workdir = Path(args.workdir or tmp)
@@ -90,13 +91,15 @@ def main(argv: list[str] | None = None) -> dict:
                                "spearman_with_foreground": round(spearman(first[key], foreground), 3)}
                         rows.append(row)
                         print(json.dumps(row), flush=True)
-    result = {"rows": rows, "pool_patches": {r["dataset"]: None for r in rows}, "passes": args.passes,
+                        with (RESULTS / "ranking.jsonl").open("a") as stream:  # kept as it comes: runs are long
+                            stream.write(json.dumps(row) + "\n")
+    result = {"rows": rows, "passes": args.passes,
               "minutes": round((time.perf_counter() - started) / 60, 1), "threads": args.threads,
               "load_average": [round(v, 2) for v in os.getloadavg()],
               "command": "python benchmarks/bench_ranking.py " + " ".join(argv or sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M")}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ranking.json").write_text(json.dumps(result, indent=2) + "\n")
+    rows = [json.loads(line) for line in (RESULTS / "ranking.jsonl").read_text().splitlines()]  # earlier runs too
+    (RESULTS / "ranking.json").write_text(json.dumps(result | {"rows": rows}, indent=2) + "\n")
     (RESULTS / "ranking.md").write_text(table(rows, result))
     print(table(rows, result))
     return result

@@ -17,6 +17,7 @@ from model_factory import cell_patches, unet_package
 
 DATA = Path(__file__).parents[1] / "benchmarks" / "data" / "dsb2018_nuclei"
 PATCH = 48
+CROP = (48, 256)  # a 144 x 192 crop whose 48 x 48 windows hold 0 to 3 nuclei, 3 of them none
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +27,9 @@ def scored(tmp_path_factory):
     model = load_adapter(unet_package(root / "unet.zip", features=4), device="cpu", threads=1)
     model.fine_tune(cell_patches("nuclei", 16, size=48, seed=3),
                     {"epochs": 12, "learning_rate": 3e-3, "batch_size": 4, "val_fraction": 0.0})
-    image = tifffile.imread(DATA / "image.tif")[:3 * PATCH, :4 * PATCH]
-    truth = tifffile.imread(DATA / "labels.tif")[:3 * PATCH, :4 * PATCH].astype(np.int64)
+    crop = (slice(CROP[0], CROP[0] + 3 * PATCH), slice(CROP[1], CROP[1] + 4 * PATCH))
+    image = tifffile.imread(DATA / "image.tif")[crop]
+    truth = tifffile.imread(DATA / "labels.tif")[crop].astype(np.int64)
     path = write_ome_zarr(root / "crop.ome.zarr", image[None].astype(np.uint16), "cyx")
     origins = [(y, x) for y in range(0, 3 * PATCH, PATCH) for x in range(0, 4 * PATCH, PATCH)]
     request = ScoreRequest(image=ImageRef(str(path)), patch_shape=(PATCH, PATCH), passes=16,
