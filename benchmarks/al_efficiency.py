@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--strategies", default=f"random,bald,typical,{DEFAULT_STRATEGY}",
                         help="one-shot strategies (names of bioadapt.active.STRATEGIES)")
     parser.add_argument("--multi-round", default=DEFAULT_STRATEGY, help="strategies also run round by round")
+    parser.add_argument("--first-budgets", type=lambda text: [int(b) for b in text.split(",") if b], default=[],
+                        help="budgets to run first (then the others, smallest first)")
     parser.add_argument("--steps", type=int, default=300, help="optimiser steps of every fine-tuning")
     parser.add_argument("--passes", type=int, default=16, help="MC-dropout passes when scoring")
     parser.add_argument("--plateau-steps", type=int, default=1800)
@@ -144,6 +146,8 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         print(f"seed {seed} {strategy:<20} {mode:<11} k={budget:>2} F1 {f1:.3f} ({tuned['seconds']:.0f} s)",
               flush=True)
 
+    done = {(r["seed"], r["strategy"], r["mode"], r["budget"]) for r in
+            (json.loads(line) for line in (out.read_text().splitlines() if out.exists() else []) if line.strip())}
     for seed in [int(s) for s in args.seeds.split(",")]:
         bench.worker.adapter.load_state_dict(bench.base_state)
         base_scores = {}
@@ -154,9 +158,13 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         if "random" in one_shot:
             base_scores[("random", "mean")] = (np.zeros(len(bench.dataset.windows)), None)
         first_round = {}  # the first budget's one-shot picks are the multi-round's first round
-        for strategy in one_shot:
-            scores, features = base_scores[(STRATEGIES[strategy].acquisition, STRATEGIES[strategy].reduce)]
-            for budget in budgets:
+        # budget by budget, every strategy at each (a run cut short still compares them); runs already in the
+        # results file are not repeated
+        for budget in sorted(budgets, key=lambda b: (b not in args.first_budgets, b)):
+            for strategy in one_shot:
+                if (seed, strategy, "one-shot", budget) in done and strategy not in rounds:
+                    continue
+                scores, features = base_scores[(STRATEGIES[strategy].acquisition, STRATEGIES[strategy].reduce)]
                 picks = select(STRATEGIES[strategy].selection, budget, scores, features, seed=1000 + seed)
                 tuned = bench.tune(picks, seed, args.steps)
                 record(seed, strategy, "one-shot", budget, picks, tuned)

@@ -61,7 +61,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--passes", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--report", action="store_true", help="only write ranking.md from ranking.jsonl")
     args = parser.parse_args(argv)
+    if args.report:
+        rows = [json.loads(line) for line in (RESULTS / "ranking.jsonl").read_text().splitlines() if line.strip()]
+        result = {"rows": rows, "command": "python benchmarks/bench_ranking.py (rows of several runs, see README)",
+                  "date": time.strftime("%Y-%m-%d %H:%M"), "minutes": "-"}
+        (RESULTS / "ranking.json").write_text(json.dumps(result, indent=2) + "\n")
+        (RESULTS / "ranking.md").write_text(table(rows, result))
+        print(table(rows, result))
+        return result
     import torch
 
     from bioadapt.adapters import load_adapter
