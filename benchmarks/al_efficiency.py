@@ -297,7 +297,7 @@ def report(args: argparse.Namespace) -> None:
                       "| strategy | labels needed | fraction of 16 | worst gap (std) | both targets |",
                       "| --- | --- | --- | --- | --- |"]
             for label, v in verdicts.items():
-                needed = "> 32" if v["labels_needed"] is None else f"{v['labels_needed']:.1f}"
+                needed = "not reached" if v["labels_needed"] is None else f"{v['labels_needed']:.1f}"
                 fraction = "-" if v["fraction_of_16"] is None else f"{100 * v['fraction_of_16']:.0f} %"
                 met = v["meets_label_target"] and v["never_below_random_by_1_std"]
                 mark = " **(default)**" if label.startswith(default + " ") else ""

@@ -5,7 +5,9 @@ patch from the model) is separate from selection, which only reads those numbers
 in its workers and selects over the whole pool. ``select`` takes the pool's scores, features and the indices
 already labelled, and returns the new picks, best first.
 
-Which default, and why, is measured in benchmarks/al_efficiency.py (results in benchmarks/results/).
+The default, ``typical_bald`` (typical patches first, as TypiClust found best at small budgets, weighted by
+BALD), was chosen from the literature; benchmarks/al_efficiency.py did not show it beating random selection
+(benchmarks/results/al_efficiency.md), so it is a default to measure further, not a proven one.
 """
 
 from __future__ import annotations
