@@ -148,6 +148,12 @@ class Adapter(ABC):
         """(B, C, *spatial) -> (B, *spatial) int32 labels (instances or classes, see describe().output_kind); one
         image gives (*spatial)."""
 
+    def patch_features(self, x: np.ndarray) -> np.ndarray:
+        """(B, C, *spatial) -> (B, D) float32: what the model itself sees in each image, pooled over space
+        (deterministic), for acquisition that needs a descriptor per patch (diversity, typicality)."""
+        raise BioadaptError(f"{self.describe().name} does not expose features; use an acquisition that needs "
+                            "scores only")
+
     @abstractmethod
     def fine_tune(self, samples: Sequence[tuple[np.ndarray, np.ndarray]],
                   params: FineTuneParams | Mapping[str, Any] | None = None,

@@ -170,6 +170,7 @@ class MCDropout:
         self.strategy = mc_strategy(module)
         self._axes = {} if is_scripted(module) else feature_axes(module)
         self._masks: CommonMasks | None = None
+        self._round: CommonMasks | None = None  # the last round's masks, kept for its next patches
         self._rows: list[int] | None = None
         self._calls = -1  # forward calls of the whole module inside enabled(): the pass index outside rows()
         self._invocations: dict[int, int] = {}  # per layer: how often it ran in the current forward call
@@ -225,7 +226,9 @@ class MCDropout:
         """MC mode with the masks of round ``seed``."""
         was_training = [m.training for m in self._existing]
         handles = []
-        self._masks, self._calls, self._rows = CommonMasks(seed, self.p, self.kind), -1, None
+        if self._round is None or self._round.seed != int(seed):  # a round's masks are drawn once, then reused
+            self._round = CommonMasks(seed, self.p, self.kind)
+        self._masks, self._calls, self._rows = self._round, -1, None
         try:
             if self.common_masks:
                 handles.append(self.module.register_forward_pre_hook(self._start_call))

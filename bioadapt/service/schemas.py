@@ -7,7 +7,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Acquisition = Literal["bald", "predictive_entropy", "variation_ratios", "mean_std", "random"]
+from bioadapt.active import ACQUISITIONS, STRATEGIES
+
+Acquisition = Literal[tuple(ACQUISITIONS)]  # per-pixel maps, by their names in bioadapt.active
+StrategyName = Literal[tuple(STRATEGIES)]  # acquisition + patch score + selection over the pool (bioadapt.active)
 PatchOrder = Literal["score", "id", "created", "annotated"]
 PatchStatus = Literal["pending", "annotated", "skipped"]
 Shape = list[int]
