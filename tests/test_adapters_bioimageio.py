@@ -207,7 +207,7 @@ def test_bad_images_and_labels(packages, image2d):
     with pytest.raises(BioadaptError, match="NaN"):
         model.mc_proba(nan, passes=2)
     with pytest.raises(BioadaptError, match="shaped"):
-        model.segment(np.zeros((64, 64), np.float32))
+        model.segment(np.zeros((64,), np.float32))
     image, labels = cell_patches("nuclei", 1)[0]
     with pytest.raises(BioadaptError, match="labels have shape"):
         model.fine_tune([(image, labels[:32])])

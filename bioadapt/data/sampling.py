@@ -53,7 +53,7 @@ def resolve_mask(image: Image, mask: MaskLike, *, mask_scale: Sequence[float] | 
     """
     if mask is None or isinstance(mask, SamplingMask):
         return mask
-    if mask == "auto":
+    if isinstance(mask, str) and mask == "auto":
         return SamplingMask.from_image_level(image, level=-1, smooth_sigma=AUTO_MASK_SMOOTHING)
     if isinstance(mask, str):
         name = mask.removeprefix("labels/")
