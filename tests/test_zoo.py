@@ -8,6 +8,8 @@ export (``export_bioimageio`` raises unless it passes), and the export predictin
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -206,3 +208,46 @@ def test_the_vendored_weights_reproduce_the_packages_own_test_outputs():
         expected = get_test_output_sample(descr)
         for member, tensor in expected.members.items():
             np.testing.assert_allclose(result.members[member].data.to_numpy(), tensor.data.to_numpy(), atol=1e-3)
+
+
+def _as_0_5_with(rdf: Path, edit) -> Path:
+    """The description converted to format 0.5, edited by ``edit(dict)`` and written beside the original."""
+    import yaml
+
+    descr = load_model_description(rdf, perform_io_checks=False, format_version="latest")
+    content = descr.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+    edit(content)
+    out = rdf.parent / "edited.bioimageio.yaml"
+    out.write_text(yaml.safe_dump(content, sort_keys=False))
+    return out
+
+
+def _axis(tensor: dict, axis_id: str) -> dict:
+    return next(a for a in tensor["axes"] if a.get("id", {"space": "x"}.get(a["type"], a["type"])) == axis_id)
+
+
+def test_an_input_axis_tied_to_another_and_an_offset_output(tmp_path):
+    """The epithelia model with its x size tied to its y size (a size reference within the input): square
+    network inputs, any image shape, equal to core; the same model with an output 16 pixels smaller than its
+    input is refused at load, naming the axis."""
+    epithelia = RUNS[6]
+    rdf = runnable(epithelia, tmp_path)
+
+    def square(content):
+        for tensor in (content["inputs"][0], content["outputs"][0]):  # the spec wants references to resolve
+            _axis(tensor, "x")["size"] = {"tensor_id": content["inputs"][0]["id"], "axis_id": "y"}
+
+    tied = _as_0_5_with(rdf, square)
+    model = load_adapter(tied, device="cpu")
+    images, _ = _images(epithelia, model, 1, seed=5)
+    images = images[..., :48]  # 64 x 48: the network input must be square, and at least 96 x 96
+    plan = model.tiling_plan(images.shape[2:])
+    assert plan.whole and plan.shape == (96, 96) and plan.extra == (0, 16)
+    reference = _core(load_model_description(tied, perform_io_checks=False), images, plan, "pytorch_state_dict")
+    np.testing.assert_allclose(model.predict_proba(images), reference, atol=ATOL)
+
+    def smaller(content):
+        _axis(content["outputs"][0], "y")["size"]["offset"] = -16
+
+    with pytest.raises(BioadaptError, match="output axis y is 16 pixels smaller than the input"):
+        load_adapter(_as_0_5_with(rdf, smaller), device="cpu")

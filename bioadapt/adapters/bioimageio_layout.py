@@ -105,10 +105,11 @@ class Layout:
             if not isinstance(size, v0_5.SizeReference):
                 raise BioadaptError(f"{where} has a data-dependent size; bioadapt needs outputs on the input's "
                                     "pixel grid")
-            if size.tensor_id != self.input.id or str(size.axis_id) != axis_id:
+            target = str(size.axis_id)
+            if size.tensor_id != self.input.id or (target != axis_id and not self._same_size(axis_id, target)):
                 raise BioadaptError(f"{where} takes its size from {size.tensor_id}.{size.axis_id}; bioadapt "
                                     f"needs it to follow the input's {axis_id}")
-            ratio = float(self._input_axis(axis_id).scale) / float(axis.scale)
+            ratio = float(self._input_axis(target).scale) / float(axis.scale)
             if abs(ratio - 1) > 1e-9:
                 raise BioadaptError(f"{where} is {ratio:g} times the input's size: bioadapt scores, segments and "
                                     "trains on the input's pixel grid and cannot map a rescaled output back to it")
@@ -120,6 +121,13 @@ class Layout:
             if str(a.id) in SPATIAL and str(a.id) not in self.spatial and a.size != 1:
                 raise BioadaptError(f"{descr.name}'s output has a spatial axis {a.id} the input lacks (size "
                                     f"{a.size}); bioadapt needs outputs on the input's pixel grid")
+
+    def _same_size(self, axis_id: str, other: str) -> bool:
+        """Whether the input's ``axis_id`` always has the size of its ``other`` axis (a plain size reference)."""
+        if other not in self.spatial:
+            return False
+        size = self.grid.sizes[self.spatial.index(axis_id)]
+        return size.reference == self.spatial.index(other) and abs(size.ratio - 1) < 1e-9 and size.offset == 0
 
     def to_model(self, x: Array) -> Array:
         """Canonical (N, C, *spatial) -> the model's input axis order."""
