@@ -246,7 +246,8 @@ class BioimageioAdapter(Adapter):
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         x, single = check_images(x, self.describe())
         proba = self._probabilities(self.tiling.predict(x, self._deterministic, self._post_ops,
-                                                        max_voxels=self._max_voxels()))
+                                                        max_voxels=self._max_voxels(),
+                                                        rows_per_call=self._rows_per_call))
         return proba[0] if single else proba
 
     def mc_proba(self, x: np.ndarray, passes: int = 16, *, seed: int = 0, scope: str | None = None) -> np.ndarray:
@@ -265,7 +266,7 @@ class BioimageioAdapter(Adapter):
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)  # only TorchScript's own dropout layers draw from the global generator
             samples = self.tiling.predict(x, self._stochastic(seed, scope), self._post_ops, passes=passes,
-                                          max_voxels=self._max_voxels())
+                                          max_voxels=self._max_voxels(), rows_per_call=self._rows_per_call)
         proba = self._probabilities(samples)
         return proba[:, 0] if single else proba
 
@@ -282,7 +283,8 @@ class BioimageioAdapter(Adapter):
         """The package's own cellpose_flow_dynamics op (bioimageio.core runs Cellpose) on the raw outputs."""
         checked, single = check_images(x, self.describe())
         labels = self.tiling.predict(checked, self._deterministic, [*self._post_ops, self._mask_op],
-                                     max_voxels=self._max_voxels())[:, 0].astype(np.int32)
+                                     max_voxels=self._max_voxels(), rows_per_call=self._rows_per_call)
+        labels = labels[:, 0].astype(np.int32)
         return labels[0] if single else labels
 
     def network_input(self, image: np.ndarray) -> torch.Tensor:

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from bioimageio.core._op_base import BlockwiseOperator
 from bioimageio.core.axis import AxisId
 from bioimageio.core.common import Halo
 from bioimageio.core.digest_spec import get_block_transform, get_input_halo
+from bioimageio.core.proc_ops import BlockwiseOperator
 from bioimageio.core.sample import Sample
 from bioimageio.core.tensor import Tensor
 from bioimageio.spec.model import v0_5
@@ -155,9 +155,12 @@ class CoreTiling:
 
     # -- prediction ----------------------------------------------------------------------------------------------
     def predict(self, images: np.ndarray, forward: Forward, post_ops: Sequence[Any], *,
-                passes: int | None = None, max_voxels: int | None = None, blocks_per_call: int = 64
-                ) -> np.ndarray:
-        """(B, C, *S) images -> (B, K, *S) outputs, or (T, B, K, *S) for ``passes`` = T MC passes."""
+                passes: int | None = None, max_voxels: int | None = None,
+                rows_per_call: Callable[[np.ndarray], int] = lambda block: 64) -> np.ndarray:
+        """(B, C, *S) images -> (B, K, *S) outputs, or (T, B, K, *S) for ``passes`` = T MC passes.
+
+        Blocks go to ``forward`` in groups whose passes make about ``rows_per_call(block)`` rows, so the outputs
+        in flight stay within what one forward call may hold."""
         lay = self.layout
         plan = self.plan(images.shape[2:], max_voxels)
         prepared = [self.prepare(image, plan, index=i) for i, image in enumerate(images)]
@@ -165,7 +168,7 @@ class CoreTiling:
         n_passes = passes or 1
         pass_ids = list(range(passes)) if passes else None
         canvases: list[np.ndarray | None] = [None] * len(prepared)
-        step = max(1, blocks_per_call)
+        step = max(1, rows_per_call(jobs[0][1].data) // n_passes)
         for start in range(0, len(jobs), step):
             group = jobs[start:start + step]
             raw = forward(np.concatenate([block.data for _, block in group]), pass_ids)
