@@ -65,6 +65,8 @@ class Prepared:
 
 
 class CoreTiling:
+    """bioimageio.core's halo, pad mode, pre-processing split and block transform for one description."""
+
     def __init__(self, descr: v0_5.ModelDescr, layout: Layout, pre_ops: Sequence[Any]):
         self.layout = layout
         self.in_id, self.out_id = layout.input.id, layout.output.id
@@ -94,7 +96,7 @@ class CoreTiling:
         grid = self.layout.grid
         with_halo = tuple(s + 2 * h for s, h in zip(shape, self.halo))
         fits = (lambda s: True) if max_voxels is None else (lambda s: math.prod(s) <= max_voxels)
-        whole = with_halo if grid.is_valid(with_halo) else grid.at_least(with_halo)
+        whole = grid.at_least(with_halo)  # the image with its halo itself, when that is valid
         if whole is not None and fits(whole):
             return Plan(True, whole, tuple(w - s for w, s in zip(whole, with_halo)))
         block = grid.at_most([max(s, m) for s, m in zip(shape, grid.smallest)])
