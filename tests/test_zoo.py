@@ -103,7 +103,10 @@ def _tensor(image: np.ndarray, ids: list[str]) -> Tensor:
     return Tensor(np.transpose(array, [present.index(a) for a in ids]), dims=tuple(AxisId(a) for a in ids))
 
 
-@pytest.mark.slow  # about 3 minutes for the eight descriptions on 2 busy cores; the corpus is the point
+# slow: each description runs its real network at its real size (the nuclei models take only 512 x 512, the 3D
+# one is tested by core at up to 64^3 x 2); the eight took 24-103 s each, 7.8 min in all, on 2 cores shared with
+# other jobs (load 15-18)
+@pytest.mark.slow
 @pytest.mark.parametrize("description", RUNS, ids=[d.name for d in RUNS])
 def test_the_whole_chain(description, tmp_path):
     rdf = runnable(description, tmp_path)

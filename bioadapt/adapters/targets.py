@@ -126,7 +126,8 @@ def make_targets(labels: np.ndarray, output_kind: str, n_classes: int) -> np.nda
 def _check_classes(labels: np.ndarray, n: int, semantic_sigmoid: bool = False) -> None:
     if labels.max() >= n:
         other = (" If its channels are affinities, load it with output_targets='affinities' and affinity_offsets="
-                 "[[dy, dx], ...] (one per channel)" if semantic_sigmoid else "")
+                 "[[dy, dx], ...] (one per channel); distance maps and other regression channels cannot be trained "
+                 "from labels here" if semantic_sigmoid else "")
         raise BioadaptError(f"labels hold values up to {labels.max()} but the model predicts classes 0..{n - 1}; "
                             f"give class labels for this semantic model, not instance ids.{other}")
 
