@@ -234,12 +234,14 @@ class BioimageioAdapter(Adapter):
         """Post-processed outputs (..., K, *spatial) -> probabilities."""
         channel = -len(self.layout.spatial) - 1
         if self._extra_activation == "sigmoid":
-            outputs = 1 / (1 + np.exp(-outputs))
+            with np.errstate(over="ignore"):  # exp(-x) overflows to inf on large negative logits: the right 0
+                outputs = 1 / (1 + np.exp(-outputs))
         elif self._extra_activation == "softmax":
             e = np.exp(outputs - outputs.max(channel, keepdims=True))
             outputs = e / e.sum(channel, keepdims=True)
         if self.output_kind == "cellpose":  # (1 - p, p) of the cell-probability logit, as Cellpose does
-            p = 1 / (1 + np.exp(-np.take(outputs, [2], axis=channel)))
+            with np.errstate(over="ignore"):
+                p = 1 / (1 + np.exp(-np.take(outputs, [2], axis=channel)))
             outputs = np.concatenate([1 - p, p], axis=channel)
         return np.ascontiguousarray(outputs, dtype=np.float32)
 

@@ -201,8 +201,9 @@ class CoreTiling:
         done = []
         for chunk, stat in chunks:
             sample = Sample(members={self.out_id: Tensor(lay.to_model_output(chunk), dims=dims)}, stat=stat, id=None)
-            for op in post_ops:
-                op(sample)
+            with np.errstate(over="ignore"):  # a sigmoid's exp(-x) overflows to inf on large negative logits
+                for op in post_ops:           # and gives the right 0: an expected warning, not news
+                    op(sample)
             tensor = sample.members[self.out_id]
             done.append(lay.from_model(tensor.data.to_numpy(), [str(d) for d in tensor.dims]))
         return np.ascontiguousarray(np.concatenate(done), dtype=np.float32)

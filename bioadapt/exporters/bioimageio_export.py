@@ -76,15 +76,14 @@ def _declared_dtype(tensor: Any) -> np.dtype:
 
 
 def _representable(patch: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """``patch`` as ``dtype`` (exactly where it can be; else its range stretched over the dtype's)."""
+    """``patch`` as ``dtype``: rounded where its values lie in the dtype's range, else stretched over it."""
     if not np.issubdtype(dtype, np.integer):
         return patch.astype(dtype)
     info = np.iinfo(dtype)
-    if np.array_equal(patch, np.round(patch)) and patch.min() >= info.min and patch.max() <= info.max:
-        return patch.astype(dtype)
+    if patch.min() >= info.min and patch.max() <= info.max:
+        return np.round(patch).astype(dtype)
     low, high = float(patch.min()), float(patch.max())
-    top = min(info.max, 255) if info.min == 0 else info.max
-    return np.round((patch - low) / max(high - low, 1e-12) * top).astype(dtype)
+    return np.round((patch - low) / max(high - low, 1e-12) * (float(info.max) - info.min) + info.min).astype(dtype)
 
 
 def _write_weights(model: BioimageioAdapter, folder: Path, example: torch.Tensor) -> dict[str, str]:
@@ -156,15 +155,17 @@ def _describe(model: BioimageioAdapter, folder: Path, weights: Mapping[str, str]
         new_weights[fmt] = entry
     data["weights"] = new_weights
     data.update(
-        name=meta.name, description=meta.description, authors=[{"name": a} for a in meta.authors],
+        name=meta.name, description=meta.description, authors=list(meta.authors),
         license=meta.license or parent.license, version=meta.version or bump_version(parent.version),
-        cite=meta.cite or data.get("cite", []), tags=sorted(set(meta.tags or data.get("tags", [])) | {"bioadapt"}),
+        cite=list(meta.cite) or data.get("cite", []), tags=sorted(set(meta.tags or data.get("tags", [])) | {"bioadapt"}),
         documentation=file("README.md"), covers=[file(c) for c in covers], attachments=[],
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
         config=_config(data.get("config", {}), model, training),
     )
     for key in ("id", "id_emoji", "uploader", "maintainers", "packaged_by", "version_comment"):
         data.pop(key, None)
+    if meta.maintainers:
+        data["maintainers"] = list(meta.maintainers)
     data["parent"] = {"id": str(parent.id), **({"version": str(parent.version)} if parent.version else {})} \
         if parent.id else None
     if data["parent"] is None:
