@@ -223,8 +223,8 @@ def test_bad_images_and_labels(packages, image2d):
     nan[0, 0, 5, 5] = np.nan
     with pytest.raises(BioadaptError, match="NaN"):
         model.mc_proba(nan, passes=2)
-    with pytest.raises(BioadaptError, match="shaped"):
-        model.segment(np.zeros((64, 64), np.float32))
+    with pytest.raises(BioadaptError, match="shaped"):  # (Y, X) is one image of this one-channel model; 5D is not
+        model.segment(np.zeros((2, 1, 1, 64, 64), np.float32))
     image, labels = cell_patches("nuclei", 1)[0]
     with pytest.raises(BioadaptError, match="labels have shape"):
         model.fine_tune([(image, labels[:32])])

@@ -218,7 +218,8 @@ class BioimageioAdapter(Adapter):
             x = torch.from_numpy(batch).to(self.device)
             if self._head is None:
                 self._head = HeadSplit(self.module, x[:1], select=_first_output)
-            features = torch.cat([self._head.features(self.module, x[i:i + 1]) for i in range(len(x))])
+            rows = self._rows_per_call(batch[:1])
+            features = torch.cat([self._head.features(self.module, x[i:i + rows]) for i in range(0, len(x), rows)])
             raw = self._head.passes(features, CommonMasks(seed, self.dropout_p, self.dropout_kind), len(passes))
             return raw.cpu().numpy()
 
