@@ -59,7 +59,7 @@ class ScoreRequest:
 
 
 def patch_seed(seed: int, patch_id: int) -> int:
-    """One seed per patch, so scores do not depend on how patches are sharded."""
+    """One seed per patch for the random baseline, so its scores do not depend on how patches are sharded."""
     return (seed * 1_000_003 + patch_id) % (2**31)
 
 
@@ -84,10 +84,12 @@ def score_patches(adapter: Any, request: ScoreRequest, patches: Sequence[tuple[i
         if not np.isfinite(pixels).all():
             raise BioadaptError(f"patch {patch_id} at {list(origin)} of {request.image.uri} holds NaN or infinite "
                                 "pixels; fill them (or exclude that region with a sampling mask) before scoring")
-        seed = patch_seed(request.seed, patch_id)
-        samples = adapter.mc_proba(pixels[None], passes=request.passes, seed=seed)[:, 0]
-        score_map = function(samples, activation=activation, **({"seed": seed} if request.acquisition == "random"
-                                                                  else {}))
+        # one MC seed for the whole round: every patch sees the same dropout masks (common random numbers),
+        # so score differences come from the patches, not from the masks each happened to draw
+        samples = adapter.mc_proba(pixels[None], passes=request.passes, seed=request.seed)[:, 0]
+        score_map = function(samples, activation=activation,
+                             **({"seed": patch_seed(request.seed, patch_id)} if request.acquisition == "random"
+                                else {}))
         labels = adapter.segment(pixels[None])[0]
         if predictions is not None:
             predictions.write(origin, labels.astype(np.uint32), author="bioadapt-model")
@@ -262,8 +264,7 @@ class ModelWorker:
         from bioadapt.exporters import export_bioimageio
 
         if fine_tune_record:
-            self.adapter.last_fine_tune = {**(getattr(self.adapter, "last_fine_tune", None) or {}),
-                                           **fine_tune_record}
+            self.adapter.record_training(fine_tune_record.get("params", {}), fine_tune_record.get("result", {}))
         training = dict(training)
         if test_region is not None:
             training["test_input"] = test_region.read()[0]
