@@ -45,6 +45,10 @@ def test_error_texts_lose_the_data_folder_and_file_excerpts(guard, tmp_path):
     with pytest.raises(yaml.YAMLError) as parsed:
         yaml.safe_load("token: s3cr3t: value\n")
     assert "s3cr3t" in str(parsed.value) and "s3cr3t" not in guard.redact(str(parsed.value))
+    ruamel_like = ('could not read model: mapping values are not allowed here\n  in "<unicode string>", line 1, '
+                   'column 14:\n    token: s3cr3t: x\n                 ^ (line: 1)')
+    assert guard.redact(ruamel_like) == ('could not read model: mapping values are not allowed here\n'
+                                         '  in "<unicode string>", line 1, column 14:')
     pydantic_like = "name\n  Input should be a valid string [type=string_type, input_value='s3cr3t', input_type=int]"
     assert "s3cr3t" not in guard.redact(pydantic_like) and "Input should be a valid string" in guard.redact(
         pydantic_like)

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import zarr
 from model_factory import unet_package
-from service_helpers import ServiceProcess, client_for, ray_env, wait_until
+from service_helpers import ServiceProcess, client_for, ray_cpus_free, ray_env, wait_until
 
 from bioadapt.data.synthetic import write_synthetic_ome_zarr
 from bioadapt.errors import AccessDenied, BioadaptError
@@ -87,7 +87,7 @@ def inputs(tmp_path_factory):
     write_synthetic_ome_zarr(root / "corrupt.ome.zarr", (128, 128), "crowded", seed=4, chunks=(1, 64, 64))
     for chunk in _chunk_files(root / "corrupt.ome.zarr" / "0"):
         chunk.write_bytes(b"\x28\xb5\x2f\xfd not a zstd frame at all")
-    (root / "notes.txt").write_text(f"{SECRET_LINE}\nsecond line\n")
+    (root / "notes.txt").write_text(f"token: {SECRET_LINE}: x\nsecond line\n")  # YAML errors quote line 1
     model = unet_package(root / "model.zip", features=4, weights=("pytorch_state_dict",))
     truth = np.asarray(zarr.open_group(str(root / "image.ome.zarr"), mode="r")["labels/ground_truth/0"][:])
     return {"root": root, "data": root / "data", "image": root / "image.ome.zarr", "model": model, "truth": truth,
@@ -328,9 +328,9 @@ def test_one_user_runs_a_limited_number_of_jobs(alice, victim, inputs):
     _idle(alice)
     project = alice.create_project("many jobs", victim["model"]["id"], [{"uri": str(inputs["image"])}])
     started = []
-    try:  # long jobs (64 patches x 128 passes), so that they still run when the next call comes
+    try:  # long jobs (32 patches x 256 passes), so that they still run when the next call comes
         for _ in range(MAX_JOBS_PER_USER):
-            started.append(alice.score(project["id"], n_patches=64, patch_shape=PATCH, mc_passes=128)["job_id"])
+            started.append(alice.score(project["id"], n_patches=32, patch_shape=PATCH, mc_passes=256)["job_id"])
         error = _refused(lambda: alice.score(project["id"], n_patches=1, patch_shape=PATCH, mc_passes=2))
         assert re.search(rf"{MAX_JOBS_PER_USER} jobs", str(error)), str(error)
     finally:
@@ -456,8 +456,13 @@ def test_deleting_a_project_removes_its_jobs(alice, victim, inputs):
     project = alice.create_project("short-lived", victim["model"]["id"], [{"uri": str(inputs["image"])}])
     job = alice.score(project["id"], n_patches=16, patch_shape=PATCH, mc_passes=64)["job_id"]
     alice.delete_project(project["id"])
-    time.sleep(3)  # the cancelled job's last report comes after the delete
-    assert job not in [j["id"] for j in alice.list_jobs()]
+    # the cancelled job's last report comes when it ends, after the delete: it must not bring the job back
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert job not in [j["id"] for j in alice.list_jobs()], "the deleted project's job is listed again"
+        time.sleep(0.5)
+    wait_until(ray_cpus_free, 120, "the job's actors are gone")
+    assert job not in [j["id"] for j in alice.list_jobs()], "the deleted project's job is listed again"
     assert "no job" in str(_refused(lambda: alice.job_status(job)))
     assert not Path(project["folder"]).exists()
 

@@ -86,7 +86,7 @@ class PathGuard:
         return str(self.local(local_path(source) if source.startswith("file://") else source, "model path"))
 
 
-_CARET = re.compile(r"^\s*\^\s*$")
+_CARET = re.compile(r"^\s*\^\s*(\(line: \d+\))?\s*$")  # PyYAML's marker, ruamel's with "(line: N)"
 _INPUT_VALUE = re.compile(r"input_value=.*?, input_type=")
 
 
