@@ -207,7 +207,7 @@ def test_bad_images_and_labels(packages, image2d):
     with pytest.raises(BioadaptError, match="NaN"):
         model.mc_proba(nan, passes=2)
     with pytest.raises(BioadaptError, match="shaped"):
-        model.segment(np.zeros((64, 64), np.float32))
+        model.segment(np.zeros((64,), np.float32))
     image, labels = cell_patches("nuclei", 1)[0]
     with pytest.raises(BioadaptError, match="labels have shape"):
         model.fine_tune([(image, labels[:32])])
@@ -240,3 +240,12 @@ def test_weights_round_trip(packages, image2d, tmp_path):
     assert saved.name == "weights-torchscript.pt"
     reloaded = torch.jit.load(saved)
     assert set(reloaded.state_dict()) == set(script.state_dict())
+
+
+def test_patch_features_pool_the_last_feature_maps_and_do_not_depend_on_the_batch(packages, image2d):
+    model = load_adapter(packages["plain2d"], device="cpu")
+    together = model.patch_features(image2d)
+    assert together.shape == (2, 8) and together.dtype == np.float32  # mean and std of 4 feature maps
+    np.testing.assert_allclose(model.patch_features(image2d[1:]), together[1:], atol=ATOL)
+    assert np.abs(together[0] - together[1]).max() > 1e-4  # different images, different features
+    np.testing.assert_allclose(model.patch_features(image2d), together)  # deterministic: no dropout

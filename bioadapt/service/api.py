@@ -250,7 +250,7 @@ class BioadaptService:
             for row, todo in plan:
                 request = ScoreRequest(image=_ref(row), patch_shape=tuple(args.patch_shape), passes=args.mc_passes,
                                        acquisition=args.acquisition, seed=args.seed, predictions=row["predictions"],
-                                       uncertainty=row["uncertainty"])
+                                       uncertainty=row["uncertainty"], mask=row["mask"])
                 ranked += run_score(runner, project["model_source"], options, request, todo, actors=args.actors,
                                     gpu_fraction=self.gpu_fraction, weights=weights, done_before=done, total=total,
                                     on_shard=lambda results: self.store.record_scores(
@@ -491,11 +491,9 @@ def _ref(row: dict[str, Any]) -> ImageRef:
 
 
 def _mask(image: Any, mask: str | None) -> Any:
-    if mask == "auto":
-        from bioadapt.data import SamplingMask
+    from bioadapt.data.sampling import resolve_mask
 
-        return SamplingMask.from_image_level(image, level=-1, smooth_sigma=16)
-    return mask
+    return resolve_mask(image, mask)
 
 
 def _labels(labels: Any, shape: Sequence[int]) -> np.ndarray:

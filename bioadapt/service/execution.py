@@ -24,6 +24,11 @@ from bioadapt.errors import BioadaptError
 
 log = logging.getLogger(__name__)
 
+# torch threads (and Ray CPUs) per model actor or task. One: on the 2 busy cores we measured, a fine-tuning
+# step took 137 ms with one thread and 1.5 s with two (benchmarks/bench_threads.py, results/threads*.json);
+# more actors, not more threads per actor, use more cores. A model's options may set "threads".
+WORKER_THREADS = 1
+
 
 @dataclass(frozen=True)
 class ImageRef:
@@ -52,10 +57,12 @@ class ScoreRequest:
     patch_shape: tuple[int, ...]
     passes: int = 16
     acquisition: str = "bald"
-    reduce: str = "mean"
+    reduce: str = "mean"  # see bioadapt.active.patch_score
     seed: int = 0
     predictions: str | None = None  # LabelStore path for the model's segmentation of each patch
     uncertainty: str | None = None  # Zarr array path for the per-pixel acquisition map
+    mask: str | None = None  # the image's sampling mask (label image name or "auto"): scores count pixels inside it
+    features: bool = False  # also return the model's pooled features of each patch (for selection rules)
 
 
 def patch_seed(seed: int, patch_id: int) -> int:
@@ -67,10 +74,12 @@ def score_patches(adapter: Any, request: ScoreRequest, patches: Sequence[tuple[i
                   stop: threading.Event | None = None) -> list[dict[str, Any]]:
     """Score (patch id, origin) pairs: read, MC passes, acquisition map, patch score, segmentation, writes."""
     from bioadapt.active import ACQUISITIONS, patch_score
+    from bioadapt.data.sampling import resolve_mask
 
     if request.acquisition not in ACQUISITIONS:
         raise BioadaptError(f"unknown acquisition {request.acquisition!r}; known: {sorted(ACQUISITIONS)}")
     image = request.image.open()
+    sampling_mask = resolve_mask(image, request.mask)
     predictions = _open_predictions(request.predictions)
     uncertainty = _open_uncertainty(request.uncertainty)
     activation = adapter.describe().activation
@@ -95,10 +104,15 @@ def score_patches(adapter: Any, request: ScoreRequest, patches: Sequence[tuple[i
             predictions.write(origin, labels.astype(np.uint32), author="bioadapt-model")
         if uncertainty is not None:
             uncertainty[tuple(slice(o, o + s) for o, s in zip(origin, request.patch_shape))] = score_map
-        results.append({"patch_id": int(patch_id), "origin": [int(o) for o in origin],
-                        "score": patch_score(score_map, reduce=request.reduce),
-                        "objects": int(len(np.unique(labels)) - 1),
-                        "seconds": round(time.perf_counter() - started, 4)})
+        inside = None if sampling_mask is None else sampling_mask.window(origin, request.patch_shape)
+        if inside is not None and not inside.any():  # a window that only grazes the mask
+            inside = None
+        result = {"patch_id": int(patch_id), "origin": [int(o) for o in origin],
+                  "score": patch_score(score_map, inside, reduce=request.reduce, labels=labels),
+                  "objects": int(len(np.unique(labels)) - 1)}
+        if request.features:
+            result["features"] = [float(v) for v in adapter.patch_features(pixels[None])[0]]
+        results.append(result | {"seconds": round(time.perf_counter() - started, 4)})
     return results
 
 
@@ -174,7 +188,7 @@ class ModelWorker:
             path.write_bytes(source)
             source = str(path)
         try:
-            self.adapter = load_adapter(source, **(options or {}))
+            self.adapter = load_adapter(source, **{"threads": WORKER_THREADS, **(options or {})})
         except Exception as e:
             raise BioadaptError(f"worker on {os.uname().nodename} cannot load model {source!r}: {e}") from e
         if weights is not None:
@@ -303,17 +317,22 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> dict[s
     return dict(ray.cluster_resources())
 
 
-def actor_options(kind: str, gpu_fraction: float = 0.5) -> dict[str, Any]:
-    """Ray resources of one actor: a GPU fraction when the cluster has GPUs (a whole GPU to fine-tune), else one
-    CPU. Asking for GPUs on a cluster without any would leave the actor pending forever."""
+def actor_options(kind: str, gpu_fraction: float = 0.5, threads: int = WORKER_THREADS) -> dict[str, Any]:
+    """Ray resources of one actor: a GPU fraction when the cluster has GPUs (a whole GPU to fine-tune), else
+    ``threads`` CPUs (the torch threads it runs; Ray sets OMP_NUM_THREADS to the CPUs asked for). Asking for GPUs
+    on a cluster without any would leave the actor pending forever."""
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
     if gpus > 0:
-        return {"num_gpus": 1.0 if kind == "fine_tune" else gpu_fraction, "num_cpus": 1}
+        return {"num_gpus": 1.0 if kind == "fine_tune" else gpu_fraction, "num_cpus": threads}
     if gpu_fraction and kind == "score":
         log.info("no GPU in the Ray cluster: model actors run on CPUs")
-    return {"num_cpus": 1}
+    return {"num_cpus": threads}
+
+
+def _threads(options: dict[str, Any] | None) -> int:
+    return int((options or {}).get("threads") or WORKER_THREADS)
 
 
 def pool_size(requested: int | None, gpu_fraction: float = 0.5) -> int:
@@ -331,7 +350,7 @@ def make_actor(source: str | bytes, options: dict[str, Any] | None, kind: str = 
     """A model actor (threaded, so stop() and progress() answer while it works); restarted by Ray up to twice
     when its process dies."""
     return _remote(ModelWorker, max_concurrency=2, max_restarts=2, max_task_retries=0).options(
-        **actor_options(kind, gpu_fraction)).remote(source, options, weights)
+        **actor_options(kind, gpu_fraction, _threads(options))).remote(source, options, weights)
 
 
 
@@ -354,7 +373,7 @@ def run_on_worker(source: str | bytes, options: dict[str, Any] | None, weights: 
     in a worker process, never in the service's. Errors come back as BioadaptError with the worker's cause."""
     import ray
 
-    task = _remote(_worker_call, max_retries=0).options(**actor_options("task"))
+    task = _remote(_worker_call, max_retries=0).options(**actor_options("task", threads=_threads(options)))
     try:
         return ray.get(task.remote(source, options, weights, method, *args), timeout=timeout)
     except ray.exceptions.GetTimeoutError as e:

@@ -9,7 +9,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from bioadapt.errors import BioadaptError
 
-Acquisition = Literal["bald", "predictive_entropy", "variation_ratios", "mean_std", "random"]
+from bioadapt.active import ACQUISITIONS, STRATEGIES
+
+Acquisition = Literal[tuple(ACQUISITIONS)]  # per-pixel maps, by their names in bioadapt.active
+StrategyName = Literal[tuple(STRATEGIES)]  # acquisition + patch score + selection over the pool (bioadapt.active)
 PatchOrder = Literal["score", "id", "created", "annotated"]
 PatchStatus = Literal["pending", "annotated", "skipped"]
 MAX_INT = 2**53  # ids, offsets, seeds, coordinates: what a database integer and a JavaScript number both hold
