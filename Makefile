@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_scoring.py
 	$(BIN)/python benchmarks/bench_ray_scoring.py
 	$(BIN)/python benchmarks/bench_rpc.py
+	$(BIN)/python benchmarks/bench_fairness.py
 
 clean:
 	rm -rf $(VENV) $(VENV_CP3) demo-output .pytest_cache

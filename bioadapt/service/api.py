@@ -22,12 +22,14 @@ from typing import Any
 
 import numpy as np
 
+from bioadapt.data.stores import check_reachable, scheme_of
 from bioadapt.errors import AccessDenied, BioadaptError
 from bioadapt.service import schemas as s
 from bioadapt.service.db import make_engine
 from bioadapt.service.execution import (FineTuneRequest, ImageRef, LabelledRegion, ScoreRequest,
                                         create_uncertainty_store, run_on_worker)
 from bioadapt.service.jobs import JobRunner, JobStore, fine_tune_job, run_score
+from bioadapt.service.limits import JobQuota, Limits
 from bioadapt.service.paths import PathGuard
 from bioadapt.service.store import ProjectStore
 
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PATCH_PIXELS = 2048 * 2048
 MAX_RETURNED_EXPORT_BYTES = 64 * 2**20
+DELETE_WAIT_S = 30  # how long delete_project waits for the project's cancelled jobs to stop
 
 
 @dataclass(frozen=True)
@@ -47,29 +50,31 @@ class BioadaptService:
     def __init__(self, data_dir: str | Path, *, database_url: str | None = None,
                  allow_paths: Sequence[str | Path] = (), public: bool = False,
                  max_patch_pixels: int = DEFAULT_MAX_PATCH_PIXELS, gpu_fraction: float = 0.5,
-                 device: str = "auto"):
+                 device: str = "auto", limits: Limits | None = None):
         self.data_dir = Path(data_dir).expanduser().resolve()
         (self.data_dir / "projects").mkdir(parents=True, exist_ok=True)
         self.engine = make_engine(self.data_dir / "bioadapt.sqlite", database_url)
         self.store = ProjectStore(self.engine)
         self.jobs = JobStore(engine=self.engine)
         self.interrupted = self.jobs.mark_interrupted()
-        self.guard = PathGuard([self.data_dir, *allow_paths])
+        self.guard = PathGuard(allow_paths, private=self.data_dir)
         self.public = public
         self.max_patch_pixels = max_patch_pixels
         self.gpu_fraction = gpu_fraction
         self.device = device
         self.runners: dict[str, JobRunner] = {}
+        self.limits = limits or Limits.from_env()
+        self.job_quota = JobQuota(self.limits.jobs, self._running_jobs)
         self._open: dict[tuple, Any] = {}
         self._patch_locks: defaultdict[tuple[str, int], threading.Lock] = defaultdict(threading.Lock)
+        self._draw_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 
     # -- access ---------------------------------------------------------------------------------------
     def _project(self, caller: Caller, project_id: str) -> dict[str, Any]:
+        """The caller's project; another user's answers exactly as a missing one (ids must not be probed)."""
         project = self.store.project(project_id)
-        if project is None:
+        if project is None or project["owner"] != caller.id:
             raise BioadaptError(f"no project {project_id!r}; list_projects shows yours")
-        if project["owner"] != caller.id:
-            raise AccessDenied(f"project {project_id!r} belongs to another user")
         return project
 
     def _may_create(self, caller: Caller) -> None:
@@ -95,6 +100,8 @@ class BioadaptService:
     def _described(self, args: s.LoadModel) -> dict[str, Any]:
         """Source, options and describe() of a model, loaded once in a Ray worker to check that it works."""
         source = self.guard.model_source(args.source)
+        if scheme_of(source) in ("http", "https"):
+            check_reachable(source)  # else the worker's error talks of the zoo's id map, not of the address
         options = {k: v for k, v in {"dropout_p": args.dropout_p, "mc_scope": args.mc_scope,
                                      "output_activation": args.output_activation}.items() if v is not None}
         info = run_on_worker(source, {**options, "device": "cpu"}, None, "describe")
@@ -108,7 +115,7 @@ class BioadaptService:
         self._may_create(caller)
         model = self.store.model(args.model)
         if model is not None and model["owner"] != caller.id:
-            raise AccessDenied(f"model {args.model!r} belongs to another user")
+            model = None  # another user's model id is taken as what it would be if it did not exist: a source
         described = self._described(s.LoadModel(source=args.model)) if model is None else model
         images = [self._checked_image(spec, described["info"]) for spec in args.images]  # all checked before writing
         model = model or self.store.add_model(caller.id, **described)
@@ -138,10 +145,16 @@ class BioadaptService:
                 "versions": self.store.versions(project["id"]), "patches": self.store.counts(project["id"])}
 
     def delete_project(self, caller: Caller, args: s.DeleteProject) -> dict[str, Any]:
+        """Cancel the project's jobs and wait (a while) for them to stop writing into its folder, then remove
+        its records (jobs included) and its folder."""
         project = self._project(caller, args.project_id)
-        for job in self.jobs.list(project_id=project["id"]):
-            if job.id in self.runners:
-                self.runners[job.id].cancel()
+        runners = [self.runners[job.id] for job in self.jobs.list(project_id=project["id"]) if job.id in self.runners]
+        for runner in runners:
+            runner.cancel()
+        deadline = time.monotonic() + DELETE_WAIT_S
+        for runner in runners:
+            runner.thread.join(max(0.0, deadline - time.monotonic()))
+            self.runners.pop(runner.job.id, None)
         self._delete(project)
         return {"deleted": project["id"]}
 
@@ -162,6 +175,7 @@ class BioadaptService:
         uri = self.guard.uri(spec.uri)
         try:
             image = open_image(uri, spec.axes, spec.channels)
+            image.check_decodes()
         except BioadaptError:
             raise
         except Exception as e:
@@ -213,34 +227,18 @@ class BioadaptService:
 
     # -- scoring --------------------------------------------------------------------------------------
     def score(self, caller: Caller, args: s.Score, progress: Callable[[dict], Any] | None = None) -> dict[str, Any]:
-        from bioadapt.data import PatchWindow, sample_patches
-
         project = self._project(caller, args.project_id)
         version, weights = self._weights(project, args.version)
         images = ([self._image(project, args.image_id)] if args.image_id else self.store.images(project["id"]))
         if not images:
             raise BioadaptError(f"project {project['id']!r} has no images; add one with add_image")
-        drawn = []  # (image row, new windows, earlier patches to re-score): every image first, then the writes
-        share = [args.n_patches // len(images) + (i < args.n_patches % len(images)) for i in range(len(images))]
-        for row, n in zip(images, share):
-            image = self._opened_image(row)
-            if len(args.patch_shape) != len(image.spatial_axes):
-                raise BioadaptError(f"patch_shape {args.patch_shape} has {len(args.patch_shape)} dimensions; the "
-                                    f"image has spatial axes {image.spatial_axes!r}")
-            if math.prod(args.patch_shape) > self.max_patch_pixels:
-                raise BioadaptError(f"patches of {args.patch_shape} exceed {self.max_patch_pixels} pixels; use "
-                                    "smaller patches")
-            earlier = self.store.patches(project["id"], image_id=row["id"], order="id")
-            avoid = [PatchWindow(tuple(p["origin"]), tuple(p["shape"])) for p in earlier]
-            windows = sample_patches(image, n, args.patch_shape, mask=_mask(image, row["mask"]),
-                                     seed=args.seed + len(earlier), avoid=avoid) if n else []
-            todo = [(p["id"], p["origin"]) for p in earlier
-                    if args.rescore_pending and p["status"] == "pending" and p["shape"] == args.patch_shape]
-            drawn.append((row, windows, todo))
-        plan = []  # (image row, [(patch id, origin)])
-        for row, windows, todo in drawn:
-            ids = self.store.add_patches(project["id"], row["id"], [(w.origin, w.shape) for w in windows])
-            plan.append((row, todo + [(i, list(w.origin)) for i, w in zip(ids, windows)]))
+        with self.job_quota.reserve(caller.id):  # before the draw: a refused call leaves no patch behind
+            with self._draw_locks[project["id"]]:  # one draw per project at a time here; add_drawn checks replicas
+                plan = self._draw(project, images, args)
+            return self._score_job(caller, project, version, weights, args, plan, progress)
+
+    def _score_job(self, caller: Caller, project: dict[str, Any], version: dict[str, Any], weights: str | None,
+                   args: s.Score, plan: list, progress: Callable[[dict], Any] | None) -> dict[str, Any]:
         total = sum(len(todo) for _, todo in plan)
         if total == 0:
             raise BioadaptError("no new patch fits: the image (or its mask) is covered by earlier patches or too "
@@ -264,9 +262,37 @@ class BioadaptService:
             return {"scored": len(ranked), "version": version["number"], "acquisition": args.acquisition,
                     "top": ranked[:20]}
 
-        runner = JobRunner(self.jobs, "score", work, project_id=project["id"], owner=caller.id, progress=progress)
-        self.runners[runner.job.id] = runner
+        runner = self._start(JobRunner(self.jobs, "score", work, project_id=project["id"], owner=caller.id,
+                                       progress=progress))
         return {"job_id": runner.job.id, "patches": total}
+
+    def _draw(self, project: dict[str, Any], images: list[dict[str, Any]], args: s.Score) -> list:
+        """New windows for every image (all checked before any is stored), stored in one transaction; earlier
+        pending patches to re-score with them: [(image row, [(patch id, origin)])]."""
+        from bioadapt.data import PatchWindow, sample_patches
+
+        seen = self.store.last_patch_id(project["id"])
+        drawn = []  # (image row, new windows, earlier patches to re-score)
+        share = [args.n_patches // len(images) + (i < args.n_patches % len(images)) for i in range(len(images))]
+        for row, n in zip(images, share):
+            image = self._opened_image(row)
+            if len(args.patch_shape) != len(image.spatial_axes):
+                raise BioadaptError(f"patch_shape {args.patch_shape} has {len(args.patch_shape)} dimensions; the "
+                                    f"image has spatial axes {image.spatial_axes!r}")
+            if math.prod(args.patch_shape) > self.max_patch_pixels:
+                raise BioadaptError(f"patches of {args.patch_shape} exceed {self.max_patch_pixels} pixels; use "
+                                    "smaller patches")
+            earlier = self.store.patches(project["id"], image_id=row["id"], order="id")
+            avoid = [PatchWindow(tuple(p["origin"]), tuple(p["shape"])) for p in earlier]
+            windows = sample_patches(image, n, args.patch_shape, mask=_mask(image, row["mask"]),
+                                     seed=args.seed + len(earlier), avoid=avoid) if n else []
+            todo = [(p["id"], p["origin"]) for p in earlier
+                    if args.rescore_pending and p["status"] == "pending" and p["shape"] == args.patch_shape]
+            drawn.append((row, windows, todo))
+        added = self.store.add_drawn(project["id"], {row["id"]: [(w.origin, w.shape) for w in windows]
+                                                     for row, windows, _ in drawn}, seen=seen)
+        return [(row, todo + [(i, list(w.origin)) for i, w in zip(added[row["id"]], windows) if i is not None])
+                for row, windows, todo in drawn]
 
     # -- patches --------------------------------------------------------------------------------------
     def list_patches(self, caller: Caller, args: s.ListPatches) -> list[dict[str, Any]]:
@@ -325,13 +351,13 @@ class BioadaptService:
     def fine_tune(self, caller: Caller, args: s.FineTune, progress: Callable[[dict], Any] | None = None
                   ) -> dict[str, Any]:
         project = self._project(caller, args.project_id)
+        params = {**s.tuning_params(project["model_info"].get("kind", "bioimageio"), args.params),
+                  "epochs": args.epochs, "learning_rate": args.learning_rate, "batch_size": args.batch_size}
         base, weights = self._weights(project, args.base_version)
         regions = self._regions(project, "train")
         if not regions:
             raise BioadaptError("no annotated training patches yet: submit labels for some patches first (a share "
                                 "of them is held out for evaluation)")
-        params = {**args.params, "epochs": args.epochs, "learning_rate": args.learning_rate,
-                  "batch_size": args.batch_size}
         folder = Path(project["folder"]) / "versions"
         target = folder / f"{uuid.uuid4().hex[:12]}.pt"
 
@@ -343,36 +369,57 @@ class BioadaptService:
                                    {"training": outcome["result"], "patches": len(regions)}, job_id)
             return {**outcome, "version": number, "parent": base["number"], "path": outcome["version"]}
 
-        runner = fine_tune_job(self.jobs, project["model_source"], self._options(project),
-                               FineTuneRequest(tuple(regions), params), folder, weights=weights, target=target,
-                               project_id=project["id"], owner=caller.id, on_result=record, progress=progress)
-        self.runners[runner.job.id] = runner
+        with self.job_quota.reserve(caller.id):
+            runner = self._start(fine_tune_job(
+                self.jobs, project["model_source"], self._options(project), FineTuneRequest(tuple(regions), params),
+                folder, weights=weights, target=target, project_id=project["id"], owner=caller.id, on_result=record,
+                progress=progress))
         return {"job_id": runner.job.id, "patches": len(regions), "base_version": base["number"]}
 
     # -- jobs -----------------------------------------------------------------------------------------
+    def _start(self, runner: JobRunner) -> JobRunner:
+        """Keep a started job's runner (for cancel and the per-user limit); forget those that ended."""
+        for job_id, other in list(self.runners.items()):
+            if not other.thread.is_alive():
+                self.runners.pop(job_id, None)
+        self.runners[runner.job.id] = runner
+        return runner
+
+    def _running_jobs(self, user: str) -> int:
+        return sum(1 for r in list(self.runners.values()) if r.job.owner == user and r.thread.is_alive())
+
     def _job(self, caller: Caller, job_id: str):
         try:
             job = self.jobs.get(job_id)
         except BioadaptError:
-            raise BioadaptError(f"no job {job_id!r}; list_jobs shows yours") from None
-        if job.owner != caller.id:
-            raise AccessDenied(f"job {job_id!r} belongs to another user")
+            job = None
+        if job is None or job.owner != caller.id:  # another user's job answers as a missing one
+            raise BioadaptError(f"no job {job_id!r}; list_jobs shows yours")
         return job
 
     def job_status(self, caller: Caller, args: s.JobStatus) -> dict[str, Any]:
-        return self._job(caller, args.job_id).to_dict()
+        return self._public_job(self._job(caller, args.job_id))
 
     def list_jobs(self, caller: Caller, args: s.ListJobs) -> list[dict[str, Any]]:
         if args.project_id is not None:
             self._project(caller, args.project_id)
-        return [job.to_dict() for job in self.jobs.list(project_id=args.project_id, owner=caller.id)]
+        return [self._public_job(job) for job in self.jobs.list(project_id=args.project_id, owner=caller.id)]
+
+    def _public_job(self, job: Any) -> dict[str, Any]:
+        answer = job.to_dict()
+        if answer["error"]:  # a worker's cause may name files in the data folder
+            answer["error"] = self.guard.redact(answer["error"])
+        return answer
 
     def cancel_job(self, caller: Caller, args: s.CancelJob) -> dict[str, Any]:
+        """Ask a job to stop; ``cancel_requested`` only when it was still running here (a finished job, or one a
+        restart interrupted, has nothing to cancel)."""
         job = self._job(caller, args.job_id)
         runner = self.runners.get(job.id)
-        if runner is not None and job.state in ("queued", "running"):
+        requested = runner is not None and runner.thread.is_alive() and job.state in ("queued", "running")
+        if requested:
             runner.cancel()
-        return {"job_id": job.id, "state": job.state, "cancel_requested": runner is not None}
+        return {"job_id": job.id, "state": job.state, "cancel_requested": requested}
 
     # -- evaluation, prediction, export ---------------------------------------------------------------
     def evaluate(self, caller: Caller, args: s.Evaluate) -> dict[str, Any]:
