@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     from bioadapt.data import open_image, sample_patches
     from bioadapt.data.synthetic import synthetic_cells, write_synthetic_ome_zarr
     from bioadapt.demo import build_base_model
-    from bioadapt.service.execution import ModelWorker
+    from bioadapt.service.execution import ModelActor, ModelSpec
 
     args = parse_args(argv)
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
         test = synthetic_cells((args.test_size, args.test_size), "crowded", seed=12)
         test_set = [(test.image[:, y:y + 128, x:x + 128].astype(np.float32), test.labels[y:y + 128, x:x + 128])
                     for y in range(0, args.test_size, 128) for x in range(0, args.test_size, 128)]
-        worker = ModelWorker(str(base), {"device": "cpu"})
+        worker = ModelActor(ModelSpec(str(base), {"device": "cpu"}))
         base_state = worker.adapter.state_dict()
         base_f1 = f1_on(worker.adapter, test_set)
         print(f"base model: F1 {base_f1:.3f} on {len(test_set)} test tiles; pool of {len(windows)} patches")
@@ -109,11 +109,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 def pool_scores(worker, image_path: Path, windows, acquisition: str, passes: int, seed: int) -> dict:
     """Every pool patch scored by the service's scoring code, in pool order."""
-    from bioadapt.service.execution import ImageRef, ScoreRequest
+    from bioadapt.data import ImageRef
+    from bioadapt.service.tasks.score import ScoreRequest, score_patches
 
     request = ScoreRequest(image=ImageRef(str(image_path)), patch_shape=windows[0].shape, passes=passes,
                            acquisition=acquisition, seed=seed)
-    results = worker.score(request, [(i, w.origin) for i, w in enumerate(windows)])
+    results = score_patches(worker.adapter, request, [(i, w.origin) for i, w in enumerate(windows)])
     by_id = {r["patch_id"]: r for r in results}
     return {"score": np.array([by_id[i]["score"] for i in range(len(windows))]),
             "objects": np.array([by_id[i]["objects"] for i in range(len(windows))])}

@@ -55,6 +55,20 @@ def select_diverse(scores: Sequence[float], descriptors: np.ndarray, k: int, *, 
     return sorted(chosen, key=lambda i: (-scores[i], i))
 
 
+def select(strategy: str, scores: Sequence[float], descriptors: np.ndarray, k: int, *, seed: int = 0) -> list[int]:
+    """``k`` indices picked by a strategy of ``SELECTIONS`` (one signature for every strategy: the scores of the
+    pool and a descriptor row per patch, used by the strategies that need one)."""
+    if strategy not in SELECTIONS:
+        raise BioadaptError(f"unknown selection strategy {strategy!r}; known: {sorted(SELECTIONS)}")
+    return SELECTIONS[strategy](scores, descriptors, k, seed=seed)
+
+
+SELECTIONS = {
+    "top": lambda scores, descriptors, k, seed=0: select_top(scores, k),
+    "diverse": lambda scores, descriptors, k, seed=0: select_diverse(scores, descriptors, k, seed=seed),
+}
+
+
 def _weighted_kmeans(points: np.ndarray, weights: np.ndarray, k: int, rng: np.random.Generator,
                      iterations: int) -> np.ndarray:
     """Lloyd's k-means with k-means++ seeding, every point counted with its weight; returns cluster ids."""

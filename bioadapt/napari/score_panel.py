@@ -1,5 +1,6 @@
-"""Score new patches of the open project: how many, their size, MC-dropout passes and the acquisition function;
-a progress bar follows the service's job, and Cancel stops it."""
+"""Score patches of the open project: random new patches (how many) or every tile inside the mask (grid, a whole
+slide), their size, MC-dropout passes, the acquisition function and how the patches to label are picked; a
+progress bar follows the service's job, and Cancel stops it. The fields start from the service's defaults."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLineEdit, QProg
 from bioadapt.errors import BioadaptError
 from bioadapt.napari.fields import int_field
 from bioadapt.napari.session import Session
-from bioadapt.service.client import ACQUISITIONS
+from bioadapt.service.client import ACQUISITIONS, DEFAULT_RANDOM_PATCHES, SELECTIONS, defaults
 
 
 class ScorePanel(QWidget):
@@ -19,12 +20,23 @@ class ScorePanel(QWidget):
         super().__init__(parent)
         self.session = session
         self.job_id: str | None = None
-        self.n_patches = int_field(1, 100_000, 32)
-        self.patch_shape = QLineEdit("256, 256")
+        default = defaults("score")
+        self.mode = QComboBox()
+        self.mode.addItems(["random", "grid"])
+        self.mode.setToolTip("random: new patches drawn inside the mask; grid: every tile inside the mask")
+        self.n_patches = int_field(1, 100_000, DEFAULT_RANDOM_PATCHES)
+        self.n_patches.setToolTip("random mode: how many new patches (grid mode scores every tile)")
+        self.patch_shape = QLineEdit(", ".join(map(str, default["patch_shape"])))
         self.patch_shape.setToolTip("patch size in pixels: Y, X (2D images) or Z, Y, X (3D)")
-        self.mc_passes = int_field(2, 256, 16)
+        self.mc_passes = int_field(2, 256, default["mc_passes"])
         self.acquisition = QComboBox()
         self.acquisition.addItems(ACQUISITIONS)
+        self.acquisition.setCurrentText(default["acquisition"])
+        self.selection = QComboBox()
+        self.selection.addItems(SELECTIONS)
+        self.selection.setCurrentText(default["selection"])
+        self.selection.setToolTip("how the patches to label are picked from every pending patch: the top scores, or "
+                                  "top scores spread over the image and its looks (diverse)")
         self.score_button = QPushButton("Score")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
@@ -35,12 +47,15 @@ class ScorePanel(QWidget):
         buttons.addWidget(self.score_button)
         buttons.addWidget(self.cancel_button)
         form = QFormLayout(self)
+        form.addRow("Mode", self.mode)
         form.addRow("Patches", self.n_patches)
         form.addRow("Patch size", self.patch_shape)
         form.addRow("MC passes", self.mc_passes)
         form.addRow("Acquisition", self.acquisition)
+        form.addRow("Pick", self.selection)
         form.addRow(buttons)
         form.addRow(self.progress)
+        self.mode.currentTextChanged.connect(lambda mode: self.n_patches.setEnabled(mode == "random"))
         self.score_button.clicked.connect(lambda: session.act("scoring", self.score))
         self.cancel_button.clicked.connect(lambda: session.act("cancelling scoring", self.cancel))
 
@@ -53,17 +68,20 @@ class ScorePanel(QWidget):
 
     def score(self) -> None:
         _, project_id = self.session.need_project()
-        arguments = {"n_patches": self.n_patches.value(), "patch_shape": self.shape(),
-                     "mc_passes": self.mc_passes.value(), "acquisition": self.acquisition.currentText()}
+        arguments = {"mode": self.mode.currentText(), "patch_shape": self.shape(), "mc_passes": self.mc_passes.value(),
+                     "acquisition": self.acquisition.currentText(), "selection": self.selection.currentText()}
+        if arguments["mode"] == "random":
+            arguments["n_patches"] = self.n_patches.value()
         self.score_button.setEnabled(False)
-        self.session.say(f"scoring {arguments['n_patches']} patches ({arguments['acquisition']}, "
-                         f"{arguments['mc_passes']} MC passes) ...")
+        how_many = arguments.get("n_patches", "every tile inside the mask:")
+        self.session.say(f"scoring {how_many} patches ({arguments['acquisition']}, {arguments['mc_passes']} MC "
+                         "passes) ...")
         self.session.start_job("scoring", lambda client: client.score(project_id, **arguments), self._started,
                                self._progressed, self._finished, self._idle)
 
     def _started(self, started: dict[str, Any]) -> None:
         self.job_id = started["job_id"]
-        self.progress.setRange(0, started["patches"])
+        self.progress.setRange(0, started["patches"] or 0)  # grid: the count comes with the job's progress
         self.progress.setValue(0)
         self.cancel_button.setEnabled(True)
 

@@ -30,7 +30,7 @@ def _arguments(name: str, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]
     if args and len(args) == 1 and isinstance(args[0], dict) and not kwargs:
         return dict(args[0])
     fields = list(schemas.FUNCTIONS[name].model_fields)
-    if name in schemas.WITH_PROGRESS:
+    if name in schemas.JOB_FUNCTIONS:
         fields.append("progress")
     if len(args) > len(fields):
         raise BioadaptError(f"{name} takes at most {len(fields)} positional arguments ({', '.join(fields)}), "
@@ -63,7 +63,7 @@ def build_service(api: BioadaptService, *, public: bool = False, workers: int = 
             try:
                 caller = caller_of(context)
                 values = _arguments(name, args, kwargs)
-                progress = values.pop("progress", None) if name in schemas.WITH_PROGRESS else None
+                progress = values.pop("progress", None) if name in schemas.JOB_FUNCTIONS else None
                 try:
                     validated = model.model_validate(values)
                 except ValidationError as e:

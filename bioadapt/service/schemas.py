@@ -1,5 +1,8 @@
 """The arguments of every service function as pydantic models: they give each function its JSON schema (for
-ImJoy, napari and LLM agents) and validate every call (Hypha publishes schemas but does not check calls)."""
+ImJoy, napari and LLM agents), validate every call (Hypha publishes schemas but does not check calls), and are
+the one place that declares each function's parameters and defaults: the Python client's methods are made from
+them, and a parameter the caller leaves out keeps the default declared here (or, for fine-tuning, the adapter's
+own)."""
 
 from __future__ import annotations
 
@@ -7,10 +10,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Acquisition = Literal["bald", "predictive_entropy", "variation_ratios", "mean_std", "random"]
-PatchOrder = Literal["score", "id", "created", "annotated"]
+from bioadapt.active import ACQUISITIONS, DEFAULT_ACQUISITION, DEFAULT_SELECTION, SELECTIONS
+
+Acquisition = Literal[tuple(ACQUISITIONS)]
+Selection = Literal[tuple(SELECTIONS)]
+PatchOrder = Literal["selection", "score", "id", "created", "annotated"]
 PatchStatus = Literal["pending", "annotated", "skipped"]
 Shape = list[int]
+DEFAULT_RANDOM_PATCHES = 64
+MAX_PATCHES = 100_000
 
 
 class Args(BaseModel):
@@ -34,6 +42,9 @@ class ImageSpec(Args):
     channels: list[int] | None = Field(None, description="channels to feed the model (default: all)")
     mask: str | None = Field(None, description="sampling mask: 'auto' (foreground of the coarsest level) or the name "
                                               "of a label image inside the OME-Zarr (e.g. 'tissue')")
+    storage_options: dict[str, Any] | None = Field(
+        None, description="fsspec options to reach a remote image, e.g. {'key': ..., 'secret': ..., 'client_kwargs': "
+                          "{'endpoint_url': ...}} for s3://; kept with the project, never shown back")
 
 
 class CreateProject(Args):
@@ -66,29 +77,59 @@ class DeleteProject(ProjectRef):
     """Delete a project with its labels, predictions, model versions and exports."""
 
 
-class AddImage(ProjectRef, ImageSpec):
+class AddImage(ImageSpec, ProjectRef):
     """Add an image to a project."""
 
 
 class Score(ProjectRef):
-    """Draw new patches (random, inside the mask, not overlapping earlier ones) and score them with MC dropout on
-    Ray actors; returns a job id (poll job_status, or pass a progress callback)."""
+    """Score patches with MC dropout on Ray actors, then pick the ones to annotate from the whole pool of pending
+    patches (list_patches gives them first); returns a job id (wait for it, or pass a progress callback).
+    mode 'random': new patches drawn at random inside the mask, not overlapping earlier ones. mode 'grid': every
+    tile inside the mask (a whole slide), with an uncertainty overview of the image (get_overview)."""
 
-    n_patches: int = Field(64, ge=1, le=100_000)
+    n_patches: int | None = Field(None, ge=1, le=MAX_PATCHES, description=f"random: how many patches (default "
+                                  f"{DEFAULT_RANDOM_PATCHES}); grid: at most this many tiles (default: every tile)")
     patch_shape: Shape = Field(default_factory=lambda: [256, 256], min_length=2, max_length=3)
     mc_passes: int = Field(16, ge=2, le=256)
-    acquisition: Acquisition = "bald"
-    image_id: str | None = Field(None, description="default: patches spread over every image of the project")
+    acquisition: Acquisition = DEFAULT_ACQUISITION
+    image_id: str | None = Field(None, description="default: every image of the project")
     version: int | None = Field(None, ge=0, description="model version (default: the latest)")
     seed: int = Field(0, ge=0)
-    rescore_pending: bool = Field(False, description="also re-score earlier patches still waiting for labels")
+    rescore_pending: bool = Field(False, description="random: also re-score earlier patches still waiting for "
+                                                     "labels (grid mode re-scores pending tiles always)")
     actors: int | None = Field(None, ge=1, le=1024, description="at most this many model actors")
+    mode: Literal["random", "grid"] = "random"
+    stride: Shape | None = Field(None, min_length=2, max_length=3, description="grid: tile step (default: the "
+                                                                               "patch shape)")
+    selection: Selection = Field(DEFAULT_SELECTION, description="how the patches to annotate are picked")
+    select: int = Field(32, ge=1, le=MAX_PATCHES, description="how many patches to pick for annotation")
+
+
+class SelectPatches(ProjectRef):
+    """Pick the patches to annotate again from every pending scored patch of the project (no new scoring);
+    list_patches gives them first."""
+
+    selection: Selection = DEFAULT_SELECTION
+    select: int = Field(32, ge=1, le=MAX_PATCHES)
+    acquisition: Acquisition | None = Field(None, description="rank by this acquisition's scores (default: each "
+                                                              "patch's latest score)")
+    seed: int = Field(0, ge=0)
+
+
+class GetOverview(ProjectRef):
+    """An image's uncertainty overview (a coarse level of its uncertainty OME-Zarr: mean acquisition per pixel,
+    NaN where nothing was scored) and the image's own level of about the same size, with the level-0 pixels per
+    overview pixel, to lay both over the whole image."""
+
+    image_id: str
+    max_pixels: int = Field(1024 * 1024, ge=1, le=16 * 1024 * 1024)
 
 
 class ListPatches(ProjectRef):
-    """Patches of a project, the most uncertain first by default."""
+    """Patches of a project: by default the ones picked for annotation first (in their order), then the rest by
+    score."""
 
-    order: PatchOrder = "score"
+    order: PatchOrder = "selection"
     status: PatchStatus | None = None
     image_id: str | None = None
     limit: int = Field(50, ge=1, le=10_000)
@@ -116,11 +157,12 @@ class SkipPatch(PatchRef):
 
 class FineTune(ProjectRef):
     """Fine-tune on every annotated training patch on a Ray actor; returns a job id. A new model version
-    appears when the job is done; cancel keeps the previous versions untouched."""
+    appears when the job is done; cancel keeps the previous versions untouched. Parameters left out keep the
+    adapter's own defaults (e.g. Cellpose's train_seg learning rate and weight decay)."""
 
-    epochs: int = Field(20, ge=1, le=10_000)
-    learning_rate: float = Field(1e-3, gt=0, le=1)
-    batch_size: int = Field(4, ge=1, le=1024)
+    epochs: int | None = Field(None, ge=1, le=10_000, description="default: the adapter's")
+    learning_rate: float | None = Field(None, gt=0, le=1, description="default: the adapter's")
+    batch_size: int | None = Field(None, ge=1, le=1024, description="default: the adapter's")
     base_version: int | None = Field(None, ge=0, description="version to start from (default: the latest)")
     params: dict[str, Any] = Field(default_factory=dict, description="more fine-tuning parameters of the adapter")
 
@@ -137,6 +179,13 @@ class CancelJob(JobRef):
     """Ask a running job to stop (within a couple of seconds)."""
 
 
+class JobOutput(JobRef):
+    """A file a finished job made (its result lists them under 'outputs'): an array (predict's labels) or bytes
+    (export's package)."""
+
+    name: str = Field(min_length=1, max_length=64)
+
+
 class ListJobs(Args):
     """Your jobs, optionally of one project."""
 
@@ -145,42 +194,44 @@ class ListJobs(Args):
 
 class Evaluate(ProjectRef):
     """Compare model versions on the held-out annotated patches: F1 and AP at IoU 0.5 for instance models, Dice
-    for semantic ones."""
+    for semantic ones; returns a job id (the metrics are its result)."""
 
     versions: list[int] | None = Field(None, description="default: the first and the latest version")
 
 
 class Predict(ProjectRef):
-    """Segment a region of a project image with a model version: written to the image's prediction store, or
-    returned as an array when small and return_array is set."""
+    """Segment a region of a project image with a model version; returns a job id. The labels go to the image's
+    prediction store, or, with return_array (small regions), to the job's output 'labels' (job_output)."""
 
     image_id: str
     origin: Shape
     shape: Shape
     version: int | None = Field(None, ge=0)
-    return_array: bool = Field(False, description="return labels instead of writing them (small regions only)")
+    return_array: bool = Field(False, description="keep the labels as the job's output instead of writing them "
+                                                   "(small regions only)")
 
 
 class ExportModel(ProjectRef):
-    """Export a model version as a bioimage.io package (format 0.5) that passes bioimageio.core's test."""
+    """Export a model version as a bioimage.io package (format 0.5) that passes bioimageio.core's test; returns a
+    job id. The package is the job's output 'package' (job_output), and stays in the project's folder."""
 
     version: int | None = Field(None, ge=0, description="default: the latest")
     name: str | None = None
     description: str | None = None
     authors: list[str] = Field(default_factory=list)
     license: str | None = None
-    return_bytes: bool = Field(False, description="also return the .zip bytes (small packages only)")
 
 
 FUNCTIONS: dict[str, type[Args]] = {
     "load_model": LoadModel, "list_models": ListModels, "create_project": CreateProject,
     "list_projects": ListProjects, "get_project": GetProject, "delete_project": DeleteProject,
-    "add_image": AddImage, "score": Score, "list_patches": ListPatches, "get_patch": GetPatch,
-    "submit_labels": SubmitLabels, "skip_patch": SkipPatch, "fine_tune": FineTune, "job_status": JobStatus,
-    "list_jobs": ListJobs, "cancel_job": CancelJob, "evaluate": Evaluate, "predict": Predict,
-    "export_model": ExportModel,
+    "add_image": AddImage, "score": Score, "select_patches": SelectPatches, "list_patches": ListPatches,
+    "get_patch": GetPatch, "get_overview": GetOverview, "submit_labels": SubmitLabels, "skip_patch": SkipPatch,
+    "fine_tune": FineTune, "job_status": JobStatus, "list_jobs": ListJobs, "cancel_job": CancelJob,
+    "job_output": JobOutput, "evaluate": Evaluate, "predict": Predict, "export_model": ExportModel,
 }
-WITH_PROGRESS = ("score", "fine_tune")
+#: Functions that start a job (they return {"job_id", ...} at once and take an optional progress callback).
+JOB_FUNCTIONS = ("score", "fine_tune", "evaluate", "predict", "export_model")
 
 
 def function_schema(name: str) -> dict[str, Any]:
@@ -189,7 +240,7 @@ def function_schema(name: str) -> dict[str, Any]:
     parameters = model.model_json_schema()
     parameters.pop("title", None)
     description = parameters.pop("description", (model.__doc__ or "").strip())
-    if name in WITH_PROGRESS:
+    if name in JOB_FUNCTIONS:
         parameters.setdefault("properties", {})["progress"] = {
             "description": "optional callback receiving progress dicts while the job runs: an object "
                            "{_rintf: true, on_progress: function} (a bare function is dropped when the call "

@@ -41,6 +41,7 @@ class ServeOptions:
     port: int | None = None
     num_cpus: int | None = None
     device: str = "auto"
+    actor_idle_s: float | None = None  # how long idle model actors stay loaded (None: the service's default)
     user: str | None = None  # who the printed token is for (embedded server)
 
 
@@ -99,8 +100,10 @@ async def _serve(options: ServeOptions, stop: asyncio.Event) -> None:
         server_url, service_token, workspace = options.server_url, options.token, options.workspace
     try:
         resources = await asyncio.to_thread(start_ray, options.ray_address, options.num_cpus)
+        tuning = {} if options.actor_idle_s is None else {"actor_idle_s": options.actor_idle_s}
         api = await asyncio.to_thread(BioadaptService, data_dir, database_url=options.database_url,
-                                      allow_paths=options.allow_paths, public=options.public, device=options.device)
+                                      allow_paths=options.allow_paths, public=options.public, device=options.device,
+                                      **tuning)
         config: dict[str, Any] = {"server_url": server_url}
         if service_token:
             config["token"] = service_token
@@ -120,8 +123,7 @@ async def _serve(options: ServeOptions, stop: asyncio.Event) -> None:
         _print_connection(info)
         await stop.wait()
         print("bioadapt serve: stopping", flush=True)
-        for runner in list(api.runners.values()):
-            runner.cancel()
+        await asyncio.to_thread(api.close)
         try:
             await server.unregister_service(registered["id"])
             await server.disconnect()

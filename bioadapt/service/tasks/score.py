@@ -1,0 +1,309 @@
+"""Scoring: each patch read from its image by a model actor, T MC-dropout passes, a per-pixel acquisition map
+(into the image's uncertainty OME-Zarr) and the patch's score, the model's segmentation (into the prediction
+store); then the patches to annotate picked from the project's whole pool of pending patches.
+
+Random mode draws new, non-overlapping patches inside the mask; grid mode scores every tile inside the mask (a
+whole slide: thousands of patches), and both stream each shard's results into the database and the stores as
+they arrive. The maths (acquisition, patch score, selection) is ``bioadapt.active``'s; this module schedules it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bioadapt.active import DEFAULT_ACQUISITION
+from bioadapt.data import ImageRef
+from bioadapt.errors import BioadaptError
+from bioadapt.service import schemas as s
+
+if TYPE_CHECKING:
+    from bioadapt.service.api import BioadaptService, Caller
+    from bioadapt.service.jobs import JobRunner
+
+SHARD_SIZE = 32
+OVERVIEW_EVERY_S = 10.0  # how often a running job refreshes the uncertainty overview of its image
+Patches = Sequence[tuple[int, Sequence[int]]]  # (patch id, level-0 origin)
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """What a model actor needs to score patches of one image."""
+
+    image: ImageRef
+    patch_shape: tuple[int, ...]
+    passes: int = 16
+    acquisition: str = DEFAULT_ACQUISITION
+    reduce: str = "mean"
+    seed: int = 0
+    predictions: str | None = None  # LabelStore path for the model's segmentation of each patch
+    uncertainty: str | None = None  # UncertaintyStore path for the per-pixel acquisition maps
+
+
+def patch_seed(seed: int, patch_id: int) -> int:
+    """One seed per patch, so scores do not depend on how patches are sharded."""
+    return (seed * 1_000_003 + patch_id) % (2**31)
+
+
+# -- the worker body ------------------------------------------------------------------------------------------
+def score_patches(adapter: Any, request: ScoreRequest, patches: Patches, *, stop: threading.Event | None = None,
+                  progress: Callable[..., None] | None = None) -> list[dict[str, Any]]:
+    """Score (patch id, origin) pairs: read, MC passes, acquisition map, patch score, segmentation, writes.
+    Each result also carries the patch's appearance (mean, standard deviation) for diverse selection."""
+    from bioadapt.active import ACQUISITIONS, patch_score
+    from bioadapt.data import LabelStore, UncertaintyStore
+
+    if request.acquisition not in ACQUISITIONS:
+        raise BioadaptError(f"unknown acquisition {request.acquisition!r}; known: {sorted(ACQUISITIONS)}")
+    image = request.image.open()
+    predictions = LabelStore.open(request.predictions) if request.predictions else None
+    uncertainty = UncertaintyStore.open(request.uncertainty) if request.uncertainty else None
+    activation = adapter.describe().activation
+    function = ACQUISITIONS[request.acquisition]
+    results = []
+    for patch_id, origin in patches:
+        if stop is not None and stop.is_set():
+            break
+        started = time.perf_counter()
+        pixels = image.read(origin, request.patch_shape, dtype="float32")
+        if not np.isfinite(pixels).all():
+            raise BioadaptError(f"patch {patch_id} at {list(origin)} of {request.image.uri} holds NaN or infinite "
+                                "pixels; fill them (or exclude that region with a sampling mask) before scoring")
+        seed = patch_seed(request.seed, patch_id)
+        samples = adapter.mc_proba(pixels[None], passes=request.passes, seed=seed)[:, 0]
+        score_map = function(samples, activation=activation, **({"seed": seed} if request.acquisition == "random"
+                                                                  else {}))
+        labels = adapter.segment(pixels[None])[0]
+        if predictions is not None:
+            predictions.write(origin, labels.astype(np.uint32), author="bioadapt-model")
+        if uncertainty is not None:
+            uncertainty.write(origin, score_map)
+        results.append({"patch_id": int(patch_id), "origin": [int(o) for o in origin],
+                        "score": patch_score(score_map, reduce=request.reduce),
+                        "objects": int(len(np.unique(labels)) - 1),
+                        "features": [round(float(pixels.mean()), 6), round(float(pixels.std()), 6)],
+                        "seconds": round(time.perf_counter() - started, 4)})
+        if progress is not None:
+            progress(done=len(results))
+    return results
+
+
+# -- the driver -----------------------------------------------------------------------------------------------
+def submit(service: "BioadaptService", caller: "Caller", args: s.Score,
+           progress: Callable[[dict], Any] | None = None) -> dict[str, Any]:
+    """Check the call (project, version, images, patch shape) and start the job; patches are drawn in the job."""
+    project = service.owned_project(caller, args.project_id)
+    version = service.version(project, args.version)
+    rows = [service.image_row(project, args.image_id)] if args.image_id else service.store.images(project["id"])
+    if not rows:
+        raise BioadaptError(f"project {project['id']!r} has no images; add one with add_image")
+    if math.prod(args.patch_shape) > service.max_patch_pixels:
+        raise BioadaptError(f"patches of {args.patch_shape} exceed {service.max_patch_pixels} pixels; use smaller "
+                            "patches")
+    if args.stride is not None and (args.mode != "grid" or len(args.stride) != len(args.patch_shape)):
+        raise BioadaptError(f"stride {args.stride} applies to mode='grid' only, with one value per patch axis")
+    for row in rows:  # every image checked before the job starts
+        image = service.opened_image(row)
+        if len(args.patch_shape) != len(image.spatial_axes):
+            raise BioadaptError(f"patch_shape {args.patch_shape} has {len(args.patch_shape)} dimensions; the "
+                                f"image has spatial axes {image.spatial_axes!r}")
+        if any(p > n for p, n in zip(args.patch_shape, image.spatial_shape)):
+            raise BioadaptError(f"patch_shape {args.patch_shape} must fit in the image's spatial shape "
+                                f"{list(image.spatial_shape)} ({row['uri']})")
+    runner = service.jobs.start("score", lambda job: _score(service, job, project, version, rows, args),
+                                project_id=project["id"], owner=caller.id, progress=progress)
+    return {"job_id": runner.job.id, "patches": args.n_patches or (s.DEFAULT_RANDOM_PATCHES
+                                                                   if args.mode == "random" else None)}
+
+
+def _score(service: "BioadaptService", runner: "JobRunner", project: dict[str, Any], version: dict[str, Any],
+           rows: list[dict[str, Any]], args: s.Score) -> dict[str, Any]:
+    runner.report(stage="drawing patches")
+    plan = _plan(service, project, rows, args)
+    total = sum(len(todo) for _, todo in plan)
+    if total == 0:
+        raise BioadaptError("no new patch fits: the image (or its mask) is covered by earlier patches or too "
+                            "small for this patch shape")
+    runner.report(stage="scoring", done=0, total=total)
+    spec = service.model_spec(project, version)
+    actors = service.pool.lease(spec, min(service.pool_size(args.actors), math.ceil(total / SHARD_SIZE)),
+                                cancelled=runner.cancelled)
+    ranked: list[dict[str, Any]] = []
+    try:
+        for row, todo in plan:
+            if runner.cancelled.is_set() or not actors:
+                break
+            request = ScoreRequest(image=service.image_ref(row), patch_shape=tuple(args.patch_shape),
+                                   passes=args.mc_passes, acquisition=args.acquisition, seed=args.seed,
+                                   predictions=row["predictions"], uncertainty=row["uncertainty"])
+            commit = _Commit(service, project["id"], row, args, version["number"])
+            ranked += score_shards(runner, actors, request, todo, on_shard=commit, done_before=len(ranked),
+                                   total=total)
+            commit.overview()
+    finally:
+        service.pool.release(spec, actors)
+    runner.report(stage="selecting")
+    picked = select_pending(service, project["id"], args.selection, args.select, seed=args.seed)
+    ranked.sort(key=lambda r: -r["score"])
+    return {"scored": len(ranked), "version": version["number"], "acquisition": args.acquisition, "mode": args.mode,
+            "selection": args.selection, "selected": len(picked), "top": ranked[:20]}
+
+
+def _plan(service: "BioadaptService", project: dict[str, Any], rows: list[dict[str, Any]], args: s.Score
+          ) -> list[tuple[dict[str, Any], list[tuple[int, list[int]]]]]:
+    """(image row, [(patch id, origin)]) to score: windows drawn for every image first, then written."""
+    from bioadapt.data import PatchWindow, sample_patches
+
+    wanted = args.n_patches or (s.DEFAULT_RANDOM_PATCHES if args.mode == "random" else None)
+    shares = [None] * len(rows) if wanted is None else \
+        [wanted // len(rows) + (i < wanted % len(rows)) for i in range(len(rows))]
+    drawn = []  # (image row, new windows, earlier patches to re-score)
+    for row, n in zip(rows, shares):
+        image = service.opened_image(row)
+        earlier = service.store.patches(project["id"], image_id=row["id"], order="id")
+        mask = service.sampling_mask(image, row)
+        if args.mode == "grid":
+            tiles = sample_patches(image, n, args.patch_shape, mask=mask, seed=args.seed, mode="grid",
+                                   stride=args.stride)
+            known = {(tuple(p["origin"]), tuple(p["shape"])): p for p in earlier}
+            todo = [(known[t.origin, t.shape]["id"], list(t.origin)) for t in tiles
+                    if (t.origin, t.shape) in known and known[t.origin, t.shape]["status"] == "pending"]
+            windows = [t for t in tiles if (t.origin, t.shape) not in known]
+        else:
+            avoid = [PatchWindow(tuple(p["origin"]), tuple(p["shape"])) for p in earlier]
+            windows = sample_patches(image, n, args.patch_shape, mask=mask, seed=args.seed + len(earlier),
+                                     avoid=avoid) if n else []
+            todo = [(p["id"], p["origin"]) for p in earlier
+                    if args.rescore_pending and p["status"] == "pending" and p["shape"] == args.patch_shape]
+        if len(todo) + len(windows) > s.MAX_PATCHES:
+            raise BioadaptError(f"{len(todo) + len(windows)} tiles of {args.patch_shape} in {row['uri']}: more than "
+                                f"{s.MAX_PATCHES}; use a larger stride or patch shape, or n_patches")
+        drawn.append((row, windows, todo))
+    plan = []
+    for row, windows, todo in drawn:
+        ids = service.store.add_patches(project["id"], row["id"], [(w.origin, w.shape) for w in windows])
+        plan.append((row, todo + [(i, list(w.origin)) for i, w in zip(ids, windows)]))
+    return plan
+
+
+class _Commit:
+    """What happens to each finished shard: scores into the database, the image's overview refreshed every
+    ``OVERVIEW_EVERY_S`` seconds over the patches scored since."""
+
+    def __init__(self, service: "BioadaptService", project_id: str, row: dict[str, Any], args: s.Score,
+                 version: int):
+        self.service, self.project_id, self.row, self.args, self.version = service, project_id, row, args, version
+        self.touched: list[tuple[list[int], list[int]]] = []
+        self.refreshed = time.monotonic()
+
+    def __call__(self, results: list[dict[str, Any]]) -> None:
+        self.service.store.record_scores(self.project_id, results, self.args.acquisition, self.version)
+        self.touched += [(r["origin"], self.args.patch_shape) for r in results]
+        if time.monotonic() - self.refreshed > OVERVIEW_EVERY_S:
+            self.overview()
+
+    def overview(self) -> None:
+        from bioadapt.data import UncertaintyStore
+
+        if self.touched:
+            UncertaintyStore.open(self.row["uncertainty"]).update_overview(self.touched)
+        self.touched, self.refreshed = [], time.monotonic()
+
+
+def score_shards(runner: "JobRunner", actors: list[Any], request: ScoreRequest, patches: Patches, *,
+                 shard_size: int = SHARD_SIZE, retries: int = 2,
+                 on_shard: Callable[[list[dict[str, Any]]], Any] | None = None, done_before: int = 0,
+                 total: int | None = None) -> list[dict[str, Any]]:
+    """Score ``patches`` in shards over ``actors`` (one shard in flight per actor); ``on_shard`` gets each shard's
+    results as it arrives (in the job's thread). A shard lost with its actor's process is retried once Ray has
+    restarted the actor (an actor gone for good leaves ``actors``); on cancel or failure the shards in flight
+    are stopped and waited for, so the actors come back idle."""
+    import ray
+
+    from bioadapt.service.execution import remote_cause, wait_until_alive
+
+    total = total or len(patches)
+    shards = [list(patches[i:i + shard_size]) for i in range(0, len(patches), shard_size)]
+    pending = list(range(len(shards)))
+    attempts = [0] * len(shards)
+    in_flight: dict[Any, tuple[int, Any]] = {}
+    results: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    try:
+        while (pending or in_flight) and not runner.cancelled.is_set():
+            busy = {actor for _, actor in in_flight.values()}
+            for actor in actors:
+                if pending and actor not in busy:
+                    shard = pending.pop(0)
+                    in_flight[actor.run.remote(score_patches, request, shards[shard])] = (shard, actor)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+            for ref in ready:
+                shard, actor = in_flight.pop(ref)
+                try:
+                    shard_results = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                    attempts[shard] += 1  # the actor died: Ray restarts it (up to twice); retry once it answers
+                    if attempts[shard] > retries:
+                        raise BioadaptError(f"shard {shard} failed {attempts[shard]} times; last cause: "
+                                            f"{remote_cause(e)}") from e
+                    pending.insert(0, shard)
+                    if not wait_until_alive(actor):
+                        actors.remove(actor)
+                        if not actors:
+                            raise BioadaptError(f"every model actor died; last cause: {remote_cause(e)}") from e
+                    continue
+                except ray.exceptions.RayTaskError as e:
+                    raise BioadaptError(f"scoring failed: {remote_cause(e)}") from e
+                results.extend(shard_results)
+                if on_shard is not None:
+                    on_shard(shard_results)
+                runner.report(done=done_before + len(results), total=total,
+                              patches_per_second=round(len(results) / (time.perf_counter() - started), 3))
+    finally:
+        _drain(in_flight, actors)
+    return sorted(results, key=lambda r: -r["score"])
+
+
+def _drain(in_flight: dict[Any, tuple[int, Any]], actors: list[Any], timeout_s: float = 30) -> None:
+    """Stop the shards still running and wait for them; an actor that does not come back in time is killed and
+    leaves ``actors``."""
+    import ray
+
+    if not in_flight:
+        return
+    for _, actor in in_flight.values():
+        actor.stop.remote()
+    _, late = ray.wait(list(in_flight), num_returns=len(in_flight), timeout=timeout_s)
+    for ref in late:
+        _, actor = in_flight[ref]
+        ray.kill(actor)
+        if actor in actors:
+            actors.remove(actor)
+
+
+# -- selection ------------------------------------------------------------------------------------------------
+def select_pending(service: "BioadaptService", project_id: str, strategy: str, k: int, *, seed: int = 0,
+                   acquisition: str | None = None) -> list[int]:
+    """Pick ``k`` patches to annotate from every pending scored patch of the project with a strategy of
+    ``bioadapt.active.SELECTIONS`` (descriptors: where a patch lies and what it looks like); the picks are
+    stored, in order, for list_patches. Returns their ids."""
+    from bioadapt.active import select
+
+    rows = service.store.patches(project_id, status="pending", order="id")
+    scored = [(row, row["scores"].get(acquisition) if acquisition else row["score"]) for row in rows]
+    scored = [(row, score) for row, score in scored if score is not None]
+    if not scored:
+        service.store.set_selection(project_id, [])
+        return []
+    descriptors = np.array([[o + n / 2 for o, n in zip(row["origin"], row["shape"])] + list(row["features"] or [0, 0])
+                            + [row["objects"] or 0] for row, _ in scored], dtype=np.float64)
+    chosen = select(strategy, [score for _, score in scored], descriptors, k, seed=seed)
+    ids = [scored[i][0]["id"] for i in chosen]
+    service.store.set_selection(project_id, ids)
+    return ids
