@@ -1,6 +1,6 @@
-"""The scored patches, the ones picked for labelling first: selecting one loads it into the viewer (image, the model's labels to
-correct, uncertainty); Commit sends the corrected labels of the patch, Skip sets it aside, Previous / Next move
-through the table."""
+"""The scored patches, the ones picked for labelling first: selecting one loads it into the viewer (image, the
+model's labels to correct, uncertainty); Commit sends the corrected labels of the patch, Skip sets it aside,
+Previous / Next move through the table."""
 
 from __future__ import annotations
 

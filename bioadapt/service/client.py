@@ -99,11 +99,11 @@ class BioadaptClient:
     # -- helpers --------------------------------------------------------------------------------------
     def wait(self, job: str | dict[str, Any], progress: bool = True, poll_s: float = 0.5,
              timeout_s: float | None = None, raise_on_failure: bool = True) -> dict[str, Any]:
-        """Poll a job (its id, or what score / fine_tune / evaluate / predict / export_model answered) until it
-        finishes, with a tqdm bar; returns the job record, its ``result`` included."""
+        """Poll a job (its id, what score / fine_tune / evaluate / predict / export_model answered, or its
+        record) until it finishes, with a tqdm bar; returns the job record, its ``result`` included."""
         from tqdm.auto import tqdm
 
-        job_id = job["job_id"] if isinstance(job, dict) else job
+        job_id = (job.get("job_id") or job["id"]) if isinstance(job, dict) else job
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         bar = None
         try:

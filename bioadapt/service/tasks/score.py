@@ -135,6 +135,7 @@ def _score(service: "BioadaptService", runner: "JobRunner", project: dict[str, A
     actors = service.pool.lease(spec, min(service.pool_size(args.actors), math.ceil(total / SHARD_SIZE)),
                                 cancelled=runner.cancelled)
     ranked: list[dict[str, Any]] = []
+    healthy = False
     try:
         for row, todo in plan:
             if runner.cancelled.is_set() or not actors:
@@ -143,11 +144,14 @@ def _score(service: "BioadaptService", runner: "JobRunner", project: dict[str, A
                                    passes=args.mc_passes, acquisition=args.acquisition, seed=args.seed,
                                    predictions=row["predictions"], uncertainty=row["uncertainty"])
             commit = _Commit(service, project["id"], row, args, version["number"])
-            ranked += score_shards(runner, actors, request, todo, on_shard=commit, done_before=len(ranked),
-                                   total=total)
-            commit.overview()
+            try:
+                ranked += score_shards(runner, actors, request, todo, on_shard=commit, done_before=len(ranked),
+                                       total=total)
+            finally:
+                commit.overview()  # the overview shows every map written, also when the job stops early
+        healthy = True
     finally:
-        service.pool.release(spec, actors)
+        service.pool.release(spec, actors, healthy=healthy)
     runner.report(stage="selecting")
     picked = select_pending(service, project["id"], args.selection, args.select, seed=args.seed)
     ranked.sort(key=lambda r: -r["score"])
