@@ -122,6 +122,22 @@ def test_passes_are_split_into_chunks_that_fit_the_memory_budget(packages, image
     np.testing.assert_allclose(tight.mc_proba(image2d, passes=3), roomy.mc_proba(image2d, passes=3), atol=ATOL)
 
 
+@pytest.mark.parametrize("name,scope", [("plain2d", "full"), ("dropout2d", "full"), ("plain2d", "head")])
+def test_a_patch_gets_the_same_mc_samples_whatever_its_batch(packages, image2d, name, scope):
+    """Common random numbers: the masks of a round are the same for every patch and every batching, so a
+    patch's samples (and its score) do not depend on which patches share its forward calls."""
+    roomy = load_adapter(packages[name], device="cpu", dropout_p=0.2, mc_scope=scope)
+    tight = load_adapter(packages[name], device="cpu", dropout_p=0.2, mc_scope=scope, memory_budget=1)
+    together = roomy.mc_proba(image2d, passes=5, seed=7)
+    assert np.ptp(together, axis=0).max() > 1e-3  # the passes differ
+    for i in range(len(image2d)):
+        alone = tight.mc_proba(image2d[i], passes=5, seed=7)
+        np.testing.assert_allclose(alone, together[:, i], atol=ATOL)
+    # the same image twice in one batch: identical samples, pass by pass
+    twice = roomy.mc_proba(np.stack([image2d[0], image2d[0]]), passes=5, seed=7)
+    np.testing.assert_allclose(twice[:, 0], twice[:, 1], atol=ATOL)
+
+
 def test_head_scope(packages, image2d):
     model = load_adapter(packages["plain2d"], device="cpu", mc_scope="head", dropout_p=0.3, dropout_kind="element")
     samples = model.mc_proba(image2d, passes=4)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from bioadapt.adapters.dropout import HeadSplit, MCDropout, functional_dropout
+from bioadapt.adapters.dropout import CommonMasks, HeadSplit, MCDropout, stacked_passes
 from bioadapt.adapters.unet import UNet
 from bioadapt.errors import BioadaptError
 
@@ -71,8 +71,8 @@ def test_existing_dropout_layers_are_switched_on_and_back_off():
     with torch.no_grad():
         reference = net(x)
         with mc.enabled():
-            assert all(m.training for m in net.modules() if isinstance(m, nn.Dropout2d))
-            assert not net.training
+            # the layers stay in eval mode: their hooks apply the round's masks with the layers' own p
+            assert not any(m.training for m in net.modules())
             noisy = net(x)
         assert (noisy - reference).abs().max() > 1e-4
         assert torch.equal(net(x), reference)
@@ -105,16 +105,82 @@ def test_shared_activation_outside_sequential_is_hooked_and_output_sigmoid_is_no
     assert len(calls) == 2 and 0 <= float(out.min()) and float(out.max()) <= 1
 
 
-def test_channel_dropout_matches_the_dimensionality():
-    torch.manual_seed(0)
-    for shape in [(3, 16, 50), (3, 16, 20, 20), (3, 16, 6, 6, 6)]:
-        y = functional_dropout(torch.ones(shape), 0.5)
-        per_channel = y.flatten(2)
+def test_channel_masks_zero_whole_feature_channels_on_the_right_axis():
+    masks = CommonMasks(seed=3, p=0.5)
+    for shape, axis in [((3, 16, 50), 1), ((3, 16, 20, 20), 1), ((3, 16, 6, 6, 6), 1), ((3, 7, 9, 16), -1)]:
+        y = masks.apply(torch.ones(shape), (0, 0), [0, 1, 1], feature_axis=axis)
+        per_channel = y.movedim(axis, 1).flatten(2)
         # whole channels are zeroed or scaled together, as nn.Dropout1d/2d/3d do
         assert torch.equal(per_channel.min(-1).values, per_channel.max(-1).values)
         assert set(per_channel.unique().tolist()) <= {0.0, 2.0}
-    y = functional_dropout(torch.ones(3, 16, 20, 20), 0.5, kind="element")
+        assert torch.equal(y[1], y[2]) and not torch.equal(y[0], y[1])  # rows of one pass share the mask
+    y = CommonMasks(seed=3, p=0.5, kind="element").apply(torch.ones(3, 16, 20, 20), (0, 0), [0, 0, 0])
     assert not torch.equal(y.flatten(2).min(-1).values, y.flatten(2).max(-1).values)
+    assert torch.equal(y[0], y[2])
+
+
+def test_masks_depend_on_seed_layer_and_pass_only():
+    x = torch.ones(4, 32, 8, 8)
+    a = CommonMasks(seed=1, p=0.3).apply(x, (2, 0), [0, 1, 2, 3])
+    b = CommonMasks(seed=1, p=0.3).apply(x[:2], (2, 0), [2, 3])  # another batch, same passes
+    assert torch.equal(a[2:], b)
+    assert not torch.equal(a, CommonMasks(seed=2, p=0.3).apply(x, (2, 0), [0, 1, 2, 3]))
+    assert not torch.equal(a, CommonMasks(seed=1, p=0.3).apply(x, (3, 0), [0, 1, 2, 3]))
+
+
+def test_every_patch_sees_the_same_masks_whatever_the_batching():
+    torch.manual_seed(0)
+    net = UNet(dims=2, features=4, batchnorm=True).eval()
+    mc = MCDropout(net, p=0.2)
+    patches = torch.randn(5, 1, 32, 32)
+    with torch.no_grad():
+        together = stacked_passes(mc, net, patches, passes=6, chunk_rows=30, seed=11)
+        chunked = stacked_passes(mc, net, patches, passes=6, chunk_rows=4, seed=11)
+        alone = torch.cat([stacked_passes(mc, net, patches[i:i + 1], passes=6, chunk_rows=1, seed=11)
+                           for i in range(5)])  # patch-major
+        other_round = stacked_passes(mc, net, patches, passes=6, chunk_rows=30, seed=12)
+    torch.testing.assert_close(chunked, together, atol=1e-5, rtol=0)
+    torch.testing.assert_close(alone.reshape(5, 6, *alone.shape[1:]).transpose(0, 1),
+                               together.reshape(6, 5, *together.shape[1:]), atol=1e-5, rtol=0)
+    passes = together.reshape(6, 5, -1)
+    assert (passes[0] - passes[1]).abs().max() > 1e-3  # passes differ
+    assert (together - other_round).abs().max() > 1e-3  # rounds differ
+    # the same image twice in one batch gets identical samples: masks are shared across rows of a pass
+    twice = torch.cat([patches[:1], patches[:1]])
+    with torch.no_grad():
+        out = stacked_passes(mc, net, twice, passes=3, chunk_rows=6, seed=11).reshape(3, 2, -1)
+    torch.testing.assert_close(out[:, 0], out[:, 1], atol=1e-6, rtol=0)
+
+
+def test_existing_dropout_layers_use_common_masks_too():
+    torch.manual_seed(0)
+    net = UNet(dims=2, features=4, dropout=0.3).eval()
+    mc = MCDropout(net)
+    assert mc.common_masks
+    patches = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        together = stacked_passes(mc, net, patches, passes=4, chunk_rows=12, seed=5)
+        chunked = stacked_passes(mc, net, patches, passes=4, chunk_rows=5, seed=5)
+    torch.testing.assert_close(chunked, together, atol=1e-5, rtol=0)
+
+
+def test_token_mlp_activations_drop_features_not_tokens():
+    class TokenMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin1, self.act, self.lin2 = nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8)
+
+        def forward(self, x):  # (B, H, W, features), as in a vision transformer's blocks
+            return self.lin2(self.act(self.lin1(x)))
+
+    net = TokenMLP().eval()
+    mc = MCDropout(net, p=0.5)
+    seen = []
+    net.lin2.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0]))
+    with torch.no_grad(), mc.enabled(seed=0):
+        net(torch.randn(1, 6, 6, 8))
+    dropped = (seen[0] == 0).all(dim=(0, 1, 2))  # a feature zeroed for every token
+    assert dropped.any() and ((seen[0] == 0).any(dim=(0, 1, 2)) == dropped).all()
 
 
 def test_nothing_to_patch_warns():
@@ -153,8 +219,10 @@ def test_head_split_runs_features_once_and_reproduces_the_network():
         head = HeadSplit(net, x[:1])
         with torch.no_grad():
             features = head.features(net, x)
-            assert torch.allclose(head.run(features, 0.0, "channel"), net(x), atol=1e-6)
-            assert not torch.equal(head.run(features, 0.5, "element"), head.run(features, 0.5, "element"))
+            assert torch.allclose(head.run(features, CommonMasks(0, 0.0), 0), net(x), atol=1e-6)
+            masks = CommonMasks(0, 0.5, "element")
+            assert not torch.equal(head.run(features, masks, 0), head.run(features, masks, 1))
+            assert torch.equal(head.run(features, masks, 1), head.run(features, CommonMasks(0, 0.5, "element"), 1))
     assert isinstance(HeadSplit(Nested().eval(), torch.randn(1, 1, 8, 8, 8)).head, nn.Conv3d)
 
 

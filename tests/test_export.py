@@ -57,7 +57,7 @@ def test_round_trip(kind, tmp_path):
     model = _fine_tuned(parent, dims=3 if kind == "3d_softmax" else 2)
     out = _export(model, tmp_path / "adapted.zip")  # raises unless bioimageio.core's test passed
     again = load_adapter(out, device="cpu")
-    x = model.last_fine_tune["example_image"][None]
+    x = model.training_record.example_image[None]
     np.testing.assert_allclose(again.predict_proba(x), model.predict_proba(x), atol=ATOL)
     rdf, files = _rdf(out)
     assert rdf["format_version"].startswith("0.5")

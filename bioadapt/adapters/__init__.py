@@ -12,8 +12,12 @@ from bioadapt.errors import BioadaptError
 __all__ = ["Adapter", "FineTuneParams", "FineTuneResult", "ModelInfo", "load_adapter"]
 
 
-def load_adapter(source: str | Path, device: str = "auto", dropout_p: float = 0.05, **options: Any) -> Adapter:
+def load_adapter(source: str | Path, device: str = "auto", dropout_p: float = 0.05, threads: int | None = None,
+                 **options: Any) -> Adapter:
     """Load a model behind the adapter interface.
+
+    ``threads``: torch's CPU thread count for this process (``torch.set_num_threads``; process-wide), or None
+    to leave it as it is (torch's default: one per core; Ray actors get OMP_NUM_THREADS from their CPU share).
 
     ``source``: an rdf.yaml, a bioimage.io package folder or .zip, a URL or a bioimage.io zoo id (the last two
     need the network), or ``cellpose:<builtin name or weights path>``. ``options`` go to the adapter:
@@ -22,6 +26,12 @@ def load_adapter(source: str | Path, device: str = "auto", dropout_p: float = 0.
     Cellpose ``mc_scope``, ``channels`` (Cellpose's [cytoplasm, nucleus] pair, default [0, 0]), ``diameter``,
     ``flow_threshold``, ``cellprob_threshold``, ``min_size``, ``dropout_kind``, ``memory_budget``.
     """
+    if threads is not None:
+        if threads < 1:
+            raise BioadaptError(f"threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(int(threads))
     text = str(source)
     if text.startswith("cellpose:"):
         try:

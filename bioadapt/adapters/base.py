@@ -102,8 +102,32 @@ class FineTuneResult:
         return asdict(self)
 
 
+@dataclass
+class TrainingRecord:
+    """What the last fine-tuning did, for exports: its parameters and result, and one of its real image patches
+    (C, *spatial) for the package's test tensors (None when the weights came from a file)."""
+
+    params: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] = field(default_factory=dict)
+    example_image: np.ndarray | None = None
+
+
 class Adapter(ABC):
-    """One model behind one interface: probabilities, MC samples, segmentation, fine-tuning, weights."""
+    """One model behind one interface: probabilities, MC samples, segmentation, fine-tuning, weights.
+
+    ``training_record`` holds what the last ``fine_tune`` did (exporters write it into the package); a caller
+    that loads fine-tuned weights from a file sets it with ``record_training``.
+    """
+
+    training_record: TrainingRecord | None = None
+
+    def record_training(self, params: Mapping[str, Any], result: Mapping[str, Any],
+                        example_image: np.ndarray | None = None) -> TrainingRecord:
+        """Remember how the current weights were trained (kept: an example image from an earlier record)."""
+        if example_image is None and self.training_record is not None:
+            example_image = self.training_record.example_image
+        self.training_record = TrainingRecord(dict(params), dict(result), example_image)
+        return self.training_record
 
     @abstractmethod
     def describe(self) -> ModelInfo: ...

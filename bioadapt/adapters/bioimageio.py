@@ -27,7 +27,7 @@ from torch import nn
 from bioadapt.adapters.allocator import tune_malloc
 from bioadapt.adapters.base import (Adapter, FineTuneParams, FineTuneResult, ModelInfo, Progress, Stop,
                                     check_images, check_samples)
-from bioadapt.adapters.dropout import DropoutKind, HeadSplit, MCDropout
+from bioadapt.adapters.dropout import CommonMasks, DropoutKind, HeadSplit, MCDropout, stacked_passes
 from bioadapt.adapters.segmentation import labels_from_probabilities
 from bioadapt.adapters.shapes import activation_bytes, crop_from, default_memory_budget, pad_to, valid_shape
 from bioadapt.adapters.sources import load_model_description
@@ -274,6 +274,12 @@ class BioimageioAdapter(Adapter):
             out.append(lay.from_model(tensor.to_numpy(), [str(d) for d in tensor.dims]))
         return torch.from_numpy(np.concatenate(out).astype(np.float32, copy=False)).to(self.device)
 
+    def network_input(self, image: np.ndarray) -> torch.Tensor:
+        """The tensor the network itself receives for one (C, *spatial) image: pre-processed, padded, in the
+        model's axis order (what exporters trace and compare weight formats on)."""
+        checked, _ = check_images(np.asarray(image)[None], self.describe())
+        return self.layout.to_model(self._padded(self._preprocess(checked)))
+
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
         target = valid_shape(x.shape[2:], self.layout.min_shape, self.layout.step, self.layout.halo)
         return pad_to(x, target, self.layout.halo)
@@ -360,24 +366,21 @@ class BioimageioAdapter(Adapter):
         n = len(padded)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+            torch.manual_seed(seed)  # only TorchScript's own dropout layers draw from the global generator
             if scope == "head":
-                raw = self._head_passes(padded, passes)
+                raw = self._head_passes(padded, passes, seed)
             else:
-                stacked = padded.repeat(passes, *[1] * (padded.dim() - 1))  # pass-major: row t*n + b
-                size = self._chunk(padded)
-                with self.mc.enabled():
-                    raw = torch.cat([self._network(stacked[i:i + size]) for i in range(0, len(stacked), size)])
+                raw = stacked_passes(self.mc, self._network, padded, passes, self._chunk(padded), seed)
         raw = crop_from(raw, x.shape[2:], self.layout.halo)
         proba = self._postprocess(raw).reshape(passes, n, *raw.shape[1:])
         return proba[:, 0] if single else proba
 
-    def _head_passes(self, padded: torch.Tensor, passes: int) -> torch.Tensor:
+    def _head_passes(self, padded: torch.Tensor, passes: int, seed: int) -> torch.Tensor:
         lay = self.layout
         if self._head is None:
             self._head = HeadSplit(self.module, lay.to_model(padded[:1]))
         features = self._head.features(self.module, lay.to_model(padded))
-        raw = torch.cat([self._head.run(features, self.dropout_p, self.dropout_kind) for _ in range(passes)])
+        raw = self._head.passes(features, CommonMasks(seed, self.dropout_p, self.dropout_kind), passes)
         return lay.from_model(raw, lay.out_ids)
 
     def segment(self, x: np.ndarray) -> np.ndarray:
@@ -434,8 +437,7 @@ class BioimageioAdapter(Adapter):
                      lambda out, t, v: loss(out, t, v, kind, from_logits),
                      lambda out, t, v: dice_score(out, t, v, kind, from_logits),
                      params, progress, stop)
-        # what an export records, and a real annotated patch for its test tensors
-        self.last_fine_tune = {"params": asdict(params), "result": result.to_dict(), "example_image": pairs[0][0]}
+        self.record_training(asdict(params), result.to_dict(), example_image=pairs[0][0])
         return result
 
     # -- weights -----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import importlib.metadata
 import inspect
 import logging
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from bioadapt.adapters.allocator import tune_malloc
 from bioadapt.adapters.base import (Adapter, FineTuneResult, ModelInfo, Progress, Stop, check_images,
                                     check_samples, checked_params)
 from bioadapt.adapters.bioimageio import resolve_device
-from bioadapt.adapters.dropout import DropoutKind, HeadSplit, MCDropout, mc_strategy
+from bioadapt.adapters.dropout import CommonMasks, DropoutKind, HeadSplit, MCDropout, mc_strategy, stacked_passes
 from bioadapt.adapters.shapes import activation_bytes, crop_from, default_memory_budget, pad_to, valid_shape
 from bioadapt.errors import BioadaptError
 
@@ -180,15 +180,24 @@ class CellposeAdapter(Adapter):
 
     def _forward(self, padded: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) raw outputs: flows dY, dX and the cell-probability logit; CPSAM runs in 256 tiles."""
+        tiles, untile = self._tiled(padded)
+        return untile(_network_output(self.net(tiles)))
+
+    @staticmethod
+    def _tiled(padded: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """CPSAM takes exactly 256 x 256: (N, C, H, W) -> (N * tiles, C, 256, 256) and the inverse for outputs
+        (identity for Cellpose 3 and for inputs of one tile)."""
         if GENERATION < 4 or padded.shape[-2:] == (256, 256):
-            return _network_output(self.net(padded))
+            return padded, lambda out: out
         n, c, h, w = padded.shape
         tiles = padded.unfold(2, 256, 256).unfold(3, 256, 256)  # (N, C, h/256, w/256, 256, 256)
         rows, cols = tiles.shape[2], tiles.shape[3]
-        flat = tiles.permute(0, 2, 3, 1, 4, 5).reshape(-1, c, 256, 256)
-        out = _network_output(self.net(flat))
-        out = out.reshape(n, rows, cols, out.shape[1], 256, 256).permute(0, 3, 1, 4, 2, 5)
-        return out.reshape(n, -1, h, w)
+
+        def untile(out: torch.Tensor) -> torch.Tensor:
+            out = out.reshape(-1, rows, cols, out.shape[1], 256, 256).permute(0, 3, 1, 4, 2, 5)
+            return out.reshape(out.shape[0], -1, h, w)
+
+        return tiles.permute(0, 2, 3, 1, 4, 5).reshape(-1, c, 256, 256), untile
 
     def _chunk(self, padded: torch.Tensor) -> int:
         key = tuple(padded.shape[1:])
@@ -240,22 +249,20 @@ class CellposeAdapter(Adapter):
         padded = pad_to(pre, self._valid(shape), (0, 0))
         n = len(padded)
         self.net.eval()
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        with torch.no_grad():
             if scope == "head":
                 if self._head is None:
                     self._head = HeadSplit(self.net, padded[:1], select=_network_output)
                 features = self._head.features(self.net, padded)
-                logits = torch.cat([self._head.run(features, self.dropout_p, self.dropout_kind)[:, 2]
-                                    for _ in range(passes)])
+                logits = self._head.passes(features, CommonMasks(seed, self.dropout_p, self.dropout_kind),
+                                           passes)[:, 2]
             else:
-                stacked = padded.repeat(passes, 1, 1, 1)  # pass-major: row t*n + b
-                size = self._chunk(padded)
                 # hooks are attached per call: Cellpose's load_model re-creates submodules
-                with MCDropout(self.net, self.dropout_p, self.dropout_kind).enabled():
-                    logits = torch.cat([self._forward(stacked[i:i + size])[:, 2]
-                                        for i in range(0, len(stacked), size)])
+                mc = MCDropout(self.net, self.dropout_p, self.dropout_kind)
+                tiles, untile = self._tiled(padded)  # tiles before stacking: mask rows are whole network inputs
+                chunk = max(1, self._chunk(padded) * len(padded) // len(tiles))
+                logits = untile(stacked_passes(mc, lambda t: _network_output(self.net(t)), tiles, passes, chunk,
+                                               seed))[:, 2]
         logits = logits[(slice(None), *[slice(0, s) for s in shape])]
         proba = self._to_original(self._two_classes(logits), x.shape[2:]).astype(np.float32)
         proba = proba.reshape(passes, n, 2, *x.shape[2:])
@@ -352,8 +359,7 @@ class CellposeAdapter(Adapter):
         result = FineTuneResult(epochs_run=len(history), best_epoch=len(history), initial_val_score=None,
                                 best_val_score=None, stopped=stopped, seconds=round(time.perf_counter() - started, 3),
                                 n_train=len(training), n_val=len(val), history=history)
-        # what an export records, and a real annotated patch for its test tensors
-        self.last_fine_tune = {"params": asdict(params), "result": result.to_dict(), "example_image": pairs[0][0]}
+        self.record_training(asdict(params), result.to_dict(), example_image=pairs[0][0])
         return result
 
     # -- weights -----------------------------------------------------------------------------------------------

@@ -1,21 +1,30 @@
-"""Monte-Carlo dropout for any torch module, without changing its state-dict keys.
+"""Monte-Carlo dropout for any torch module, without changing its state-dict keys, with common random numbers.
 
-Where the network has dropout layers, MC mode switches exactly those to training mode. Where it has none,
-forward hooks on every hidden activation module apply functional dropout to the activation's output (channel
-dropout for convolutional feature maps, as nn.Dropout1d/2d/3d would). Hooks add no modules, so weights saved
-or loaded non-strictly keep their keys. Batch-norm and every other module stay in eval mode, and leaving MC
-mode restores the exact deterministic network.
+Where the network has dropout layers, MC mode applies dropout at exactly those layers (with their own p). Where
+it has none, forward hooks on every hidden activation module apply dropout to the activation's output (channel
+dropout for feature maps, as nn.Dropout1d/2d/3d would). Hooks add no modules, so weights saved or loaded
+non-strictly keep their keys. Batch-norm and every other module stay in eval mode, and leaving MC mode restores
+the exact deterministic network.
 
-TorchScript modules accept no hooks: only their own dropout layers can be switched on.
+Common random numbers: scores are compared across patches, so within one scoring round every patch must see
+the same T dropout masks. The mask of (layer, call of that layer within the forward, pass) is drawn from a
+generator seeded by (round seed, layer, call, pass) alone; which pass each row of a batch belongs to is told
+by ``MCDropout.rows``. The masks therefore do not depend on how patches are batched, sharded or spread over
+actors. Channel masks are per feature channel (axis 1 of convolutional maps, the last axis of token tensors
+after a Linear layer, as in a transformer's MLP); element masks cover a whole feature map of one pass.
+
+TorchScript modules accept no hooks: only their own dropout layers can be switched on, in training mode, with
+torch's global generator (masks then differ per row: no common random numbers).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,6 +35,7 @@ Scope = Literal["full", "head"]
 DropoutKind = Literal["channel", "element"]
 
 DROPOUT_TYPES = ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout")
+CHANNEL_DROPOUT_TYPES = ("Dropout1d", "Dropout2d", "Dropout3d")
 # Hidden-layer activations. Sigmoid, Softmax and LogSoftmax are left out: they usually make the output, and
 # dropout after them would scale probabilities above one.
 ACTIVATION_TYPES = (
@@ -33,6 +43,7 @@ ACTIVATION_TYPES = (
     nn.Hardswish, nn.Hardtanh, nn.Softplus, nn.Tanh,
 )
 OUTPUT_ACTIVATION_TYPES = (nn.Sigmoid, nn.Softmax, nn.LogSoftmax, nn.Identity)
+CONV_TYPES = (nn.modules.conv._ConvNd,)
 
 
 def _type_name(module: nn.Module) -> str:
@@ -53,7 +64,8 @@ def activation_layers(module: nn.Module) -> list[nn.Module]:
 
 
 def functional_dropout(x: torch.Tensor, p: float, kind: DropoutKind = "channel") -> torch.Tensor:
-    """Dropout that is always on; channel-wise on (N, C, *spatial) feature maps unless ``kind="element"``."""
+    """Dropout that is always on, from torch's global generator; channel-wise on (N, C, *spatial) feature maps
+    unless ``kind="element"``. (MC scoring uses ``CommonMasks`` instead.)"""
     if kind == "element" or x.dim() < 3:
         return F.dropout(x, p, training=True)
     if x.dim() == 3:
@@ -65,6 +77,70 @@ def functional_dropout(x: torch.Tensor, p: float, kind: DropoutKind = "channel")
     return F.dropout(x, p, training=True)
 
 
+def feature_axes(module: nn.Module) -> dict[int, int]:
+    """For each module id, the axis its output's features lie on: the last axis where the module's parent
+    holds Linear layers and no convolution (a transformer MLP: tokens are (..., features)), else axis 1."""
+    axes: dict[int, int] = {}
+    for parent in module.modules():
+        children = list(parent.children())
+        linear = any(isinstance(c, nn.Linear) for c in children)
+        conv = any(isinstance(c, CONV_TYPES) for c in children)
+        for child in children:
+            axes.setdefault(id(child), -1 if linear and not conv else 1)
+    return axes
+
+
+def mask_seed(*parts: int) -> int:
+    """A 63-bit generator seed from non-negative integers (round seed, layer, call, pass), well mixed."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(1, np.uint64)[0]
+               >> np.uint64(1))
+
+
+class CommonMasks:
+    """Dropout masks shared by every patch of a round: the mask of (key, pass) depends only on the round's seed,
+    the key (layer, call) and the pass index, never on the batch a row sits in."""
+
+    def __init__(self, seed: int, p: float, kind: DropoutKind = "channel"):
+        self.seed, self.p, self.kind = int(seed), float(p), kind
+        self._channel: dict[tuple, torch.Tensor] = {}
+
+    def _draw(self, shape: Sequence[int], key: tuple[int, ...], pass_index: int, p: float,
+              device: torch.device) -> torch.Tensor:
+        generator = torch.Generator(device=device).manual_seed(mask_seed(self.seed, *key, pass_index))
+        keep = torch.rand(tuple(shape), generator=generator, device=device) >= p
+        return keep.to(torch.float32) / (1 - p)
+
+    def mask(self, x: torch.Tensor, key: tuple[int, ...], pass_index: int, *, feature_axis: int = 1,
+             p: float | None = None, kind: DropoutKind | None = None) -> torch.Tensor:
+        """The multiplicative mask of one pass for one row of ``x`` (shape ``x.shape[1:]`` or broadcastable)."""
+        p = self.p if p is None else p
+        kind = kind or self.kind
+        row_shape = tuple(x.shape[1:])
+        if kind == "element" or len(row_shape) == 0:
+            return self._draw(row_shape, key, pass_index, p, x.device)
+        axis = feature_axis % x.dim()
+        channels = x.shape[axis]
+        cache_key = (key, pass_index, channels, p, str(x.device))
+        if cache_key not in self._channel:
+            self._channel[cache_key] = self._draw((channels,), key, pass_index, p, x.device)
+        shape = [1] * len(row_shape)
+        shape[axis - 1] = channels
+        return self._channel[cache_key].reshape(shape)
+
+    def apply(self, x: torch.Tensor, key: tuple[int, ...], passes: Sequence[int], *, feature_axis: int = 1,
+              p: float | None = None, kind: DropoutKind | None = None) -> torch.Tensor:
+        """``x`` with each row multiplied by the mask of its pass (``passes[i]`` for row i)."""
+        p = self.p if p is None else p
+        if p <= 0:
+            return x
+        if len(passes) != x.shape[0]:
+            raise BioadaptError(f"{len(passes)} pass indices for a batch of {x.shape[0]} rows")
+        masks = {t: self.mask(x, key, t, feature_axis=feature_axis, p=p, kind=kind) for t in set(passes)}
+        if len(masks) == 1:
+            return x * next(iter(masks.values())).to(x.dtype)
+        return x * torch.stack([masks[t] for t in passes]).to(x.dtype)
+
+
 def mc_strategy(module: nn.Module) -> str:
     """What MC mode does for this module: "existing", "hooks" or "none" (see MCDropout)."""
     if dropout_layers(module):
@@ -73,11 +149,12 @@ def mc_strategy(module: nn.Module) -> str:
 
 
 class MCDropout:
-    """Switches a module's Monte-Carlo dropout on and off (use ``with mc.enabled():``).
+    """Switches a module's Monte-Carlo dropout on and off: ``with mc.enabled(seed): ... with mc.rows(passes):``.
 
-    ``strategy`` says what MC mode does for this module: "existing" (its own dropout layers), "hooks"
-    (functional dropout after each of its activation modules) or "none" (nothing could be made stochastic:
-    TorchScript without dropout layers, or a network whose activations are not modules).
+    ``strategy`` says what MC mode does for this module: "existing" (its own dropout layers), "hooks" (dropout
+    after each of its activation modules) or "none" (nothing could be made stochastic: TorchScript without
+    dropout layers, or a network whose activations are not modules). Inside ``enabled`` and outside ``rows``,
+    every forward call of the whole module is one new pass, shared by all rows of that call.
     """
 
     def __init__(self, module: nn.Module, p: float = 0.05, kind: DropoutKind = "channel"):
@@ -89,6 +166,11 @@ class MCDropout:
         self._existing = dropout_layers(module)
         self._activations = [] if is_scripted(module) else activation_layers(module)
         self.strategy = mc_strategy(module)
+        self._axes = {} if is_scripted(module) else feature_axes(module)
+        self._masks: CommonMasks | None = None
+        self._rows: list[int] | None = None
+        self._calls = -1  # forward calls of the whole module inside enabled(): the pass index outside rows()
+        self._invocations: dict[int, int] = {}  # per layer: how often it ran in the current forward call
         if self.strategy == "none":
             why = ("it is TorchScript without dropout layers (TorchScript accepts no hooks)" if is_scripted(module)
                    else "it has neither dropout layers nor activation modules")
@@ -100,25 +182,95 @@ class MCDropout:
     def patched_layers(self) -> int:
         return len(self._existing) if self.strategy == "existing" else len(self._activations)
 
-    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        return functional_dropout(output, self.p, self.kind)
+    @property
+    def common_masks(self) -> bool:
+        """Whether passes use common random numbers (False only for TorchScript's own dropout layers)."""
+        return self.strategy == "hooks" or (self.strategy == "existing" and not is_scripted(self.module))
+
+    def _passes_of(self, rows: int) -> list[int]:
+        if self._rows is None:
+            return [self._calls] * rows
+        if len(self._rows) != rows:
+            raise BioadaptError(f"mc.rows() was given {len(self._rows)} pass indices for a batch of {rows} rows")
+        return self._rows
+
+    def _start_call(self, module: nn.Module, inputs: tuple) -> None:
+        self._calls += 1
+        self._invocations.clear()
+
+    def _masked(self, layer: int, module: nn.Module, x: torch.Tensor, p: float, kind: DropoutKind) -> torch.Tensor:
+        call = self._invocations.get(layer, 0)
+        self._invocations[layer] = call + 1
+        return self._masks.apply(x, (layer, call), self._passes_of(x.shape[0]),
+                                 feature_axis=self._axes.get(id(module), 1), p=p, kind=kind)
+
+    def _activation_hook(self, layer: int) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            return self._masked(layer, module, output, self.p, self.kind)
+
+        return hook
+
+    def _dropout_hook(self, layer: int) -> Callable:
+        """The layer stays in eval mode (identity); its output is replaced by the masked input."""
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            kind: DropoutKind = "channel" if _type_name(module) in CHANNEL_DROPOUT_TYPES else "element"
+            return self._masked(layer, module, inputs[0], float(module.p), kind)
+
+        return hook
 
     @contextmanager
-    def enabled(self) -> Iterator[None]:
+    def enabled(self, seed: int = 0) -> Iterator[None]:
+        """MC mode with the masks of round ``seed``."""
         was_training = [m.training for m in self._existing]
         handles = []
+        self._masks, self._calls, self._rows = CommonMasks(seed, self.p, self.kind), -1, None
         try:
-            if self.strategy == "existing":
+            if self.common_masks:
+                handles.append(self.module.register_forward_pre_hook(self._start_call))
+            if self.strategy == "existing" and is_scripted(self.module):
                 for m in self._existing:
                     m.train()
+            elif self.strategy == "existing":
+                handles += [m.register_forward_hook(self._dropout_hook(i))
+                            for i, m in enumerate(self._existing) if _type_name(m) != "AlphaDropout"
+                            and _type_name(m) != "FeatureAlphaDropout"]
+                for m in self._existing:  # alpha dropout keeps its own (self-normalising) noise
+                    if "Alpha" in _type_name(m):
+                        m.train()
             elif self.strategy == "hooks" and self.p > 0:
-                handles = [m.register_forward_hook(self._hook) for m in self._activations]
+                handles += [m.register_forward_hook(self._activation_hook(i))
+                            for i, m in enumerate(self._activations)]
             yield
         finally:
             for handle in handles:
                 handle.remove()
             for m, training in zip(self._existing, was_training):
                 m.train(training)
+            self._masks, self._rows = None, None
+
+    @contextmanager
+    def rows(self, passes: Sequence[int]) -> Iterator[None]:
+        """Inside ``enabled``: row i of the next forward calls belongs to pass ``passes[i]``."""
+        self._rows = [int(t) for t in passes]
+        try:
+            yield
+        finally:
+            self._rows = None
+
+
+def stacked_passes(mc: MCDropout, forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor,
+                   passes: int, chunk_rows: int, seed: int) -> torch.Tensor:
+    """T stochastic passes of ``batch`` (N rows) in forward calls of at most ``chunk_rows`` rows; returns the
+    outputs pass-major (row t * N + b). Every row of pass t sees the same masks (common random numbers)."""
+    n = len(batch)
+    stacked = batch.repeat(passes, *[1] * (batch.dim() - 1))
+    outputs = []
+    with mc.enabled(seed):
+        for start in range(0, len(stacked), chunk_rows):
+            stop = min(start + chunk_rows, len(stacked))
+            with mc.rows([row // n for row in range(start, stop)]):
+                outputs.append(forward(stacked[start:stop]))
+    return torch.cat(outputs)
 
 
 class HeadSplit:
@@ -154,6 +306,7 @@ class HeadSplit:
         last = with_params[-1]
         self.head, head_output = order[last]
         self.tail = [m for m, _ in order[last + 1:]]
+        self.feature_axis = feature_axes(module).get(id(self.head), 1) if isinstance(self.head, nn.Linear) else 1
         ends_in_head = final is head_output if not self.tail else final is order[-1][1]
         if not ends_in_head or not all(isinstance(m, OUTPUT_ACTIVATION_TYPES) for m in self.tail):
             raise BioadaptError(f"mc_scope='head' needs a network whose output is its last weighted layer "
@@ -170,9 +323,14 @@ class HeadSplit:
             handle.remove()
         return captured[0]
 
-    def run(self, features: torch.Tensor, p: float, kind: DropoutKind) -> torch.Tensor:
-        out = self.head(functional_dropout(features, p, kind))
+    def run(self, features: torch.Tensor, masks: CommonMasks, pass_index: int) -> torch.Tensor:
+        """Pass ``pass_index`` of the head on ``features``: every row gets that pass's mask."""
+        dropped = masks.apply(features, (-1, 0), [pass_index] * len(features), feature_axis=self.feature_axis)
+        out = self.head(dropped)
         for m in self.tail:
             out = m(out)
         return out
 
+    def passes(self, features: torch.Tensor, masks: CommonMasks, passes: int) -> torch.Tensor:
+        """All T passes, pass-major (row t * N + b)."""
+        return torch.cat([self.run(features, masks, t) for t in range(passes)])

@@ -39,8 +39,7 @@ def export_fine_tuned_bioimageio(model: BioimageioAdapter, out: Path, meta: Meta
     with tempfile.TemporaryDirectory(prefix="bioadapt-export-") as tmp:
         folder = Path(tmp) / "package"
         folder.mkdir()
-        weights = _write_weights(model, folder, model.layout.to_model(model._padded(
-            model._preprocess(test_input[None]))))
+        weights = _write_weights(model, folder, model.network_input(test_input))
         np.save(folder / "test_input.npy", lay.to_model(test_input[None]))
         np.save(folder / "test_output.npy", np.zeros(1, np.float32))  # replaced below, before anything is saved
         (folder / "README.md").write_text("pending\n")
@@ -159,8 +158,7 @@ def _describe(model: BioimageioAdapter, folder: Path, weights: Mapping[str, str]
 
 
 def _config(parent_config: Mapping[str, Any], model: BioimageioAdapter, training: Mapping[str, Any]) -> dict:
-    record = getattr(model, "last_fine_tune", None) or {}
-    params, result = record.get("params", {}), record.get("result", {})
+    params, result = _training(model)
     config = dict(parent_config)
     bioimageio = dict(config.get("bioimageio", {}))
     bioimageio["training"] = {k: v for k, v in {
@@ -186,8 +184,7 @@ def _config(parent_config: Mapping[str, Any], model: BioimageioAdapter, training
 
 
 def _readme(model: BioimageioAdapter, meta: Metadata, training: Mapping[str, Any], weights: Mapping[str, str]) -> str:
-    record = getattr(model, "last_fine_tune", None) or {}
-    params, result = record.get("params", {}), record.get("result", {})
+    params, result = _training(model)
     regions = training.get("regions", [])
     lines = [f"# {meta.name}", "", meta.description, "",
              f"Fine-tuned with bioadapt from **{model.description.name}** (`{model.source}`"
@@ -234,3 +231,8 @@ def _save_and_test(descr: v0_5.ModelDescr, folder: Path, out: Path, as_folder: b
         return out
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _training(model: BioimageioAdapter) -> tuple[dict[str, Any], dict[str, Any]]:
+    record = model.training_record
+    return (record.params, record.result) if record is not None else ({}, {})

@@ -75,8 +75,8 @@ def _describe(model: CellposeAdapter, folder: Path, meta: Metadata, training: Ma
     net = model.net
     kwargs = {"nbase": [int(n) for n in net.nbase], "nout": int(net.nout), "sz": int(net.sz), "mkldnn": False,
               "max_pool": True, "diam_mean": float(net.diam_mean.item())}
-    record = getattr(model, "last_fine_tune", None) or {}
-    params, result = record.get("params", {}), record.get("result", {})
+    record = model.training_record
+    params, result = (record.params, record.result) if record is not None else ({}, {})
     raw, y, x = v0_5.TensorId("raw"), v0_5.AxisId("y"), v0_5.AxisId("x")
     spatial = [y, x]
 
@@ -133,8 +133,8 @@ def _describe(model: CellposeAdapter, folder: Path, meta: Metadata, training: Ma
 
 
 def _readme(model: CellposeAdapter, meta: Metadata, training: Mapping[str, Any]) -> str:
-    record = getattr(model, "last_fine_tune", None) or {}
-    params, result = record.get("params", {}), record.get("result", {})
+    record = model.training_record
+    params, result = (record.params, record.result) if record is not None else ({}, {})
     net = model.net
     regions = training.get("regions", [])
     lines = [f"# {meta.name}", "", meta.description, "",

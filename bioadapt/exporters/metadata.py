@@ -53,7 +53,7 @@ def annotated_patch(model: Any, training: Mapping[str, Any]) -> np.ndarray:
     last fine-tuning; (C, *spatial) float32. Never a placeholder."""
     patch = training.get("test_input")
     if patch is None:
-        patch = (getattr(model, "last_fine_tune", None) or {}).get("example_image")
+        patch = model.training_record.example_image if model.training_record is not None else None
     if patch is None:
         raise BioadaptError("export needs a real annotated patch for the test tensors: fine-tune the model first, "
                             "or pass training={'test_input': image (C, *spatial)}")

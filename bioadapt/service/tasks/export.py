@@ -30,7 +30,7 @@ def export_package(adapter: Any, out: str, metadata: dict[str, Any], training: d
     if progress is not None:
         progress(stage="writing and testing the package")
     if fine_tune_record:
-        adapter.last_fine_tune = {**(getattr(adapter, "last_fine_tune", None) or {}), **fine_tune_record}
+        adapter.record_training(fine_tune_record.get("params", {}), fine_tune_record.get("result", {}))
     training = dict(training)
     if test_region is not None:
         training["test_input"] = test_region.read()[0]

@@ -47,7 +47,7 @@ class ScoreRequest:
 
 
 def patch_seed(seed: int, patch_id: int) -> int:
-    """One seed per patch, so scores do not depend on how patches are sharded."""
+    """One seed per patch for the random baseline, so its scores do not depend on how patches are sharded."""
     return (seed * 1_000_003 + patch_id) % (2**31)
 
 
@@ -75,10 +75,12 @@ def score_patches(adapter: Any, request: ScoreRequest, patches: Patches, *, stop
         if not np.isfinite(pixels).all():
             raise BioadaptError(f"patch {patch_id} at {list(origin)} of {request.image.uri} holds NaN or infinite "
                                 "pixels; fill them (or exclude that region with a sampling mask) before scoring")
-        seed = patch_seed(request.seed, patch_id)
-        samples = adapter.mc_proba(pixels[None], passes=request.passes, seed=seed)[:, 0]
-        score_map = function(samples, activation=activation, **({"seed": seed} if request.acquisition == "random"
-                                                                  else {}))
+        # one MC seed for the whole round: every patch sees the same dropout masks (common random numbers),
+        # so score differences come from the patches, not from the masks each happened to draw
+        samples = adapter.mc_proba(pixels[None], passes=request.passes, seed=request.seed)[:, 0]
+        score_map = function(samples, activation=activation,
+                             **({"seed": patch_seed(request.seed, patch_id)} if request.acquisition == "random"
+                                else {}))
         labels = adapter.segment(pixels[None])[0]
         if predictions is not None:
             predictions.write(origin, labels.astype(np.uint32), author="bioadapt-model")
