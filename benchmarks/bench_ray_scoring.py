@@ -31,7 +31,7 @@ from bioadapt.data.synthetic import write_synthetic_ome_zarr
 from bioadapt.exporters.fresh import package_new_model
 from bioadapt.data import ImageRef
 from bioadapt.service.execution import ModelActor, ModelPool, ModelSpec, make_actor, start_ray
-from bioadapt.service.jobs import Jobs, JobStore
+from bioadapt.service.jobs import Jobs
 from bioadapt.service.tasks.score import ScoreRequest, score_patches, score_shards
 
 RESULTS = Path(__file__).parent / "results" / "ray_scoring.json"
@@ -54,7 +54,7 @@ def main() -> None:
         score_patches(worker.adapter, request, patches)
         in_process = len(patches) / (time.perf_counter() - started)
         resources = start_ray(num_cpus=os.cpu_count())
-        jobs = Jobs(JobStore(root / "jobs.sqlite"))
+        jobs = Jobs(root / "jobs.sqlite")
         rates = {}
         for actors in (1, 2):
             job = jobs.start("score", lambda runner, n=actors: whole_job(runner, model, request, patches, n)).wait()

@@ -69,7 +69,7 @@ def test_200_patches_on_two_actors_equal_the_in_process_scores(setup, pool, monk
         raise AssertionError("the driver read pixel data")
 
     monkeypatch.setattr(Image, "read", no_pixels_here)  # actors run in other processes, unaffected
-    job = _score_job(Jobs(JobStore(tmp_path / "jobs.sqlite")), pool, spec, request, patches, 2,
+    job = _score_job(Jobs(tmp_path / "jobs.sqlite"), pool, spec, request, patches, 2,
                      shard_size=32).wait(300)
     monkeypatch.undo()
     assert job.state == "done", job.error
@@ -115,8 +115,8 @@ def test_the_pool_reuses_an_actor_while_the_weights_are_the_same(setup, pool, tm
 
 def test_a_killed_actor_is_restarted_and_its_shard_retried(setup, pool, tmp_path):
     root, image, patches, model = setup
-    store = JobStore(tmp_path / "jobs.sqlite")
-    runner = _score_job(Jobs(store), pool, ModelSpec(str(model), {"device": "cpu"}), _request(root, image, "kill"),
+    store = Jobs(tmp_path / "jobs.sqlite")
+    runner = _score_job(store, pool, ModelSpec(str(model), {"device": "cpu"}), _request(root, image, "kill"),
                         patches[:96], 2, shard_size=8)
     while not getattr(runner, "actors", None) or runner.job.progress.get("done", 0) < 8:
         time.sleep(0.05)
@@ -140,7 +140,7 @@ def test_cancelling_a_fine_tune_stops_it_within_seconds(setup, pool, tmp_path):
     spec = ModelSpec(str(model), {"device": "cpu"})
     request = FineTuneRequest(regions=tuple(regions), params={"epochs": 1000})
     actor = pool.lease(spec, kind="fine_tune")[0]
-    runner = Jobs(JobStore(tmp_path / "jobs.sqlite")).start(
+    runner = Jobs(tmp_path / "jobs.sqlite").start(
         "fine_tune", lambda job: run_body(job, actor, fine_tune_on, request, what="fine-tuning")["result"])
     while runner.job.progress.get("epoch", 0) < 2:
         time.sleep(0.05)
@@ -161,7 +161,7 @@ def test_an_unreachable_model_is_refused_with_its_cause(setup, pool, tmp_path):
 def test_a_model_sent_as_bytes_scores_like_its_path(setup, pool, tmp_path):
     root, image, patches, model = setup
     request = ScoreRequest(image=ImageRef(str(root / "image.ome.zarr")), patch_shape=(64, 64), passes=4)
-    jobs = Jobs(JobStore(tmp_path / "jobs.sqlite"))
+    jobs = Jobs(tmp_path / "jobs.sqlite")
     by_bytes = _score_job(jobs, pool, ModelSpec(model.read_bytes(), {"device": "cpu"}), request, patches[:8],
                           1).wait(120)
     by_path = _score_job(jobs, pool, ModelSpec(str(model), {"device": "cpu"}), request, patches[:8], 1).wait(120)
@@ -175,7 +175,7 @@ def test_nan_pixels_fail_the_job_with_a_clear_cause(setup, pool, tmp_path):
     pixels[0, 70, 70] = np.nan
     write_ome_zarr(tmp_path / "nan.ome.zarr", pixels, "cyx")
     request = ScoreRequest(image=ImageRef(str(tmp_path / "nan.ome.zarr")), patch_shape=(64, 64), passes=2)
-    job = _score_job(Jobs(JobStore(tmp_path / "jobs.sqlite")), pool, ModelSpec(str(model), {"device": "cpu"}),
+    job = _score_job(Jobs(tmp_path / "jobs.sqlite"), pool, ModelSpec(str(model), {"device": "cpu"}),
                      request, [(0, (0, 0)), (1, (64, 64))], 1).wait(120)
     assert job.state == "failed" and "NaN or infinite pixels" in job.error and "[64, 64]" in job.error
     assert pool.idle() == 1  # the actor itself is fine: it goes back to the pool
@@ -195,7 +195,7 @@ def test_jobs_interrupted_by_a_restart_are_marked_failed(tmp_path):
 
 
 def test_finished_jobs_leave_the_runners_of_the_service(tmp_path):
-    jobs = Jobs(JobStore(tmp_path / "jobs.sqlite"))
+    jobs = Jobs(tmp_path / "jobs.sqlite")
     slow = jobs.start("evaluate", lambda runner: runner.cancelled.wait(30) and "stopped")
     quick = jobs.start("export", lambda runner: {"path": "x"})
     assert quick.wait(10).state == "done"

@@ -52,7 +52,7 @@ def _run(service: BioadaptService, function: str, timeout_s: float = 300, **argu
     """Start a task as the Hypha layer does (validated arguments) and wait for its job."""
     started = getattr(service, function)(ALICE, s.FUNCTIONS[function].model_validate(arguments))
     deadline = time.monotonic() + timeout_s
-    while (job := service.jobs.store.get(started["job_id"])).state not in ("done", "failed", "cancelled"):
+    while (job := service.jobs.get(started["job_id"])).state not in ("done", "failed", "cancelled"):
         assert time.monotonic() < deadline, f"{function} still {job.state} after {timeout_s} s"
         time.sleep(0.2)
     assert job.state == "done", job.error
@@ -121,7 +121,7 @@ def test_grid_mode_scores_every_tile_inside_the_mask_and_writes_the_overview(ser
     started = service.score(ALICE, s.Score(project_id=project["id"], mode="grid", patch_shape=PATCH,
                                            stride=[96, 96], mc_passes=2, select=8), progress=events.append)
     assert started["patches"] is None  # grid: the tiles are counted in the job
-    while (job := service.jobs.store.get(started["job_id"])).state not in ("done", "failed", "cancelled"):
+    while (job := service.jobs.get(started["job_id"])).state not in ("done", "failed", "cancelled"):
         time.sleep(0.2)
     assert job.state == "done", job.error
     assert job.result["scored"] == len(expected) > 20 and job.progress["total"] == len(expected)

@@ -25,7 +25,7 @@ from bioadapt.errors import AccessDenied, BioadaptError
 from bioadapt.service import schemas as s
 from bioadapt.service.db import make_engine
 from bioadapt.service.execution import DEFAULT_ACTOR_IDLE_S, ModelPool, ModelSpec, describe, pool_size, run_once
-from bioadapt.service.jobs import Job, Jobs, JobStore
+from bioadapt.service.jobs import Job, Jobs
 from bioadapt.service.opened import OpenedCache
 from bioadapt.service.paths import PathGuard
 from bioadapt.service.store import ProjectStore
@@ -53,8 +53,8 @@ class BioadaptService:
         (self.data_dir / "projects").mkdir(parents=True, exist_ok=True)
         self.engine = make_engine(self.data_dir / "bioadapt.sqlite", database_url)
         self.store = ProjectStore(self.engine)
-        self.jobs = Jobs(JobStore(engine=self.engine))
-        self.interrupted = self.jobs.store.mark_interrupted()
+        self.jobs = Jobs(engine=self.engine)
+        self.interrupted = self.jobs.mark_interrupted()
         self.guard = PathGuard([self.data_dir, *allow_paths])
         self.public = public
         self.max_patch_pixels = max_patch_pixels
@@ -333,7 +333,7 @@ class BioadaptService:
     # -- jobs -----------------------------------------------------------------------------------------
     def _job(self, caller: Caller, job_id: str) -> Job:
         try:
-            job = self.jobs.store.get(job_id)
+            job = self.jobs.get(job_id)
         except BioadaptError:
             raise BioadaptError(f"no job {job_id!r}; list_jobs shows yours") from None
         if job.owner != caller.id:
@@ -346,7 +346,7 @@ class BioadaptService:
     def list_jobs(self, caller: Caller, args: s.ListJobs) -> list[dict[str, Any]]:
         if args.project_id is not None:
             self.owned_project(caller, args.project_id)
-        return [job.to_dict() for job in self.jobs.store.list(project_id=args.project_id, owner=caller.id)]
+        return [job.to_dict() for job in self.jobs.list(project_id=args.project_id, owner=caller.id)]
 
     def cancel_job(self, caller: Caller, args: s.CancelJob) -> dict[str, Any]:
         job = self._job(caller, args.job_id)

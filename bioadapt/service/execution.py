@@ -244,13 +244,15 @@ class ModelPool:
                 ray.kill(actor)
 
     def _evict(self, count: int | None = None, older_than_s: float = 0.0) -> int:
-        import ray
-
         now = time.monotonic()
         with self._lock:
             old = [entry for entry in self._idle if now - entry[2] >= older_than_s][:count]
             for entry in old:
                 self._idle.remove(entry)
+        if not old:
+            return 0
+        import ray
+
         for _, actor, _ in old:
             ray.kill(actor)
         return len(old)

@@ -142,19 +142,20 @@ class JobRunner:
                 self._on_end(self)
 
 
-class Jobs:
-    """The service's jobs: records in ``store``, and the runners of the jobs running in this process (each one
-    forgotten as soon as it ends)."""
+class Jobs(JobStore):
+    """The service's jobs: their records (a JobStore), and the runners of the jobs running in this process (each
+    one forgotten as soon as it ends)."""
 
-    def __init__(self, store: JobStore):
-        self.store = store
+    def __init__(self, path: str | Path | None = None, database_url: str | None = None, *,
+                 engine: Engine | None = None):
+        super().__init__(path, database_url, engine=engine)
         self._running: dict[str, JobRunner] = {}
         self._lock = threading.Lock()
 
     def start(self, kind: str, work: Callable[[JobRunner], Any], **job: Any) -> JobRunner:
         """Run ``work`` as a new job (``job``: JobRunner's keywords: project_id, owner, progress)."""
         with self._lock:  # the runner registers before its thread can end and forget it
-            runner = JobRunner(self.store, kind, work, on_end=self._forget, **job)
+            runner = JobRunner(self, kind, work, on_end=self._forget, **job)
             self._running[runner.job.id] = runner
         return runner
 
