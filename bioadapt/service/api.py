@@ -237,6 +237,7 @@ class BioadaptService:
         labels = LabelStore.create(folder / "labels.ome.zarr", like=image, name="corrections")
         predictions = LabelStore.create(folder / "predictions.ome.zarr", like=image, name="model")
         uncertainty = UncertaintyStore.create(folder / "uncertainty.ome.zarr", like=image)
+        self.opened.get(("image", project["id"], image_id), lambda: image)  # opened once: remote metadata is slow
         return self.store.add_image(project["id"], {
             "id": image_id, "uri": spec.uri, "axes": spec.axes, "channels": spec.channels, "mask": spec.mask,
             "shape": list(image.shape), "spatial_axes": image.spatial_axes, "labels": str(labels.path),
