@@ -9,6 +9,7 @@ they arrive. The maths (acquisition, patch score, selection) is ``bioadapt.activ
 
 from __future__ import annotations
 
+import heapq
 import math
 import threading
 import time
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from bioadapt.service.jobs import JobRunner
 
 SHARD_SIZE = 32
+TOP = 20  # highest-scoring patches a score job's result lists
 OVERVIEW_EVERY_S = 10.0  # how often a running job refreshes the uncertainty overview of its image
 Patches = Sequence[tuple[int, Sequence[int]]]  # (patch id, level-0 origin)
 
@@ -136,7 +138,7 @@ def _score(service: "BioadaptService", runner: "JobRunner", project: dict[str, A
     spec = service.model_spec(project, version)
     actors = service.pool.lease(spec, min(service.pool_size(args.actors), math.ceil(total / SHARD_SIZE)),
                                 cancelled=runner.cancelled)
-    ranked: list[dict[str, Any]] = []
+    scored, top = 0, []  # the job's count and its 20 highest scores (a whole slide's results stay in the store)
     healthy = False
     try:
         for row, todo in plan:
@@ -147,8 +149,9 @@ def _score(service: "BioadaptService", runner: "JobRunner", project: dict[str, A
                                    predictions=row["predictions"], uncertainty=row["uncertainty"])
             commit = _Commit(service, project["id"], row, args, version["number"])
             try:
-                ranked += score_shards(runner, actors, request, todo, on_shard=commit, done_before=len(ranked),
+                results = score_shards(runner, actors, request, todo, on_shard=commit, done_before=scored,
                                        total=total)
+                scored, top = scored + len(results), heapq.nlargest(TOP, top + results, key=lambda r: r["score"])
             finally:
                 commit.overview()  # the overview shows every map written, also when the job stops early
         healthy = True
@@ -156,9 +159,8 @@ def _score(service: "BioadaptService", runner: "JobRunner", project: dict[str, A
         service.pool.release(spec, actors, healthy=healthy)
     runner.report(stage="selecting")
     picked = select_pending(service, project["id"], args.selection, args.select, seed=args.seed)
-    ranked.sort(key=lambda r: -r["score"])
-    return {"scored": len(ranked), "version": version["number"], "acquisition": args.acquisition, "mode": args.mode,
-            "selection": args.selection, "selected": len(picked), "top": ranked[:20]}
+    return {"scored": scored, "version": version["number"], "acquisition": args.acquisition, "mode": args.mode,
+            "selection": args.selection, "selected": len(picked), "top": top}
 
 
 def _plan(service: "BioadaptService", project: dict[str, Any], rows: list[dict[str, Any]], args: s.Score
