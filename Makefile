@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: test demo bench env clean
+.PHONY: test test-install demo bench env clean
 
 env: $(STAMP)
 
@@ -18,6 +18,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# A newcomer's install, apart from `make test` (CI runs both): build the sdist and wheel, install the wheel into a
+# fresh venv with the constraints (the whole stack again, torch included: ~6.6 GB; 10-19 min on 2 cores shared
+# with other test runs, less alone; pip reuses its cache), check `bioadapt --help` and the package data, and fetch
+# the page from that venv's `bioadapt serve`.
+test-install: $(STAMP)
+	BIOADAPT_TEST_INSTALL=1 $(BIN)/python -m pytest tests/test_wheel_install.py -s $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/bioadapt demo

@@ -21,8 +21,9 @@ Stop = Callable[[], bool]
 class ModelInfo:
     """What ``describe()`` returns: everything a caller needs to feed the model and read its outputs.
 
-    Arrays go in as (B, C, [Z], Y, X) with ``input_channels`` channels; any spatial shape is accepted (the
-    adapter pads to ``min_shape + k * step`` plus ``halo`` and crops back).
+    Arrays go in as (B, C, [Z], Y, X) with ``input_channels`` channels, or as one image (C, [Z], Y, X), or
+    (for single-channel models) ([Z], Y, X): :func:`check_images` holds the rule. Any spatial shape is accepted
+    (the adapter pads to ``min_shape + k * step`` plus ``halo`` and crops back).
     """
 
     kind: str  # "bioimageio" or "cellpose"
@@ -134,21 +135,25 @@ class Adapter(ABC):
 
     @abstractmethod
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        """(B, C, *spatial) image -> (B, K, *spatial) float32 probabilities, deterministic."""
+        """(B, C, *spatial) images -> (B, K, *spatial) float32 probabilities, deterministic. One image,
+        (C, *spatial) or a single-channel model's (*spatial), gives (K, *spatial) (see :func:`check_images`)."""
 
     @abstractmethod
     def mc_proba(self, x: np.ndarray, passes: int = 16, *, seed: int = 0, scope: str | None = None) -> np.ndarray:
-        """(B, C, *spatial) -> (T, B, K, *spatial) float32 probabilities from T passes with dropout on."""
+        """(B, C, *spatial) -> (T, B, K, *spatial) float32 probabilities from T passes with dropout on; one image
+        gives (T, K, *spatial)."""
 
     @abstractmethod
     def segment(self, x: np.ndarray) -> np.ndarray:
-        """(B, C, *spatial) -> (B, *spatial) int32 labels (instances or classes, see describe().output_kind)."""
+        """(B, C, *spatial) -> (B, *spatial) int32 labels (instances or classes, see describe().output_kind); one
+        image gives (*spatial)."""
 
     @abstractmethod
     def fine_tune(self, samples: Sequence[tuple[np.ndarray, np.ndarray]],
                   params: FineTuneParams | Mapping[str, Any] | None = None,
                   progress: Progress | None = None, stop: Stop | None = None) -> FineTuneResult:
-        """Train on (image (C, *spatial), labels (*spatial)) pairs; keeps the best weights on held-out pairs."""
+        """Train on (image, labels (*spatial)) pairs, each image (C, *spatial) or a single-channel model's
+        (*spatial) (see :func:`check_samples`); keeps the best weights on held-out pairs."""
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]: ...
@@ -161,19 +166,42 @@ class Adapter(ABC):
         """Write the current weights in the model's own format; returns the file written."""
 
 
+def _one_image_shapes(info: ModelInfo) -> str:
+    spatial = ", ".join(info.axes[1:].upper())
+    return f"(C, {spatial}) or ({spatial})" if info.input_channels == 1 else f"(C, {spatial})"
+
+
+def _shape_rule(info: ModelInfo) -> str:
+    spatial = ", ".join(info.axes[1:].upper())
+    return f"(B, C, {spatial}) for a batch or {_one_image_shapes(info)} for one image"
+
+
 def check_images(x: Any, info: ModelInfo) -> tuple[np.ndarray, bool]:
-    """(B, C, *spatial) float32 array, and whether a batch axis was added to a single (C, *spatial) image."""
+    """The one input-shape rule of every adapter method that takes images (predict_proba, mc_proba, segment;
+    fine_tune's samples through :func:`check_samples`): ``x`` may be
+
+    - (B, C, *spatial): a batch; results keep the batch axis;
+    - (C, *spatial): one image; results come back without a batch axis;
+    - (*spatial): one image of a single-channel model (``input_channels == 1``); as (C, *spatial).
+
+    A batch always carries its channel axis, so a (B, *spatial) stack is read as (C, *spatial) and refused when
+    B differs from the model's channel count. Returns the (B, C, *spatial) float32 array and whether the caller
+    gave one image (True: drop the batch axis from the results).
+    """
     x = np.asarray(x)
     n_spatial = len(info.axes) - 1
-    single = x.ndim == n_spatial + 1
-    if single:
-        x = x[None]
-    if x.ndim != n_spatial + 2:
-        raise BioadaptError(f"{info.name} takes images shaped (B, C, {', '.join(info.axes[1:].upper())}) or "
-                            f"(C, {', '.join(info.axes[1:].upper())}); got shape {x.shape}")
+    if x.ndim == n_spatial and info.input_channels == 1:
+        x, single = x[None, None], True
+    elif x.ndim == n_spatial + 1:
+        x, single = x[None], True
+    elif x.ndim == n_spatial + 2:
+        single = False
+    else:
+        raise BioadaptError(f"{info.name} takes images shaped {_shape_rule(info)}; got shape {x.shape}")
     if x.shape[1] != info.input_channels:
         raise BioadaptError(f"{info.name} takes {info.input_channels} channel(s) but the image has {x.shape[1]} "
-                            "(axis 1); pick the channels with open_image(..., channels=[...])")
+                            f"(shape {x.shape[1:] if single else x.shape}; shapes: {_shape_rule(info)}); pick the "
+                            "channels with open_image(..., channels=[...])")
     if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
         raise BioadaptError(f"images must be real numbers, got dtype {x.dtype}")
     x = x.astype(np.float32, copy=False)
@@ -184,7 +212,8 @@ def check_images(x: Any, info: ModelInfo) -> tuple[np.ndarray, bool]:
 
 def check_samples(samples: Sequence[tuple[np.ndarray, np.ndarray]], info: ModelInfo
                   ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Validated (float32 image (C, *spatial), int64 labels (*spatial)) pairs."""
+    """Validated (float32 image (C, *spatial), int64 labels (*spatial)) pairs. Each image follows
+    :func:`check_images`' rule for one image: (C, *spatial), or (*spatial) for a single-channel model."""
     if len(samples) == 0:
         raise BioadaptError("fine-tuning needs at least one (image, labels) pair")
     out = []
@@ -192,7 +221,10 @@ def check_samples(samples: Sequence[tuple[np.ndarray, np.ndarray]], info: ModelI
         if len(pair) != 2:
             raise BioadaptError(f"sample {i} must be an (image, labels) pair")
         image, labels = pair
-        image, _ = check_images(np.asarray(image)[None], info)
+        image, single = check_images(image, info)
+        if not single:
+            raise BioadaptError(f"sample {i}: the image has shape {image.shape}, a batch; give one image per pair, "
+                                f"shaped {_one_image_shapes(info)}")
         labels = np.asarray(labels)
         if labels.shape != image.shape[2:]:
             raise BioadaptError(f"sample {i}: labels have shape {labels.shape} but the image's spatial shape is "

@@ -314,13 +314,15 @@ class BioimageioAdapter(Adapter):
             for chunk in chunks:
                 sample = Sample(members={lay.output.id: Tensor(lay.to_model_output(chunk), dims=lay.out_ids)},
                                 stat={}, id=None)
-                for op in self._post_ops:
-                    op(sample)
+                with np.errstate(over="ignore"):  # a sigmoid's exp(-x) overflows to inf on large negative
+                    for op in self._post_ops:     # logits and gives the right 0: an expected warning, not news
+                        op(sample)
                 tensor = sample.members[lay.output.id]
                 done.append(lay.from_model(tensor.to_numpy(), [str(d) for d in tensor.dims]))
             array = np.concatenate(done)
         if self._extra_activation == "sigmoid":
-            array = 1 / (1 + np.exp(-array))
+            with np.errstate(over="ignore"):  # as above: exp(-x) -> inf gives 0
+                array = 1 / (1 + np.exp(-array))
         elif self._extra_activation == "softmax":
             e = np.exp(array - array.max(1, keepdims=True))
             array = e / e.sum(1, keepdims=True)

@@ -10,29 +10,10 @@ import tifffile
 import zarr
 from tqdm.auto import tqdm
 
+from bioadapt.data.tiff import TIFF_AXES, physical_scale
 from bioadapt.data.writer import (block_count, build_pyramid, copy_block, create_multiscale, iter_blocks,
                                   pyramid_block_count)
 from bioadapt.errors import BioadaptError
-
-# tifffile's axis letters -> NGFF axes. 'S' holds RGB samples; 'I'/'Q' are unnamed image sequences.
-TIFF_AXES = {"T": "t", "C": "c", "S": "c", "Z": "z", "Y": "y", "X": "x", "I": "t", "Q": "t"}
-OME_UNITS = {"µm": "micrometer", "um": "micrometer", "nm": "nanometer", "mm": "millimeter"}
-
-
-def _physical_scale(tif: tifffile.TiffFile, axes: str) -> tuple[list[float], dict[str, str]]:
-    """Pixel sizes from OME-XML when the file has them, else 1."""
-    scale = {a: 1.0 for a in axes}
-    units: dict[str, str] = {}
-    if tif.ome_metadata:
-        image = tifffile.xml2dict(tif.ome_metadata).get("OME", {}).get("Image", {})
-        pixels = (image[0] if isinstance(image, list) else image).get("Pixels", {})
-        for axis in "zyx":
-            size = pixels.get(f"PhysicalSize{axis.upper()}")
-            if axis in scale and size:
-                scale[axis] = float(size)
-                unit = pixels.get(f"PhysicalSize{axis.upper()}Unit", "µm")
-                units[axis] = OME_UNITS.get(unit, unit)
-    return [scale[a] for a in axes], units
 
 
 def _map_axes(tiff_axes: str, shape: Sequence[int], source: str) -> tuple[str, list[int]]:
@@ -83,7 +64,7 @@ def convert_to_ome_zarr(source: str | Path, target: str | Path, *, version: str 
         axes, kept_dims = _map_axes(series.axes, series.shape, str(source))
         kept_set = set(kept_dims)
         shape = [series.shape[d] for d in kept_dims]
-        scale, units = _physical_scale(tif, axes)
+        scale, units = physical_scale(tif, axes)
         source_array: Any = zarr.open(series.aszarr(level=0), mode="r")
         _, arrays = create_multiscale(target, axes=axes, shape=shape, dtype=series.dtype, chunks=chunks,
                                       n_levels=n_levels, version=version, scale=scale, units=units,

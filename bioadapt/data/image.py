@@ -11,7 +11,8 @@ import numpy as np
 import zarr
 
 from bioadapt.data import ngff
-from bioadapt.data.stores import join_uri, open_node
+from bioadapt.data.stores import join_uri, local_path, open_node
+from bioadapt.data.tiff import CONVERT_HINT, SUPPORTED, is_tiff_path, open_tiff
 from bioadapt.data.windows import as_int_tuple, check_window
 from bioadapt.errors import BioadaptError
 
@@ -242,12 +243,21 @@ def _level_factors(axes: str, shape0: tuple[int, ...], shape: tuple[int, ...],
 
 def open_image(uri: str | Path, axes: str | None = None, channels: Sequence[int] | int | None = None, *,
                time: int | None = 0, storage_options: dict[str, Any] | None = None) -> Image:
-    """Open an OME-Zarr (NGFF 0.4/0.5) or a plain Zarr array lazily.
+    """Open an OME-Zarr (NGFF 0.4/0.5), a plain Zarr array, or a local TIFF / OME-TIFF file lazily.
 
-    ``axes`` is required for plain arrays and must match the metadata for OME-Zarr.
+    ``axes`` is required for plain arrays, must match the metadata for OME-Zarr, and overrides the axes
+    tifffile reads from a TIFF (one letter per dimension of its squeezed shape). TIFFs are read in place through
+    tifffile's Zarr store, chunk by chunk (the file's tiles or strips); for large images without tiles or a
+    pyramid, ``bioadapt convert`` writes a chunked, multiscale OME-Zarr that reads faster.
     ``channels`` picks the channels to feed (default all); ``time`` the time point.
     """
     uri = str(uri)
+    path = local_path(uri)
+    if path is not None and path.is_file():
+        return _open_tiff_image(uri, path, axes, channels, time)
+    if path is None and is_tiff_path(uri.split("?")[0]):
+        raise BioadaptError(f"'{uri}' is a remote TIFF: TIFF files are read in place from local paths only; copy it "
+                            f"here, or {CONVERT_HINT}")
     node = open_node(uri, storage_options=storage_options)
     if isinstance(node, zarr.Group):
         multiscales = ngff.read_multiscales(node)
@@ -283,3 +293,19 @@ def open_image(uri: str | Path, axes: str | None = None, channels: Sequence[int]
     ]
     return Image(uri, arrays, image_axes, levels, channels=channels, time=time, ngff_version=version,
                  units=units, name=name, group=group, storage_options=storage_options)
+
+
+def _open_tiff_image(uri: str, path: Path, axes: str | None, channels: Sequence[int] | int | None,
+                     time: int | None) -> Image:
+    with open(path, "rb") as file:
+        magic = file.read(4)
+    if magic not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # classic and BigTIFF, both byte orders
+        raise BioadaptError(f"'{uri}' is a file but not a TIFF: bioadapt opens {SUPPORTED}. Save other formats as "
+                            f"TIFF or OME-Zarr first; {CONVERT_HINT}")
+    tiff = open_tiff(path, axes)
+    image_axes = validate_axes(tiff.axes, tiff.arrays[0].ndim, where=f"'{uri}' (shape {tiff.arrays[0].shape})")
+    levels = [Level(index=i, path=str(i), shape=tuple(a.shape), chunks=tuple(a.chunks), scale=scale,
+                    factors=_level_factors(image_axes, tiff.arrays[0].shape, a.shape, tiff.scales[0], scale))
+              for i, (a, scale) in enumerate(zip(tiff.arrays, tiff.scales))]
+    return Image(uri, tiff.arrays, image_axes, levels, channels=channels, time=time, ngff_version=None,
+                 units=tiff.units, name=tiff.name, group=None, storage_options=None)

@@ -26,6 +26,7 @@ from bioadapt.errors import BioadaptError
 
 REGIONS_FILE = "bioadapt-regions.sqlite"
 METADATA_KEY = "bioadapt"
+MIN_CHUNK, MAX_CHUNK = 64, 1024  # bounds of the default label chunks along y and x
 
 
 class LabelStore:
@@ -78,7 +79,9 @@ class LabelStore:
         label_axes = like.axes.replace("c", "")
         label_shape = [s for a, s in zip(like.axes, like.shape) if a != "c"]
         label_scale = [s for a, s in zip(like.axes, like.scale) if a != "c"]
-        default_chunks = [1 if a == "t" else c for a, c in zip(like.axes, like.chunks) if a != "c"]
+        # the image's chunks, y and x within bounds: a TIFF's chunks are its strips (a few rows, or a whole page)
+        default_chunks = [1 if a == "t" else min(max(c, MIN_CHUNK), MAX_CHUNK) if a in "yx" else c
+                          for a, c in zip(like.axes, like.chunks) if a != "c"]
         chunks = tuple(chunks) if chunks is not None else tuple(default_chunks)
         if len(chunks) != len(label_axes):
             raise BioadaptError(f"chunks {chunks} must have one value per label axis '{label_axes}'")

@@ -9,6 +9,7 @@ from urllib.parse import urlparse
 import zarr
 from zarr.storage import FsspecStore, LocalStore
 
+from bioadapt.data.tiff import CONVERT_HINT, SUPPORTED
 from bioadapt.errors import BioadaptError
 
 REMOTE_SCHEMES = ("http", "https", "s3")
@@ -47,7 +48,7 @@ def open_store(uri: str | Path, *, read_only: bool = True,
     if not scheme:
         path = local_path(uri)
         if read_only and not path.exists():
-            raise BioadaptError(f"no Zarr data at '{path}': the path does not exist; check the path or URI")
+            raise BioadaptError(f"no image at '{path}': the path does not exist; check the path or URI")
         return LocalStore(path, read_only=read_only)
     if scheme not in REMOTE_SCHEMES:
         raise BioadaptError(
@@ -68,6 +69,7 @@ def open_node(uri: str | Path, *, storage_options: dict[str, Any] | None = None,
     try:
         return zarr.open(store=store, mode="r" if read_only else "r+")
     except (FileNotFoundError, KeyError) as err:
-        raise BioadaptError(f"no Zarr array or group at '{uri}' ({type(err).__name__}: {err}); check the URI") from err
+        raise BioadaptError(f"no Zarr array or group at '{uri}' ({type(err).__name__}: {err}); check the URI. "
+                            f"bioadapt opens {SUPPORTED}; {CONVERT_HINT}") from err
     except OSError as err:
         raise BioadaptError(f"could not read '{uri}': {err}") from err

@@ -12,13 +12,19 @@ from bioadapt.errors import BioadaptError
 __all__ = ["export_bioimageio"]
 
 
-def export_bioimageio(model: Any, out: str | Path, *, name: str, description: str, authors: Sequence[str],
-                      license: str | None = None, version: str | None = None, cite: Sequence[dict] | None = None,
-                      tags: Sequence[str] | None = None, training: Mapping[str, Any] | None = None,
-                      as_folder: bool = False) -> Path:
+def export_bioimageio(model: Any, out: str | Path, *, name: str, description: str,
+                      authors: Sequence[str | Mapping[str, Any]], license: str | None = None, version: str | None = None,
+                      cite: Sequence[Mapping[str, Any]] | None = None, tags: Sequence[str] | None = None,
+                      training: Mapping[str, Any] | None = None, as_folder: bool = False,
+                      maintainers: Sequence[str | Mapping[str, Any]] | None = None) -> Path:
     """Write ``model`` (a fine-tuned adapter) as a bioimage.io package (format 0.5) that passes bioimageio.core's
     model test; returns ``out``. Metadata is checked before anything is written, and the package is built and
     tested in a temporary place before it is moved to ``out``.
+
+    ``authors``: names (``["Ada Lovelace"]``) or bioimage.io author entries (``[{"name": "Ada Lovelace",
+    "affiliation": "...", "orcid": "..."}]``); ``maintainers``: GitHub user names or maintainer entries
+    (``{"github_user": ..., "name": ...}``; bioimageio.core's test asks GitHub whether the user exists, so it needs
+    the network unless bioimageio.spec already knows the user); ``cite``: entries with ``text`` and a ``doi`` or ``url``.
 
     ``training`` (optional): ``regions`` (list of {image, origin, shape}), ``label_store`` (path or URI),
     ``metrics`` (e.g. F1 before/after), ``test_input`` (an annotated patch (C, *spatial); default: one the
@@ -27,7 +33,7 @@ def export_bioimageio(model: Any, out: str | Path, *, name: str, description: st
     from bioadapt.adapters.bioimageio import BioimageioAdapter
     from bioadapt.exporters.metadata import Metadata
 
-    meta = Metadata.checked(name, description, authors, license, version, cite, tags)
+    meta = Metadata.checked(name, description, authors, license, version, cite, tags, maintainers)
     out = Path(out).expanduser().resolve()
     if not as_folder and out.suffix != ".zip":
         raise BioadaptError(f"{out} should end in .zip (or pass as_folder=True)")

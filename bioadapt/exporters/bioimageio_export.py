@@ -137,15 +137,17 @@ def _describe(model: BioimageioAdapter, folder: Path, weights: Mapping[str, str]
         new_weights[fmt] = entry
     data["weights"] = new_weights
     data.update(
-        name=meta.name, description=meta.description, authors=[{"name": a} for a in meta.authors],
+        name=meta.name, description=meta.description, authors=list(meta.authors),
         license=meta.license or parent.license, version=meta.version or bump_version(parent.version),
-        cite=meta.cite or data.get("cite", []), tags=sorted(set(meta.tags or data.get("tags", [])) | {"bioadapt"}),
+        cite=list(meta.cite) or data.get("cite", []), tags=sorted(set(meta.tags or data.get("tags", [])) | {"bioadapt"}),
         documentation=file("README.md"), covers=[file(c) for c in covers], attachments=[],
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
         config=_config(data.get("config", {}), model, training),
     )
     for key in ("id", "id_emoji", "uploader", "maintainers", "packaged_by", "version_comment"):
         data.pop(key, None)
+    if meta.maintainers:
+        data["maintainers"] = list(meta.maintainers)
     data["parent"] = {"id": str(parent.id), **({"version": str(parent.version)} if parent.version else {})} \
         if parent.id else None
     if data["parent"] is None:

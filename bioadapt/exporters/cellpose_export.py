@@ -86,9 +86,10 @@ def _describe(model: CellposeAdapter, folder: Path, meta: Metadata, training: Ma
     try:
         with ValidationContext(root=folder, perform_io_checks=False):
             return v0_5.ModelDescr(
-                name=meta.name, description=meta.description, authors=[v0_5.Author(name=a) for a in meta.authors],
+                name=meta.name, description=meta.description, authors=[v0_5.Author(**a) for a in meta.authors],
                 license=meta.license or "BSD-3-Clause", version=meta.version or "0.1.0",
                 cite=[v0_5.CiteEntry(**c) for c in (meta.cite or (CELLPOSE_CITE,))],
+                maintainers=[v0_5.Maintainer(**m) for m in meta.maintainers],
                 tags=sorted(set(meta.tags) | {"bioadapt", "cellpose", "instance-segmentation"}),
                 documentation=file("README.md"), covers=[file(c) for c in covers],
                 timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -12,20 +12,35 @@ import numpy as np
 from bioadapt.errors import BioadaptError
 
 
+Person = str | Mapping[str, Any]
+
+
 @dataclass(frozen=True)
 class Metadata:
+    """Checked package metadata; authors, maintainers and cite entries in bioimage.io's (format 0.5) shapes, as
+    plain dicts (``{"name": ..., "affiliation": ..., "orcid": ...}``, ``{"github_user": ...}``,
+    ``{"text": ..., "doi" or "url": ...}``)."""
+
     name: str
     description: str
-    authors: tuple[str, ...]
+    authors: tuple[dict[str, Any], ...]
     license: str | None = None
     version: str | None = None
-    cite: tuple[dict, ...] = ()
+    cite: tuple[dict[str, Any], ...] = ()
     tags: tuple[str, ...] = ()
+    maintainers: tuple[dict[str, Any], ...] = ()
 
     @classmethod
-    def checked(cls, name: str, description: str, authors: Sequence[str], license: str | None,
-                version: str | None, cite: Sequence[dict] | None, tags: Sequence[str] | None) -> Metadata:
-        """Metadata bioimage.io will accept, or a BioadaptError saying what to fix (nothing written yet)."""
+    def checked(cls, name: str, description: str, authors: Sequence[Person], license: str | None,
+                version: str | None, cite: Sequence[Mapping[str, Any]] | None, tags: Sequence[str] | None,
+                maintainers: Sequence[Person] | None = None) -> Metadata:
+        """Metadata bioimage.io will accept, or a BioadaptError saying what to fix (nothing written yet).
+
+        ``authors``: names, or the spec's author entries (``name`` plus optional ``affiliation``, ``email``,
+        ``orcid``, ``github_user``); ``maintainers``: GitHub user names, or the spec's maintainer entries
+        (``github_user`` plus optional ``name``, ...); ``cite``: the spec's entries (``text`` and ``doi`` or ``url``).
+        """
+        from bioimageio.spec.model import v0_5
         from bioimageio.spec.model.v0_5 import LicenseId
         from pydantic import ValidationError
 
@@ -33,19 +48,48 @@ class Metadata:
             raise BioadaptError("the package needs a name (a few words saying what the model segments)")
         if not description or not description.strip():
             raise BioadaptError("the package needs a description")
-        if isinstance(authors, str) or not authors or not all(isinstance(a, str) and a.strip() for a in authors):
-            raise BioadaptError("the package needs authors: a list of names, e.g. authors=['Ada Lovelace']")
+        if isinstance(authors, (str, Mapping)) or not authors:
+            raise BioadaptError("the package needs authors: a list of names or of bioimage.io author entries, e.g. "
+                                "authors=['Ada Lovelace'] or authors=[{'name': 'Ada Lovelace', 'affiliation': '...'}]")
         if license is not None:
             try:
                 LicenseId(license)
             except ValidationError:
                 raise BioadaptError(f"licence {license!r} is not an SPDX licence id bioimage.io knows; use e.g. "
                                     "'MIT', 'CC-BY-4.0' or 'Apache-2.0'") from None
-        for entry in cite or ():
-            if not isinstance(entry, dict) or "text" not in entry or not ({"doi", "url"} & set(entry)):
-                raise BioadaptError(f"each cite entry needs 'text' and a 'doi' or 'url', got {entry!r}")
-        return cls(name.strip(), description.strip(), tuple(a.strip() for a in authors), license, version,
-                   tuple(cite or ()), tuple(tags or ()))
+        if isinstance(maintainers, (str, Mapping)) or isinstance(cite, Mapping):
+            raise BioadaptError("maintainers and cite are lists of entries, e.g. maintainers=['octocat'], "
+                                "cite=[{'text': '...', 'doi': '10....'}]")
+        return cls(name.strip(), description.strip(),
+                   _entries(authors, v0_5.Author, "name", "author", "a name or {'name': ..., 'affiliation': ...}"),
+                   license, version,
+                   _entries(cite or (), v0_5.CiteEntry, None, "cite entry", "{'text': ..., 'doi' or 'url': ...}"),
+                   tuple(tags or ()),
+                   _entries(maintainers or (), v0_5.Maintainer, "github_user", "maintainer",
+                            "a GitHub user name or {'github_user': ..., 'name': ...}"))
+
+
+def _entries(items: Sequence[Any], spec: type, plain_field: str | None, what: str,
+             shape: str) -> tuple[dict[str, Any], ...]:
+    """Each item as a dict the spec's ``spec`` class accepts; a plain string fills ``plain_field``."""
+    from bioimageio.spec import ValidationContext
+    from pydantic import ValidationError
+
+    out = []
+    for item in items:
+        if isinstance(item, str) and plain_field is not None and item.strip():
+            item = {plain_field: item.strip()}
+        if not isinstance(item, Mapping):
+            raise BioadaptError(f"each {what} must be {shape}; got {item!r}")
+        try:
+            with ValidationContext(perform_io_checks=False):
+                entry = spec.model_validate(dict(item))
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or what}: {err['msg']}" for err in e.errors())
+            raise BioadaptError(f"{what} {dict(item)!r} is not valid for bioimage.io ({problems}); "
+                                f"give {shape}") from None
+        out.append(entry.model_dump(mode="json", exclude_none=True))
+    return tuple(out)
 
 
 def annotated_patch(model: Any, training: Mapping[str, Any]) -> np.ndarray:

@@ -1,6 +1,6 @@
-"""The browser client (``web/`` in the repository) served by the service itself, as a public Hypha "functions"
-service: the page is at ``<server>/<workspace>/apps/bioadapt-web/`` whether the Hypha server is the embedded one
-or another (``--server-url``). It serves static files only; every call the page makes goes through the
+"""The browser client (``web/`` in the repository, ``bioadapt/web`` in a wheel) served by the service itself, as
+a public Hypha "functions" service: the page is at ``<server>/<workspace>/apps/bioadapt-web/`` whether the Hypha
+server is the embedded one or another (``--server-url``). It serves static files only; every call the page makes goes through the
 protected ``bioadapt`` service with the user's token.
 
 Why "functions" and not an ASGI service: with hypha 0.21.137 / hypha-rpc 0.21.47 an ASGI app's ``send`` callback
@@ -10,6 +10,7 @@ response as one value, ~5 ms a file.
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 import mimetypes
 from pathlib import Path
@@ -18,8 +19,18 @@ from urllib.parse import unquote, urlencode
 
 log = logging.getLogger(__name__)
 WEB_SERVICE_ID = "bioadapt-web"
-#: ``web/`` beside the package in a checkout or an editable install (a wheel does not carry it).
-WEB_DIR = Path(__file__).resolve().parents[2] / "web"
+
+
+def web_dir() -> Path:
+    """The page's folder: ``bioadapt/web`` in an installed wheel (package data mapped from ``web/`` by setup.py),
+    else ``web/`` at the root of the checkout the package is imported from (an editable install, or PYTHONPATH)."""
+    packaged = importlib.resources.files("bioadapt") / "web"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parents[2] / "web"
+
+
+WEB_DIR = web_dir()
 _TYPES = {".mjs": "text/javascript", ".js": "text/javascript", ".html": "text/html", ".css": "text/css",
           ".md": "text/markdown", ".png": "image/png", ".svg": "image/svg+xml", ".json": "application/json"}
 
@@ -65,7 +76,8 @@ async def register_web_page(server: Any, server_url: str, directory: str | Path 
     """Register the page on ``server`` (a connected hypha-rpc client); its URL, or None (with a warning) when
     ``directory`` has no ``index.html``."""
     if not (Path(directory) / "index.html").is_file():
-        log.warning("no web page to serve: %s has no index.html (a wheel install does not carry web/)", directory)
+        log.warning("no web page to serve: %s has no index.html (install bioadapt from its wheel, or run it from a "
+                    "checkout with web/ beside bioadapt/)", directory)
         return None
     await server.register_service(web_service(directory))
     return page_url(server_url, server.config.workspace)
