@@ -102,10 +102,15 @@ def test_the_pool_reuses_an_actor_while_the_weights_are_the_same(setup, pool, tm
     import torch
 
     torch.save(ModelActor(spec).adapter.state_dict(), weights)
-    other = pool.lease(ModelSpec(str(model), {"device": "cpu"}, str(weights)))
+    tuned = ModelSpec(str(model), {"device": "cpu"}, str(weights))
+    other = pool.lease(tuned)
     assert ray.get(other[0].ping.remote()) != pid and pool.started == 2  # other weights: another actor
-    pool.release(ModelSpec(str(model), {"device": "cpu"}, str(weights)), other, healthy=False)
-    assert pool.idle() == 1
+    assert pool.idle() == 1  # the first one stays warm: the cluster had room for both
+    pool.release(tuned, other)
+    # a model that needs the room the idle actors hold: the longest idle one goes at once
+    third = pool.lease(ModelSpec(model.read_bytes(), {"device": "cpu"}))
+    assert pool.idle() == 1 and pool.started == 3
+    pool.release(ModelSpec(model.read_bytes(), {"device": "cpu"}), third, healthy=False)
     pool.idle_s = 0.5  # idle actors go after idle_s
     deadline = time.monotonic() + 10
     while pool.idle() and time.monotonic() < deadline:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 DEFAULT_ACTOR_IDLE_S = 60.0  # how long an idle model actor stays loaded for the next job on the same model
-EVICT_AFTER_S = 5.0  # a new actor still pending this long makes an idle one go (the cluster's room was misjudged)
+EVICT_AFTER_S = 30.0  # a new actor pending this long while the cluster is full makes an idle one go
 
 
 @dataclass(frozen=True)
@@ -158,9 +158,11 @@ class ModelPool:
     the next job on the same model and weights (another image, another task of the project) gets them without
     loading the model again. Idle actors go after ``idle_s`` seconds, or at once when a new actor waits for room."""
 
-    def __init__(self, gpu_fraction: float = 0.5, idle_s: float = DEFAULT_ACTOR_IDLE_S):
+    def __init__(self, gpu_fraction: float = 0.5, idle_s: float = DEFAULT_ACTOR_IDLE_S,
+                 evict_after_s: float = EVICT_AFTER_S):
         self.gpu_fraction = gpu_fraction
         self.idle_s = idle_s
+        self.evict_after_s = evict_after_s
         self.started = 0  # actors started so far: each loaded its model once
         self._idle: list[tuple[tuple, Any, float]] = []  # (key, actor, idle since), oldest first
         self._lock = threading.Lock()
@@ -210,8 +212,8 @@ class ModelPool:
                 for actor in self._take(key, len(pending)):  # a job on the same model just finished
                     ray.kill(pending.pop(next(iter(pending))))
                     ready.append(actor)
-                if time.monotonic() - waiting_since > EVICT_AFTER_S:  # still no room: an idle actor goes
-                    self._evict(count=1)
+                if time.monotonic() - waiting_since > self.evict_after_s and self._room(kind) < len(pending):
+                    self._evict(count=1)  # room was misjudged (another job gave actors back meanwhile)
                     waiting_since = time.monotonic()
         except ray.exceptions.RayActorError as e:
             for actor in [*ready, *pending.values()]:
@@ -225,11 +227,17 @@ class ModelPool:
 
         if count <= 0 or not self.idle():
             return
-        need = actor_options(kind, self.gpu_fraction)
-        available = ray.available_resources()
-        room = min(int(available.get(name, 0) / amount) for name, amount in need.items() if amount)
+        room = self._room(kind)
         while room < count and self._evict(count=1):
             room += 1  # an idle actor holds what a new one needs (its resources return a moment after the kill)
+
+    def _room(self, kind: str) -> int:
+        """How many more actors of ``kind`` the cluster's free resources hold now."""
+        import ray
+
+        available = ray.available_resources()
+        need = actor_options(kind, self.gpu_fraction)
+        return min(int(available.get(name, 0) / amount) for name, amount in need.items() if amount)
 
     def release(self, spec: ModelSpec, actors: list[Any], *, kind: str = "score", healthy: bool = True) -> None:
         """Give leased actors back (idle, for the next job on the same model); unhealthy ones are stopped."""
