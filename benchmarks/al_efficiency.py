@@ -1,22 +1,26 @@
-"""Label efficiency: does annotating the patches BALD picks beat annotating random ones?
+"""Label efficiency: how many annotated patches each selection strategy needs, against random picks.
 
-A base U-Net is trained briefly on synthetic 'nuclei' images (the demo's base model). The pool is a grid of
-patches over a large synthetic image of another style ('crowded'), with ground truth; the test set is a
-separate 'crowded' image. For each seed, the base model scores the whole pool through the service's scoring
-code (``score_patches``: MC dropout, the acquisition map, the patch score); then, for each acquisition and
-budget k, k patches are picked, "annotated" from the ground truth and the base model is fine-tuned on them with
-the same settings (100 epochs, so larger budgets get more optimiser steps, as a user's training would;
-``--steps N`` gives every budget the same compute instead; no validation split, so small budgets keep every
-label), and F1 at IoU 0.5 is measured on the test set.
+For each data set (benchmarks/al_data.py: the synthetic domain shift and a real annotated fluorescence image)
+the demo's base U-Net scores the whole pool through the service's scoring worker (``score_patches``: MC
+dropout with one mask seed per round, the acquisition map, the mask-aware patch score, the model's pooled
+features); a strategy picks k patches (``bioadapt.active.select``), the simulated annotator answers them from
+the ground truth, and the base model is fine-tuned on them (``Adapter.fine_tune``) for a fixed number of
+optimiser steps, the same for every budget, shown to lie on the training loss's plateau at the largest budget
+(``plateau``). F1 at IoU 0.5 on a separate test image measures the result.
 
-Acquisitions: BALD (top-k), BALD made diverse (``select_diverse``: score-weighted k-means over where a patch
-sits and what it looks like, the most uncertain patch of each cluster), predictive entropy (top-k), random.
+- one-shot: the base model's scores pick all k patches at once;
+- multi-round (``--multi-round``): pick 2, tune, re-score the pool with the tuned model, pick up to 4, tune
+  (from the base model, on every label so far), re-score, ... up to the largest budget;
+- random: a seeded permutation of the pool, so smaller budgets are prefixes of larger ones.
 
-Small setting (the default, 3 seeds; 12 min on 2 cores):  python benchmarks/al_efficiency.py
-Full setting (5 seeds; ~20 min):                         python benchmarks/al_efficiency.py --seeds 5
-Equal compute per budget:
-    python benchmarks/al_efficiency.py --steps 400 --out benchmarks/results/al_efficiency_fixed_steps
-Writes benchmarks/results/al_efficiency.{json,md,png}.
+Each seed changes the MC masks, the k-means seeding, the random picks and the fine-tuning's batches and
+augmentation; the pool, test image and base model stay fixed. Runs are appended to
+``<out>_<dataset>.jsonl`` as they finish (so seeds can run as separate processes), and ``report`` writes the
+table, the plot and the verdict from every run found.
+
+    python benchmarks/al_efficiency.py plateau --dataset dsb2018
+    python benchmarks/al_efficiency.py run --dataset synthetic --seeds 0,1,2,3,4
+    python benchmarks/al_efficiency.py report
 """
 
 from __future__ import annotations
@@ -24,177 +28,317 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))
+from al_data import DATASETS, PATCH, base_model, load_dataset, test_f1  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
-ACQUISITIONS = ("bald", "bald_diverse", "predictive_entropy", "random")
+OUT = RESULTS / "al_efficiency"
+TUNE = {"learning_rate": 3e-3, "batch_size": 4, "val_fraction": 0.0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from bioadapt.active import DEFAULT_STRATEGY
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", default="2,4,8,16,32", help="labelled patches per run")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--pool-size", type=int, default=1024, help="side of the pool image (grid of patches)")
-    parser.add_argument("--patch", type=int, default=64)
-    parser.add_argument("--passes", type=int, default=8, help="MC-dropout passes when scoring")
-    parser.add_argument("--epochs", type=int, default=100, help="epochs of every fine-tuning (compute grows "
-                        "with the budget, as when a user trains for a set number of epochs)")
-    parser.add_argument("--steps", type=int, default=None, help="instead of --epochs: optimiser steps of every "
-                        "fine-tuning (the same compute for every budget)")
-    parser.add_argument("--test-size", type=int, default=512, help="side of the test image (tiles of 128)")
-    parser.add_argument("--base-epochs", type=int, default=40)
-    parser.add_argument("--out", default=str(RESULTS / "al_efficiency"))
+    parser.add_argument("command", choices=("run", "plateau", "report"))
+    parser.add_argument("--dataset", choices=DATASETS, default="synthetic")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--budgets", default="2,4,8,16,32", help="labelled patches")
+    parser.add_argument("--strategies", default=f"random,bald,typical,{DEFAULT_STRATEGY}",
+                        help="one-shot strategies (names of bioadapt.active.STRATEGIES)")
+    parser.add_argument("--multi-round", default=DEFAULT_STRATEGY, help="strategies also run round by round")
+    parser.add_argument("--first-budgets", type=lambda text: [int(b) for b in text.split(",") if b], default=[],
+                        help="budgets to run first (then the others, smallest first)")
+    parser.add_argument("--steps", type=int, default=300, help="optimiser steps of every fine-tuning")
+    parser.add_argument("--passes", type=int, default=16, help="MC-dropout passes when scoring")
+    parser.add_argument("--plateau-steps", type=int, default=1800)
+    parser.add_argument("--learning-rate", type=float, default=TUNE["learning_rate"])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of this process")
+    parser.add_argument("--workdir", default=None, help="keeps the base model between runs (default: temporary)")
+    parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--default", default=None, help="report: the strategy judged against random "
+                        "(default: bioadapt.active.DEFAULT_STRATEGY)")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from bioadapt.data import open_image, sample_patches
-    from bioadapt.data.synthetic import synthetic_cells, write_synthetic_ome_zarr
-    from bioadapt.demo import build_base_model
-    from bioadapt.service.execution import ModelActor, ModelSpec
-
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    budgets = [int(b) for b in args.budgets.split(",")]
-    started = time.perf_counter()
+    if args.command == "report":
+        report(args)
+        return
+    import torch
+
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bioadapt-al-") as tmp:
-        root = Path(tmp)
-        base = build_base_model(root / "base.zip", args.base_epochs, seed=0)
-        write_synthetic_ome_zarr(root / "pool.ome.zarr", (args.pool_size, args.pool_size), "crowded", seed=11)
-        pool_image = open_image(root / "pool.ome.zarr")
-        truth = np.asarray(pool_image.label_image("ground_truth").read((0, 0), pool_image.spatial_shape)[0])
-        windows = sample_patches(pool_image, None, (args.patch, args.patch), mode="grid")
-        test = synthetic_cells((args.test_size, args.test_size), "crowded", seed=12)
-        test_set = [(test.image[:, y:y + 128, x:x + 128].astype(np.float32), test.labels[y:y + 128, x:x + 128])
-                    for y in range(0, args.test_size, 128) for x in range(0, args.test_size, 128)]
-        worker = ModelActor(ModelSpec(str(base), {"device": "cpu"}))
-        base_state = worker.adapter.state_dict()
-        base_f1 = f1_on(worker.adapter, test_set)
-        print(f"base model: F1 {base_f1:.3f} on {len(test_set)} test tiles; pool of {len(windows)} patches")
-        runs = []
-        for seed in range(args.seeds):
-            scores = {name: pool_scores(worker, root / "pool.ome.zarr", windows, name, args.passes, seed)
-                      for name in ("bald", "predictive_entropy")}
-            descriptors = patch_descriptors(pool_image, windows, scores["bald"]["objects"])
-            for budget in budgets:
-                for acquisition in ACQUISITIONS:
-                    chosen = pick(acquisition, scores, descriptors, budget, seed, len(windows))
-                    samples = [(pool_image.read(windows[i].origin, windows[i].shape, dtype="float32"),
-                                truth[windows[i].slices].astype(np.int64)) for i in chosen]
-                    worker.adapter.load_state_dict(base_state)
-                    epochs = max(1, round(args.steps / math.ceil(budget / 4))) if args.steps else args.epochs
-                    result = worker.adapter.fine_tune(samples, {"epochs": epochs, "learning_rate": 3e-3,
-                                                                "batch_size": 4, "val_fraction": 0.0,
-                                                                "seed": seed})
-                    f1 = f1_on(worker.adapter, test_set)
-                    runs.append({"seed": seed, "budget": budget, "acquisition": acquisition, "f1": f1,
-                                 "patches": chosen, "epochs": epochs, "seconds": round(result.seconds, 2)})
-                    print(f"seed {seed} k={budget:>2} {acquisition:<18} F1 {f1:.3f}  ({result.seconds:.1f} s)")
-    summary = summarize(runs, budgets, base_f1)
-    summary.update({"command": "python benchmarks/al_efficiency.py " + " ".join(argv or []),
-                    "settings": vars(args), "pool_patches": len(windows), "test_tiles": len(test_set),
-                    "minutes": round((time.perf_counter() - started) / 60, 1), "date": time.strftime("%Y-%m-%d %H:%M"),
-                    "runs": runs})
-    out = Path(args.out)
+        workdir = Path(args.workdir or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        if args.command == "plateau":
+            plateau(args, workdir)
+        else:
+            run(args, workdir)
+
+
+class Bench:
+    """One data set, the base model behind the service's scoring worker, and the fine-tuning protocol."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path):
+        from bioadapt.service.execution import ModelActor, ModelSpec
+
+        self.args = args
+        self.dataset = load_dataset(args.dataset, workdir)
+        self.worker = ModelActor(ModelSpec(str(base_model(workdir)), {"device": "cpu"}))
+        self.base_state = self.worker.adapter.state_dict()
+        self.base_f1 = test_f1(self.worker.adapter, self.dataset)
+
+    def score(self, strategy_name: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and features of every pool patch under the adapter's current weights, in pool order."""
+        from bioadapt.active import STRATEGIES
+        from bioadapt.data import ImageRef
+        from bioadapt.service.tasks.score import ScoreRequest, score_patches
+
+        strategy = STRATEGIES[strategy_name]
+        request = ScoreRequest(image=ImageRef(str(self.dataset.pool_path)), patch_shape=(PATCH, PATCH),
+                               passes=self.args.passes, acquisition=strategy.acquisition, reduce=strategy.reduce,
+                               seed=seed, features=True)
+        patches = [(i, w.origin) for i, w in enumerate(self.dataset.windows)]
+        results = {r["patch_id"]: r for r in self.worker.run(score_patches, request, patches)}
+        order = range(len(self.dataset.windows))
+        return (np.array([results[i]["score"] for i in order]),
+                np.array([results[i]["features"] for i in order]))
+
+    def tune(self, picks: list[int], seed: int, steps: int, progress=None) -> dict:
+        """Fine-tune the base model on the picked patches for ``steps`` optimiser steps; returns the result."""
+        self.worker.adapter.load_state_dict(self.base_state)
+        samples = [self.dataset.patch(i) for i in picks]
+        epochs = max(1, round(steps / math.ceil(len(picks) / TUNE["batch_size"])))
+        params = dict(TUNE, epochs=epochs, seed=seed, learning_rate=self.args.learning_rate)
+        result = self.worker.adapter.fine_tune(samples, params, progress=progress)
+        return {"epochs": epochs, "steps": epochs * math.ceil(len(picks) / TUNE["batch_size"]),
+                "seconds": result.seconds, "final_loss": result.history[-1]["loss"]}
+
+
+def run(args: argparse.Namespace, workdir: Path) -> None:
+    from bioadapt.active import STRATEGIES, select
+
+    bench = Bench(args, workdir)
+    budgets = sorted(int(b) for b in args.budgets.split(","))
+    one_shot = [s for s in args.strategies.split(",") if s]
+    rounds = [s for s in args.multi_round.split(",") if s]
+    out = Path(f"{args.out}_{args.dataset}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
-    out.with_suffix(".md").write_text(table(summary))
-    plot(summary, out.with_suffix(".png"))
-    print(table(summary))
-    return summary
+    print(f"{args.dataset}: base F1 {bench.base_f1:.3f}; pool of {len(bench.dataset.windows)} patches; "
+          f"{args.steps} steps per fine-tuning", flush=True)
+
+    def record(seed: int, strategy: str, mode: str, budget: int, picks: list[int], tuned: dict) -> None:
+        f1 = test_f1(bench.worker.adapter, bench.dataset)
+        row = {"dataset": args.dataset, "seed": seed, "strategy": strategy, "mode": mode, "budget": budget,
+               "f1": f1, "base_f1": bench.base_f1, "picks": picks, "passes": args.passes,
+               "pool": len(bench.dataset.windows), **tuned, "date": time.strftime("%Y-%m-%d %H:%M")}
+        with out.open("a") as stream:
+            stream.write(json.dumps(row) + "\n")
+        print(f"seed {seed} {strategy:<20} {mode:<11} k={budget:>2} F1 {f1:.3f} ({tuned['seconds']:.0f} s)",
+              flush=True)
+
+    done = {(r["seed"], r["strategy"], r["mode"], r["budget"]) for r in
+            (json.loads(line) for line in (out.read_text().splitlines() if out.exists() else []) if line.strip())}
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        bench.worker.adapter.load_state_dict(bench.base_state)
+        base_scores = {}
+        for strategy in dict.fromkeys(one_shot + rounds):
+            key = (STRATEGIES[strategy].acquisition, STRATEGIES[strategy].reduce)
+            if key not in base_scores and strategy != "random":  # random picks read no score
+                base_scores[key] = bench.score(strategy, seed)
+        if "random" in one_shot:
+            base_scores[("random", "mean")] = (np.zeros(len(bench.dataset.windows)), None)
+        first_round = {}  # the first budget's one-shot picks are the multi-round's first round
+        # budget by budget, every strategy at each (a run cut short still compares them); runs already in the
+        # results file are not repeated
+        for budget in sorted(budgets, key=lambda b: (b not in args.first_budgets, b)):
+            for strategy in one_shot:
+                if (seed, strategy, "one-shot", budget) in done and strategy not in rounds:
+                    continue
+                scores, features = base_scores[(STRATEGIES[strategy].acquisition, STRATEGIES[strategy].reduce)]
+                picks = select(STRATEGIES[strategy].selection, budget, scores, features, seed=1000 + seed)
+                tuned = bench.tune(picks, seed, args.steps)
+                record(seed, strategy, "one-shot", budget, picks, tuned)
+                if budget == budgets[0]:
+                    first_round[strategy] = (picks, tuned, bench.worker.adapter.state_dict())
+        for strategy in rounds:
+            labelled: list[int] = []
+            for budget in budgets:
+                if not labelled and strategy in first_round:
+                    labelled, tuned, state = first_round[strategy]
+                    bench.worker.adapter.load_state_dict(state)
+                    record(seed, strategy, "multi-round", budget, list(labelled), tuned)
+                    continue
+                if labelled:
+                    bench.worker.adapter.load_state_dict(state)
+                    scores, features = bench.score(strategy, seed)
+                else:
+                    scores, features = base_scores[(STRATEGIES[strategy].acquisition, STRATEGIES[strategy].reduce)]
+                labelled = labelled + select(STRATEGIES[strategy].selection, budget - len(labelled), scores,
+                                             features, labelled=labelled, seed=1000 + seed)
+                tuned = bench.tune(labelled, seed, args.steps)
+                state = bench.worker.adapter.state_dict()
+                record(seed, strategy, "multi-round", budget, list(labelled), tuned)
 
 
-def pool_scores(worker, image_path: Path, windows, acquisition: str, passes: int, seed: int) -> dict:
-    """Every pool patch scored by the service's scoring code, in pool order."""
-    from bioadapt.data import ImageRef
-    from bioadapt.service.tasks.score import ScoreRequest, score_patches
+def plateau(args: argparse.Namespace, workdir: Path) -> None:
+    """Training loss and test F1 along one long fine-tuning on the largest budget (random picks, seed 0)."""
+    bench = Bench(args, workdir)
+    budget = max(int(b) for b in args.budgets.split(","))
+    picks = [int(i) for i in np.random.default_rng(1000).permutation(len(bench.dataset.windows))[:budget]]
+    curve = []
+    steps_per_epoch = math.ceil(budget / TUNE["batch_size"])
+    every = max(1, round(48 / steps_per_epoch))
 
-    request = ScoreRequest(image=ImageRef(str(image_path)), patch_shape=windows[0].shape, passes=passes,
-                           acquisition=acquisition, seed=seed)
-    results = score_patches(worker.adapter, request, [(i, w.origin) for i, w in enumerate(windows)])
-    by_id = {r["patch_id"]: r for r in results}
-    return {"score": np.array([by_id[i]["score"] for i in range(len(windows))]),
-            "objects": np.array([by_id[i]["objects"] for i in range(len(windows))])}
+    def progress(info: dict) -> None:
+        row = {"step": info["epoch"] * steps_per_epoch, "loss": info["loss"]}
+        if info["epoch"] % every == 0:
+            row["f1"] = test_f1(bench.worker.adapter, bench.dataset)
+            print(f"step {row['step']:>5} loss {row['loss']:.4f} F1 {row['f1']:.3f}", flush=True)
+        curve.append(row)
 
-
-def patch_descriptors(image, windows, objects: np.ndarray) -> np.ndarray:
-    """Where a patch sits (centre y, x) and what it looks like (mean, spread, objects the model finds)."""
-    rows = []
-    for window, count in zip(windows, objects):
-        pixels = image.read(window.origin, window.shape, dtype="float32")
-        centre = [o + s / 2 for o, s in zip(window.origin, window.shape)]
-        rows.append([*centre, float(pixels.mean()), float(pixels.std()), float(count)])
-    return np.array(rows)
-
-
-def pick(acquisition: str, scores: dict, descriptors: np.ndarray, k: int, seed: int, n: int) -> list[int]:
-    from bioadapt.active import select_diverse, select_top
-
-    if acquisition == "random":
-        return [int(i) for i in np.random.default_rng(1000 + seed).permutation(n)[:k]]
-    if acquisition == "bald_diverse":
-        return select_diverse(scores["bald"]["score"], descriptors, k, seed=seed)
-    return select_top(scores[acquisition]["score"], k)
+    tuned = bench.tune(picks, 0, args.plateau_steps, progress=progress)
+    result = {"dataset": args.dataset, "budget": budget, "steps_per_epoch": steps_per_epoch, "curve": curve,
+              "base_f1": bench.base_f1, "benchmark_steps": args.steps, "learning_rate": args.learning_rate, **tuned,
+              "command": "python benchmarks/al_efficiency.py " + " ".join(sys.argv[1:]),
+              "date": time.strftime("%Y-%m-%d %H:%M")}
+    out = Path(f"{args.out}_plateau_{args.dataset}_lr{args.learning_rate:g}.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to {out}")
 
 
-def f1_on(adapter, test_set) -> float:
-    from bioadapt.active import match_instances, summarize_matches
-
-    predicted = adapter.segment(np.stack([image for image, _ in test_set]))
-    return float(summarize_matches([match_instances(p, t, 0.5) for p, (_, t) in zip(predicted, test_set)])["f1"])
-
-
-def summarize(runs: list[dict], budgets: list[int], base_f1: float) -> dict:
-    curves = {}
-    for acquisition in ACQUISITIONS:
-        curves[acquisition] = []
-        for budget in budgets:
-            values = [r["f1"] for r in runs if r["acquisition"] == acquisition and r["budget"] == budget]
-            curves[acquisition].append({"budget": budget, "mean": float(np.mean(values)),
-                                        "std": float(np.std(values)), "min": float(np.min(values)),
-                                        "max": float(np.max(values)), "n": len(values)})
-    random_means = [point["mean"] for point in curves["random"]]
-    saved = {}
-    for name in ("bald", "bald_diverse"):
-        saved[name] = []
-        for point in curves[name]:
-            needed = random_budget_for(point["mean"], budgets, random_means)
-            saved[name].append({"budget": point["budget"], "f1": point["mean"], "random_needs": needed,
-                                "labels_saved": None if needed is None else round(needed - point["budget"], 1)})
-    return {"base_f1": base_f1, "curves": curves, "labels_saved": saved}
+# -- report ------------------------------------------------------------------------------------------------------
+def load_runs(out: str) -> list[dict]:
+    runs = []
+    for name in DATASETS:
+        path = Path(f"{out}_{name}.jsonl")
+        if path.exists():
+            runs += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return runs
 
 
-def random_budget_for(f1: float, budgets: list[int], random_means: list[float]) -> float | None:
-    """The smallest budget at which random selection's mean F1 reaches ``f1`` (linear between measured
-    budgets); None when it never does within the budgets measured."""
-    for i, mean in enumerate(random_means):
-        if mean >= f1:
+def curves(runs: list[dict]) -> dict:
+    """{dataset: {"strategy (mode)": [{budget, mean, std, n}]}}; random's one-shot picks are nested, so random is
+    one curve."""
+    table: dict = {}
+    for row in runs:
+        label = "random" if row["strategy"] == "random" else f"{row['strategy']} ({row['mode']})"
+        table.setdefault(row["dataset"], {}).setdefault(label, {}).setdefault(row["budget"], []).append(row["f1"])
+    return {dataset: {label: [{"budget": b, "mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)}
+                              for b, v in sorted(points.items())] for label, points in sorted(labels.items())}
+            for dataset, labels in table.items()}
+
+
+def labels_to_reach(points: list[dict], target: float) -> float | None:
+    """The smallest budget at which the mean curve reaches ``target`` (linear between budgets), None if never."""
+    for i, point in enumerate(points):
+        if point["mean"] >= target:
             if i == 0:
-                return float(budgets[0])
-            lo, hi = random_means[i - 1], mean
-            fraction = (f1 - lo) / (hi - lo) if hi > lo else 1.0
-            return float(budgets[i - 1] + fraction * (budgets[i] - budgets[i - 1]))
+                return float(point["budget"])
+            low, high = points[i - 1], point
+            fraction = (target - low["mean"]) / (high["mean"] - low["mean"])
+            return float(low["budget"] + fraction * (high["budget"] - low["budget"]))
     return None
 
 
-def table(summary: dict) -> str:
-    curves = summary["curves"]
-    budgets = [p["budget"] for p in curves["random"]]
-    lines = [f"F1 at IoU 0.5 on the test set (mean ± std over seeds); base model {summary['base_f1']:.3f}", "",
-             "| acquisition | " + " | ".join(f"k={b}" for b in budgets) + " |",
-             "| --- |" + " --- |" * len(budgets)]
-    for name, points in curves.items():
-        lines.append(f"| {name} | " + " | ".join(f"{p['mean']:.3f} ± {p['std']:.3f}" for p in points) + " |")
-    lines += ["", "Labels random selection needs to match each budget's mean F1 (labels saved = that - k):", "",
-              "| acquisition | " + " | ".join(f"k={b}" for b in budgets) + " |", "| --- |" + " --- |" * len(budgets)]
-    for name, points in summary["labels_saved"].items():
-        cells = [f"{p['random_needs']:.1f} ({p['labels_saved']:+.1f})" if p["random_needs"] is not None
-                 else f"> {budgets[-1]}" for p in points]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def verdict(points: list[dict], random: list[dict], reference_budget: int = 16) -> dict:
+    """The issue's criteria: labels needed to reach random's mean F1 at ``reference_budget`` (as a fraction of
+    it; target <= 0.6), and the worst gap below random at any budget in units of random's std (target >= -1)."""
+    by_budget = {p["budget"]: p for p in random}
+    target = by_budget[reference_budget]["mean"]
+    needed = labels_to_reach(points, target)
+    gaps = [(p["mean"] - by_budget[p["budget"]]["mean"]) / max(by_budget[p["budget"]]["std"], 1e-9)
+            for p in points if p["budget"] in by_budget]
+    fraction = None if needed is None else needed / reference_budget
+    return {"random_f1_at_16": target, "labels_needed": needed, "fraction_of_16": fraction,
+            "worst_gap_in_random_std": min(gaps), "meets_label_target": fraction is not None and fraction <= 0.6,
+            "never_below_random_by_1_std": min(gaps) >= -1}
+
+
+def report(args: argparse.Namespace) -> None:
+    from bioadapt.active import DEFAULT_STRATEGY
+
+    runs = load_runs(args.out)
+    default = args.default or DEFAULT_STRATEGY
+    summary = {"curves": curves(runs), "default_strategy": default, "verdicts": {}}
+    lines = []
+    for dataset, labels in summary["curves"].items():
+        rows = [r for r in runs if r["dataset"] == dataset]
+        budgets = sorted({r["budget"] for r in rows})
+        seeds = sorted({r["seed"] for r in rows})
+        steps = sorted({r["steps"] for r in rows if r["budget"] == budgets[-1]})
+        lines += [f"## {dataset}: F1 at IoU 0.5 on the test image (mean ± std over seeds {seeds})", "",
+                  f"Base model {rows[0]['base_f1']:.3f}; pool of {rows[0]['pool']} patches of {PATCH} x {PATCH}; "
+                  f"{rows[0]['passes']} MC passes; {steps} optimiser steps per fine-tuning.", "",
+                  "| strategy | " + " | ".join(f"k={b}" for b in budgets) + " |",
+                  "| --- |" + " --- |" * len(budgets)]
+        for label, points in labels.items():
+            cells = {p["budget"]: f"{p['mean']:.3f} ± {p['std']:.3f}" + ("" if p["n"] == len(seeds) else
+                                                                        f" (n={p['n']})") for p in points}
+            lines.append(f"| {label} | " + " | ".join(cells.get(b, "") for b in budgets) + " |")
+        verdicts = {}
+        if "random" in labels and 16 in {p["budget"] for p in labels["random"]}:
+            for label, points in labels.items():
+                if label != "random":
+                    verdicts[label] = verdict(points, labels["random"])
+        summary["verdicts"][dataset] = verdicts
+        if verdicts:
+            lines += ["", "Labels needed to reach random's mean F1 at 16 labels (target <= 60 %), and the worst gap "
+                      "below random at any budget in random's standard deviations (target >= -1):", "",
+                      "| strategy | labels needed | fraction of 16 | worst gap (std) | both targets |",
+                      "| --- | --- | --- | --- | --- |"]
+            for label, v in verdicts.items():
+                needed = "not reached" if v["labels_needed"] is None else f"{v['labels_needed']:.1f}"
+                fraction = "-" if v["fraction_of_16"] is None else f"{100 * v['fraction_of_16']:.0f} %"
+                met = v["meets_label_target"] and v["never_below_random_by_1_std"]
+                mark = " **(default)**" if label.startswith(default + " ") else ""
+                lines.append(f"| {label}{mark} | {needed} | {fraction} | {v['worst_gap_in_random_std']:+.2f} | "
+                             f"{'yes' if met else 'no'} |")
+        lines.append("")
+    text = "\n".join(lines)
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    out.with_name(out.name + "_table.md").write_text(text)
+    plot(summary, out.with_suffix(".png"))
+    plot_plateaus(sorted(out.parent.glob(out.name + "_plateau_*.json")), out.with_name(out.name + "_plateau.png"))
+    print(text)
+
+
+def plot_plateaus(paths: list[Path], out: Path) -> None:
+    """Training loss and test F1 along each long fine-tuning on the largest budget."""
+    if not paths:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axis, f1_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for path in paths:
+        run = json.loads(path.read_text())
+        label = f"{run['dataset']}, k={run['budget']}, lr {run.get('learning_rate', TUNE['learning_rate']):g}"
+        loss_axis.plot([r["step"] for r in run["curve"]], [r["loss"] for r in run["curve"]], label=label)
+        scored = [r for r in run["curve"] if "f1" in r]
+        f1_axis.plot([r["step"] for r in scored], [r["f1"] for r in scored], marker="o", label=label)
+    for axis, name in ((loss_axis, "training loss (epoch mean)"), (f1_axis, "F1 at IoU 0.5 (test image)")):
+        axis.axvline(run["benchmark_steps"], color="grey", linestyle="--")
+        axis.set_xlabel("optimiser steps")
+        axis.set_ylabel(name)
+        axis.legend(fontsize=7)
+    figure.suptitle("fine-tuning on the largest budget; dashed: the steps every benchmark fine-tuning runs")
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
 
 
 def plot(summary: dict, out: Path) -> None:
@@ -203,24 +347,30 @@ def plot(summary: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6.5, 4.2))
-    for name, points in summary["curves"].items():
-        budgets = [p["budget"] for p in points]
-        mean = np.array([p["mean"] for p in points])
-        axis.plot(budgets, mean, marker="o", label=name)
-        axis.fill_between(budgets, [p["min"] for p in points], [p["max"] for p in points], alpha=0.15)
-    axis.axhline(summary["base_f1"], color="grey", linestyle="--", label="base model")
-    axis.set_xscale("log", base=2)
-    axis.set_xticks([p["budget"] for p in summary["curves"]["random"]])
-    axis.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    axis.set_xlabel("labelled patches")
-    axis.set_ylabel("F1 at IoU 0.5 (test set)")
-    axis.set_title(f"label efficiency, {summary['settings']['seeds']} seeds (band: min-max)")
-    axis.legend(fontsize=8)
+    datasets = list(summary["curves"])
+    figure, axes = plt.subplots(1, len(datasets), figsize=(6.2 * len(datasets), 4.4), squeeze=False)
+    for axis, dataset in zip(axes[0], datasets):
+        for label, points in summary["curves"][dataset].items():
+            budgets = [p["budget"] for p in points]
+            mean = np.array([p["mean"] for p in points])
+            std = np.array([p["std"] for p in points])
+            style = "--" if "multi-round" in label else "-"
+            width = 2.4 if label.startswith(summary["default_strategy"] + " ") or label == "random" else 1.2
+            line, = axis.plot(budgets, mean, style, marker="o", linewidth=width, label=label)
+            axis.fill_between(budgets, mean - std, mean + std, alpha=0.12, color=line.get_color())
+        axis.set_xscale("log", base=2)
+        budgets = sorted({p["budget"] for points in summary["curves"][dataset].values() for p in points})
+        axis.set_xticks(budgets)
+        axis.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.set_xlabel("labelled patches")
+        axis.set_ylabel("F1 at IoU 0.5 (test image)")
+        axis.set_title(f"{dataset} (band: ± 1 std over seeds)")
+        axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(out, dpi=110)
     plt.close(figure)
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()

@@ -27,12 +27,26 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from bioadapt.service.limits import Limits
     from bioadapt.service.serve import ServeOptions, serve
 
+    limits = Limits.from_env()
+    limits = replace(limits, calls=args.max_calls_per_user or limits.calls,
+                     jobs=args.max_jobs_per_user or limits.jobs)
     serve(ServeOptions(server_url=args.server_url, workspace=args.workspace, token=args.token,
                        ray_address=args.ray_address, data_dir=args.data_dir, database_url=args.database_url,
                        public=args.public, allow_paths=args.allow_path, port=args.port, num_cpus=args.num_cpus,
-                       device=args.device, actor_idle_s=args.actor_idle_s, user=args.user))
+                       device=args.device, actor_idle_s=args.actor_idle_s, user=args.user, limits=limits,
+                       remote_timeout=args.remote_timeout))
+    # serve() stopped calls, jobs, Ray and Hypha in order and waited a while for calls in flight. One still running
+    # (a read from a store that hangs until its timeout) would hold the exit: Python joins the call pool's threads
+    # at exit. Nothing is left to finalise, so leave now.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,8 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "--data-dir)")
     serve.add_argument("--public", action="store_true", help="let anyone on the server call the service "
                        "(projects stay private to their creator)")
-    serve.add_argument("--allow-path", action="append", default=[], help="a folder callers may point at "
-                       "(repeatable; the data dir is always allowed)")
+    serve.add_argument("--allow-path", action="append", default=[], help="a folder of user data callers may "
+                       "point at (repeatable); the data dir is never readable, even inside an allowed folder")
+    serve.add_argument("--max-calls-per-user", type=int, help="calls of one user running at once, the rest wait "
+                       "(default 8, or $BIOADAPT_MAX_CALLS_PER_USER); of those at most 2 slow ones "
+                       "($BIOADAPT_MAX_SLOW_CALLS_PER_USER)")
+    serve.add_argument("--max-jobs-per-user", type=int, help="jobs (scoring, fine-tuning) of one user running at "
+                       "once, more are refused (default 4, or $BIOADAPT_MAX_JOBS_PER_USER)")
+    serve.add_argument("--remote-timeout", type=float, help="seconds an http(s) or s3 image store may take to "
+                       "answer a read (default 30, or $BIOADAPT_REMOTE_TIMEOUT_S)")
     serve.add_argument("--port", type=int,
                        help="port of the embedded server (default 9527 when free, else any; 0: any free port)")
     serve.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all)")

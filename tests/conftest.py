@@ -170,3 +170,53 @@ def ray_cluster():
     resources = start_ray(num_cpus=2)
     yield {**resources, "address": ray.get_runtime_context().gcs_address}
     ray.shutdown()
+
+
+# -- no error the service sends names its data folder ---------------------------------------------------------
+_DATA_FOLDERS: set[str] = set()
+_LEAKS: list[str] = []
+
+
+def _check_message(where: str, text: str) -> None:
+    for folder in _DATA_FOLDERS:
+        if folder in text:
+            _LEAKS.append(f"{where}: {text[:500]!r} names the data folder {folder}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _watch_service_errors():
+    """Every `bioadapt serve` a test starts records its data folder; every error a client call raises (and every
+    job error a call answers) must not contain it. Checked after each test by ``_no_data_folder_in_errors``."""
+    from bioadapt.service.client import BioadaptClient
+    from bioadapt.service.serve_process import ServeProcess
+
+    start, call = ServeProcess.start, BioadaptClient._call
+
+    def started(self, *args, **kwargs):
+        info = start(self, *args, **kwargs)
+        _DATA_FOLDERS.update({info["data_dir"], str(self.data_dir.resolve()), str(self.data_dir.absolute())})
+        return info
+
+    def watched_call(self, function, /, **kwargs):
+        try:
+            answer = call(self, function, **kwargs)
+        except Exception as e:
+            _check_message(f"{function} raised", str(e))
+            raise
+        for item in answer if isinstance(answer, list) else [answer]:
+            if isinstance(item, dict) and isinstance(item.get("error"), str):
+                _check_message(f"{function} answered a job error", item["error"])
+        return answer
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(ServeProcess, "start", started)
+    patch.setattr(BioadaptClient, "_call", watched_call)
+    yield
+    patch.undo()
+
+
+@pytest.fixture(autouse=True)
+def _no_data_folder_in_errors():
+    yield
+    leaks, _LEAKS[:] = list(_LEAKS), []
+    assert not leaks, "errors that name the service's data folder:\n" + "\n".join(leaks)

@@ -1,4 +1,5 @@
-"""Tiny U-Nets exported as real bioimage.io packages, and synthetic patches to feed and train them."""
+"""Tiny U-Nets exported as real bioimage.io packages, random Cellpose networks of the installed generation, and
+synthetic patches to feed and train them."""
 
 from __future__ import annotations
 
@@ -45,3 +46,24 @@ def cell_patches(style: str, n: int, size: int = 64, seed: int = 0) -> list[tupl
         window = (slice(y * size, (y + 1) * size), slice(x * size, (x + 1) * size))
         pairs.append((cells.image[(slice(None), *window)].astype(np.float32), cells.labels[window]))
     return pairs
+
+
+# a reduced Cellpose-SAM: Cellpose's own CPSAM class with a 2-block encoder, 32 wide (ViT-L: 24 blocks, 1024)
+SMALL_CPSAM = {"embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": [1]}
+
+
+def cellpose_weights(path: Path, seed: int = 0) -> Path:
+    """Random weights of the installed Cellpose generation's network, saved as Cellpose saves them: a CPnet with
+    cyto3's architecture (Cellpose 3) or a reduced CPSAM (Cellpose 4)."""
+    from bioadapt.adapters.cellpose import GENERATION
+
+    torch.manual_seed(seed)
+    if GENERATION >= 4:
+        from bioadapt.adapters.cpsam import build_cpsam
+
+        build_cpsam(**SMALL_CPSAM).save_model(str(path))
+    else:
+        from cellpose import resnet_torch
+
+        resnet_torch.CPnet([2, 32, 64, 128, 256], 3, sz=3, mkldnn=False).save_model(str(path))
+    return path

@@ -21,20 +21,15 @@ START_TIMEOUT_S = 90
 class ServiceProcess(ServeProcess):
     """A `bioadapt serve` subprocess joined to an existing Hypha server and Ray cluster."""
 
-    def __init__(self, hypha_server, ray_cluster, user: str, data_dir: Path, allow: list[Path]):
+    def __init__(self, hypha_server, ray_cluster, user: str, data_dir: Path, allow: list[Path],
+                 env: dict[str, str] | None = None):
         token = mint_token(user, jwt_secret=hypha_server.jwt_secret, expires_in=3600)
         # idle model actors go after 2 s: services of several test modules share the session's 2-CPU Ray
         args = ["--server-url", hypha_server.url, "--token", token, "--workspace", f"ws-user-{user}",
                 "--ray-address", ray_cluster["address"], "--actor-idle-s", "2"]
         for folder in allow:
             args += ["--allow-path", str(folder)]
-        env = {}
-        # ray.init() in this process (the ray_cluster fixture) turned Ray 2.60's token auth on by setting
-        # RAY_AUTH_MODE=token here (and wrote ~/.ray/auth_token). A process joining the cluster without that
-        # variable fails to connect ("Failed to connect to Ray cluster", after ~20 s): pass the mode on.
-        if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").exists():
-            env["RAY_AUTH_MODE"] = "token"
-        super().__init__(data_dir, args, env=env)
+        super().__init__(data_dir, args, env={**ray_env(), **(env or {})})
         self.user = user
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> dict:
@@ -42,6 +37,16 @@ class ServiceProcess(ServeProcess):
             return super().start(timeout_s)
         except BioadaptError as e:
             pytest.fail(str(e))
+
+
+def ray_env() -> dict[str, str]:
+    """What a process joining the session's Ray needs in its environment. ray.init() in this process (the
+    ray_cluster fixture) turned Ray 2.60's token auth on by setting RAY_AUTH_MODE=token here (and wrote
+    ~/.ray/auth_token). A process joining the cluster without that variable fails to connect ("Failed to connect
+    to Ray cluster", after ~20 s): pass the mode on."""
+    if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").exists():
+        return {"RAY_AUTH_MODE": "token"}
+    return {}
 
 
 def client_for(hypha_server, user: str, workspace: str = SERVICE_WS) -> BioadaptClient:

@@ -24,3 +24,12 @@ def open_store(database_url: str, start) -> None:
     """Wait at ``start``, then open the store (creating its tables when they are missing)."""
     start.wait(timeout=60)
     make_engine(database_url=database_url).dispose()
+
+
+def draw_patches(database_url: str, project_id: str, image_id: str, windows: list, start) -> None:
+    """Wait at ``start``, then store ``windows`` as a draw that saw no patch (as two replicas scoring at once)."""
+    engine = make_engine(database_url=database_url)
+    store = ProjectStore(engine)
+    start.wait(timeout=60)
+    store.add_drawn(project_id, {image_id: windows}, seen=0)
+    engine.dispose()

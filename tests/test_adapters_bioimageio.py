@@ -9,6 +9,7 @@ from bioimageio.core import predict
 from bioimageio.spec import load_model_description
 
 from bioadapt.adapters import load_adapter
+from bioadapt.adapters.shapes import activation_bytes
 from bioadapt.errors import BioadaptError
 from model_factory import cell_patches, unet_package
 
@@ -115,11 +116,26 @@ def test_hooked_mc_mean_approaches_the_deterministic_output_as_p_goes_to_zero(pa
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-3, errors
 
 
-def test_passes_are_split_into_chunks_that_fit_the_memory_budget(packages, image2d):
+def _one_row_budget(package, image):
+    """A memory budget that holds the forward of exactly one network input like ``image`` (not two)."""
+    probe = load_adapter(package, device="cpu")
+    return int(1.5 * activation_bytes(probe.module, probe.network_input(image)))
+
+
+def _forward_calls(model):
+    calls = []
+    model.module.register_forward_pre_hook(lambda module, inputs: calls.append(len(inputs[0])))
+    return calls
+
+
+def test_passes_are_split_into_calls_that_fit_the_memory_budget(packages, image2d):
     roomy = load_adapter(packages["plain2d"], device="cpu", dropout_p=1e-9)
-    tight = load_adapter(packages["plain2d"], device="cpu", dropout_p=1e-9, memory_budget=1)
-    assert tight._chunk(torch.zeros(1, 1, 64, 64)) == 1 and roomy._chunk(torch.zeros(1, 1, 64, 64)) > 16
+    tight = load_adapter(packages["plain2d"], device="cpu", dropout_p=1e-9,
+                         memory_budget=_one_row_budget(packages["plain2d"], image2d[0]))
+    assert tight.tiling_plan((64, 64)) == roomy.tiling_plan((64, 64))  # the budget holds one whole image
+    roomy_calls, tight_calls = _forward_calls(roomy), _forward_calls(tight)
     np.testing.assert_allclose(tight.mc_proba(image2d, passes=3), roomy.mc_proba(image2d, passes=3), atol=ATOL)
+    assert tight_calls == [1] * 6 and roomy_calls == [6]
 
 
 @pytest.mark.parametrize("name,scope", [("plain2d", "full"), ("dropout2d", "full"), ("plain2d", "head")])
@@ -127,7 +143,8 @@ def test_a_patch_gets_the_same_mc_samples_whatever_its_batch(packages, image2d, 
     """Common random numbers: the masks of a round are the same for every patch and every batching, so a
     patch's samples (and its score) do not depend on which patches share its forward calls."""
     roomy = load_adapter(packages[name], device="cpu", dropout_p=0.2, mc_scope=scope)
-    tight = load_adapter(packages[name], device="cpu", dropout_p=0.2, mc_scope=scope, memory_budget=1)
+    tight = load_adapter(packages[name], device="cpu", dropout_p=0.2, mc_scope=scope,
+                         memory_budget=_one_row_budget(packages[name], image2d[0]))
     together = roomy.mc_proba(image2d, passes=5, seed=7)
     assert np.ptp(together, axis=0).max() > 1e-3  # the passes differ
     for i in range(len(image2d)):
@@ -206,8 +223,8 @@ def test_bad_images_and_labels(packages, image2d):
     nan[0, 0, 5, 5] = np.nan
     with pytest.raises(BioadaptError, match="NaN"):
         model.mc_proba(nan, passes=2)
-    with pytest.raises(BioadaptError, match="shaped"):
-        model.segment(np.zeros((64, 64), np.float32))
+    with pytest.raises(BioadaptError, match="shaped"):  # (Y, X) is one image of this one-channel model; 5D is not
+        model.segment(np.zeros((2, 1, 1, 64, 64), np.float32))
     image, labels = cell_patches("nuclei", 1)[0]
     with pytest.raises(BioadaptError, match="labels have shape"):
         model.fine_tune([(image, labels[:32])])
@@ -240,3 +257,12 @@ def test_weights_round_trip(packages, image2d, tmp_path):
     assert saved.name == "weights-torchscript.pt"
     reloaded = torch.jit.load(saved)
     assert set(reloaded.state_dict()) == set(script.state_dict())
+
+
+def test_patch_features_pool_the_last_feature_maps_and_do_not_depend_on_the_batch(packages, image2d):
+    model = load_adapter(packages["plain2d"], device="cpu")
+    together = model.patch_features(image2d)
+    assert together.shape == (2, 8) and together.dtype == np.float32  # mean and std of 4 feature maps
+    np.testing.assert_allclose(model.patch_features(image2d[1:]), together[1:], atol=ATOL)
+    assert np.abs(together[0] - together[1]).max() > 1e-4  # different images, different features
+    np.testing.assert_allclose(model.patch_features(image2d), together)  # deterministic: no dropout

@@ -210,3 +210,33 @@ def test_finished_jobs_leave_the_runners_of_the_service(tmp_path):
     failing = jobs.start("predict", lambda runner: 1 / 0)
     assert failing.wait(10).state == "failed" and "ZeroDivisionError" in failing.wait().error
     assert jobs.running() == []
+
+
+def test_a_patch_score_is_the_mean_of_its_map_inside_the_sampling_mask_and_features_come_back(tmp_path, setup):
+    """DESIGN: a patch's score is the mean of its pixel map inside the sampling mask, not over the whole window."""
+    _, _, _, model = setup
+    write_synthetic_ome_zarr(tmp_path / "tissue.ome.zarr", (256, 256), "nuclei", seed=3, tissue_fraction=0.5)
+    image = open_image(tmp_path / "tissue.ome.zarr")
+    tissue = np.asarray(image.label_image("tissue").read((0, 0), (256, 256))[0]) > 0
+    edges = [(y, x) for y in range(0, 256, 64) for x in range(0, 256, 64)
+             if 0.2 < tissue[y:y + 64, x:x + 64].mean() < 0.8]
+    assert edges
+    uncertainty = UncertaintyStore.create(tmp_path / "uncertainty.ome.zarr", like=image)
+    request = ScoreRequest(image=ImageRef(str(tmp_path / "tissue.ome.zarr")), patch_shape=(64, 64), passes=4,
+                           uncertainty=str(uncertainty.path), mask="tissue", features=True)
+    worker = ModelActor(ModelSpec(str(model), {"device": "cpu"}))
+    import torch
+
+    assert torch.get_num_threads() == 1  # the worker's default: one torch thread (benchmarks/bench_threads.py)
+    results = worker.run(score_patches, request, list(enumerate(edges)))
+    score_map = UncertaintyStore.open(uncertainty.path).read((0, 0), (256, 256))
+    from bioadapt.data.sampling import resolve_mask
+
+    coarse = resolve_mask(image, "tissue")
+    for (y, x), result in zip(edges, results):
+        window = score_map[y:y + 64, x:x + 64]
+        inside = coarse.window((y, x), (64, 64))
+        assert 0 < inside.sum() < inside.size
+        assert result["score"] == pytest.approx(float(window[inside].mean()), rel=1e-5)
+        assert result["score"] != pytest.approx(float(window.mean()), rel=1e-3)
+        assert len(result["features"]) == 2 * 4  # mean and std of the U-Net's 4 last feature maps

@@ -11,7 +11,7 @@ from bioadapt.adapters import load_adapter
 from bioadapt.errors import BioadaptError
 from bioadapt.exporters import export_bioimageio
 from bioadapt.exporters.metadata import bump_version
-from model_factory import cell_patches, unet_package
+from model_factory import SMALL_CPSAM, cell_patches, cellpose_weights, unet_package
 
 # the export runs the same float32 network; the package's own pre-processing is the parent's, so the
 # only difference is float order in the convolutions: 1e-5 on probabilities
@@ -115,35 +115,36 @@ def test_version_bump():
 
 
 def test_cellpose_round_trip(tmp_path):
-    """A random CPnet trained briefly at its native scale (rescale off), exported with the spec's
-    cellpose_flow_dynamics post-processing, passes bioimageio.core's test and predicts like the adapter."""
-    from cellpose import resnet_torch
-
+    """A random Cellpose network of the installed generation (a CPnet, or a reduced CPSAM built from Cellpose's own
+    class) trained briefly at its native scale, exported with the spec's cellpose_flow_dynamics post-processing,
+    passes bioimageio.core's test, loads back with load_adapter and predicts and segments like the adapter."""
     from bioadapt.adapters.cellpose import GENERATION
-    from bioadapt.exporters.cellpose_export import network_input
 
-    if GENERATION != 3:
-        pytest.skip("Cellpose 4 models are not exported")
-    import torch
-
-    torch.manual_seed(0)
-    weights = tmp_path / "cpnet"
-    resnet_torch.CPnet([2, 32, 64, 128, 256], 3, sz=3, mkldnn=False).save_model(str(weights))
+    cpsam = GENERATION >= 4
+    size = 256 if cpsam else 96  # CPSAM's package takes exactly 256 x 256
     # flow_threshold 0: a briefly trained net has poor flows, and Cellpose would drop every mask for it
-    model = load_adapter(f"cellpose:{weights}", device="cpu", flow_threshold=0.0)
-    pairs = cell_patches("nuclei", 6, size=96, seed=1)
-    model.fine_tune(pairs, {"epochs": 25, "bsize": 96, "batch_size": 4, "min_train_masks": 1, "rescale": False})
+    model = load_adapter(f"cellpose:{cellpose_weights(tmp_path / 'weights')}", device="cpu", flow_threshold=0.0)
+    params = {"epochs": 25, "batch_size": 4, "min_train_masks": 1, "rescale": False}
+    params |= {"learning_rate": 2e-3} if cpsam else {"bsize": 96}
+    model.fine_tune(cell_patches("nuclei", 6, size=size, seed=1), params)
     out = _export(model, tmp_path / "cellpose.zip")
     rdf, files = _rdf(out)
     assert rdf["outputs"][0]["postprocessing"][0]["id"] == "cellpose_flow_dynamics"
-    assert rdf["weights"]["pytorch_state_dict"]["architecture"]["callable"] == "CellposeFlows"
-    assert rdf["config"]["bioadapt"]["channels"] == [0, 0] and "cellpose_arch.py" in files
+    architecture = rdf["weights"]["pytorch_state_dict"]["architecture"]
+    if cpsam:
+        assert architecture["callable"] == "CellposeSAMFlows" and architecture["kwargs"] == SMALL_CPSAM
+        assert "cpsam.py" in files and [a.get("size") for a in rdf["inputs"][0]["axes"][2:]] == [256, 256]
+    else:
+        assert architecture["callable"] == "CellposeFlows" and "cellpose_arch.py" in files
+    # the resize the model's own eval applies without a diameter: none for Cellpose 4, diam_mean / diam_labels for 3
+    assert rdf["config"]["bioadapt"]["cellpose_version"] == GENERATION
+    assert rdf["config"]["bioadapt"]["rescale"] == pytest.approx(1.0 if cpsam else model.diam_mean / model.diam_labels)
     packaged = load_adapter(out, device="cpu")
     assert packaged.describe().output_kind == "cellpose"
-    # the package runs at the network's scale: compare with the adapter told the cells are diam_mean wide
-    model.diameter = float(model.net.diam_mean.item())
-    images = np.stack([p[0] for p in cell_patches("nuclei", 2, size=96, seed=3)])
-    as_packaged = np.stack([network_input(model, image) for image in images])
+    if not cpsam:  # the package runs at the network's scale: tell the adapter the cells are diam_mean wide
+        model.diameter = model.diam_mean
+    images = np.stack([p[0] for p in cell_patches("nuclei", 2, size=size, seed=3)])
+    as_packaged = np.stack([model.network_input(image) for image in images])
     # Cellpose's normalize_img and the package's scale_range compute the same percentiles: 1e-5
     np.testing.assert_allclose(packaged.predict_proba(as_packaged), model.predict_proba(images), atol=1e-5)
     np.testing.assert_array_equal(packaged.segment(as_packaged), model.segment(images))

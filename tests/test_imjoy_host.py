@@ -72,6 +72,8 @@ def test_the_plugin_window_connects_lists_projects_and_scores(hypha_server, serv
             outside.append(route.request.url)
             route.abort()
 
+    from playwright.sync_api import expect
+
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
         try:
@@ -87,7 +89,8 @@ def test_the_plugin_window_connects_lists_projects_and_scores(hypha_server, serv
             assert page.text_content("#status") == "plugin bioadapt ran", page.text_content("#status")
             assert page.locator(".imjoy-window[data-name='bioadapt']").count() == 1  # the plugin's window
             window = page.frame_locator(".imjoy-window[data-name='bioadapt'] iframe")
-            assert window.locator("#workspace").input_value() == WORKSPACE  # filled from the page URL
+            # filled from the page URL once the window's module script has run: wait for it, a busy machine is slow
+            expect(window.locator("#workspace")).to_have_value(WORKSPACE, timeout=60_000)
 
             window.locator("#token").fill(token)
             window.locator("#connect").click()

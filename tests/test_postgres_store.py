@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import store_workers
 
-from bioadapt.errors import AccessDenied
+from bioadapt.errors import AccessDenied, BioadaptError
 from bioadapt.service import schemas as s
 from bioadapt.service.api import BioadaptService, Caller
 from bioadapt.service.db import make_engine
@@ -220,8 +220,9 @@ def test_a_restarted_service_finds_everything_and_fails_its_unfinished_jobs(data
         assert [v["number"] for v in shown["versions"]] == [0, 1]
         assert shown["versions"][1]["metrics"] == {"training": {"loss": 0.25}, "holdout": {"f1": 0.75}}
         assert restarted.job_status(alice, s.JobStatus(job_id="tune-1"))["error"] == RESTART_REASON
-        with pytest.raises(AccessDenied):
+        with pytest.raises(BioadaptError, match=f"no project '{pid}'") as refused:  # as if it did not exist
             restarted.get_project(Caller("bob"), s.GetProject(project_id=pid))
+        assert not isinstance(refused.value, AccessDenied)
 
         # a patch annotated again keeps the split its first annotation gave it
         first = before["patches"][0]
@@ -260,6 +261,63 @@ def test_b_labels_from_several_processes_keep_the_split_exact(database_url, tmp_
         for worker in workers:
             if worker.is_alive():
                 worker.kill()
+        engine.dispose()
+
+
+# -- (e) draws from several replicas at once ----------------------------------------------------------------
+def _overlap(a: dict, b: dict) -> bool:
+    return all(ao < bo + bs and bo < ao + as_ for ao, as_, bo, bs in zip(a["origin"], a["shape"], b["origin"],
+                                                                         b["shape"]))
+
+
+def test_e_replicas_drawing_at_once_never_store_overlapping_windows(database_url, tmp_path):
+    """4 replicas store 16 windows each for one image at the same moment, each drawn before any was stored (so
+    each overlaps the others'): what ends up stored never overlaps, and the first draw is stored whole."""
+    n_processes = 4
+    engine = make_engine(database_url=database_url)
+    store = ProjectStore(engine)
+    project, _ = new_project(store, tmp_path, 0.25, n_patches=0)
+    image_id = store.images(project["id"])[0]["id"]
+    draws = [[((32 * (i // 4) + 8 * k, 32 * (i % 4) + 8 * k), (32, 32)) for i in range(16)] for k in range(n_processes)]
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(n_processes)
+    workers = [context.Process(target=store_workers.draw_patches,
+                               args=(database_url, project["id"], image_id, draws[k], start))
+               for k in range(n_processes)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    try:
+        assert [w.exitcode for w in workers] == [0] * n_processes, "a drawing process failed (its stderr above)"
+        stored = store.patches(project["id"], order="id")
+        assert len(stored) >= 16
+        assert not [(a["origin"], b["origin"]) for i, a in enumerate(stored) for b in stored[i + 1:] if _overlap(a, b)]
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+        engine.dispose()
+
+
+def test_f_overlapping_patches_from_older_databases_share_their_split(database_url, tmp_path):
+    """A database written before draws were race-free may hold overlapping patches: annotating them all never puts
+    a held-out window over a training one."""
+    engine = make_engine(database_url=database_url)
+    store = ProjectStore(engine)
+    project, ids = new_project(store, tmp_path, 0.5, n_patches=8)
+    image_id = store.images(project["id"])[0]["id"]
+    twins = store.add_patches(project["id"], image_id, [(p["origin"], p["shape"]) for p in store.patches(
+        project["id"], order="id")])  # the same 8 windows again, as two concurrent draws stored them
+    try:
+        for patch_id in [i for pair in zip(ids, twins) for i in pair]:
+            store.mark_annotated(project["id"], patch_id, "alice", 0.5)
+        annotated = store.patches(project["id"], status="annotated", order="id")
+        held = [p for p in annotated if p["split"] == "holdout"]
+        trains = [p for p in annotated if p["split"] == "train"]
+        assert held and trains and len(held) + len(trains) == 16
+        assert not [(h["id"], t["id"]) for h in held for t in trains if _overlap(h, t)]
+    finally:
         engine.dispose()
 
 

@@ -45,12 +45,12 @@ def test_descriptors_must_match_the_scores():
         select_diverse([0.1, 0.2], np.zeros((3, 2)), 1)
 
 
-def test_every_strategy_is_called_the_same_way():
+def test_every_selection_rule_is_called_the_same_way():
     from bioadapt.active import DEFAULT_SELECTION, SELECTIONS, select
 
     scores, where = _two_hot_spots()
     assert DEFAULT_SELECTION in SELECTIONS
-    assert select("top", scores, where, 5) == select_top(scores, 5)
-    assert select("diverse", scores, where, 5, seed=3) == select_diverse(scores, where, 5, seed=3)
-    with pytest.raises(BioadaptError, match="unknown selection strategy 'best'"):
-        select("best", scores, where, 5)
+    assert select("top", 5, scores) == select_top(scores, 5)
+    assert select("diverse", 5, scores, where, seed=3) == select_diverse(scores, where, 5, seed=3)
+    with pytest.raises(BioadaptError, match="unknown selection 'best'"):
+        select("best", 5, scores, where)

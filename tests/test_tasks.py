@@ -101,9 +101,11 @@ def test_one_model_load_serves_every_image_and_task_of_a_version(service, inputs
 
 
 def test_fine_tuning_sends_only_the_parameters_the_caller_set(service, inputs):
-    assert params_of(s.FineTune(project_id="p")) == {}
-    assert params_of(s.FineTune(project_id="p", epochs=3, params={"weight_decay": 0.1})) == {
+    assert params_of(s.FineTune(project_id="p"), "cellpose") == {}
+    assert params_of(s.FineTune(project_id="p", epochs=3, params={"weight_decay": 0.1}), "bioimageio") == {
         "epochs": 3, "weight_decay": 0.1}
+    with pytest.raises(BioadaptError, match=r"params\.bsize"):  # a Cellpose parameter, not a bioimage.io one
+        params_of(s.FineTune(project_id="p", params={"bsize": 256}), "bioimageio")
     project = _project(service, inputs, "b.ome.zarr")
     _run(service, "score", project_id=project["id"], n_patches=4, patch_shape=PATCH, mc_passes=2, actors=1)
     _annotate(service, project, 4)
@@ -119,7 +121,8 @@ def test_grid_mode_scores_every_tile_inside_the_mask_and_writes_the_overview(ser
     expected = sample_patches(image, None, PATCH, mask="tissue", mode="grid", stride=[96, 96])
     events: list[dict] = []
     started = service.score(ALICE, s.Score(project_id=project["id"], mode="grid", patch_shape=PATCH,
-                                           stride=[96, 96], mc_passes=2, select=8), progress=events.append)
+                                           stride=[96, 96], mc_passes=2, select=8, strategy="bald"),
+                           progress=events.append)
     assert started["patches"] is None  # grid: the tiles are counted in the job
     while (job := service.jobs.get(started["job_id"])).state not in ("done", "failed", "cancelled"):
         time.sleep(0.2)
@@ -154,7 +157,7 @@ def test_grid_mode_scores_every_tile_inside_the_mask_and_writes_the_overview(ser
     assert all(p["selection_rank"] is None for p in listed[8:])
     assert [p["id"] for p in listed[:8]] == [p["id"] for p in sorted(patches, key=lambda p: -p["score"])[:8]]
     # diverse picks over the same pool, no rescoring: uncertain patches that are not all in one place
-    picked = service.select_patches(ALICE, s.SelectPatches(project_id=project["id"], selection="diverse",
+    picked = service.select_patches(ALICE, s.SelectPatches(project_id=project["id"], strategy="bald_diverse",
                                                            select=8))["selected"]
     assert len(set(picked)) == 8
     listed = service.list_patches(ALICE, s.ListPatches(project_id=project["id"], limit=8))
@@ -162,9 +165,58 @@ def test_grid_mode_scores_every_tile_inside_the_mask_and_writes_the_overview(ser
 
     # scoring the grid again re-scores the same tiles: no new patches
     again = _run(service, "score", project_id=project["id"], mode="grid", patch_shape=PATCH, stride=[96, 96],
-                 mc_passes=2, seed=1)
+                 mc_passes=2, seed=1, strategy="bald")
     assert again["result"]["scored"] == len(expected)
     assert len(service.list_patches(ALICE, s.ListPatches(project_id=project["id"], limit=10_000))) == len(expected)
+
+
+def test_scoring_computes_what_the_default_strategy_needs_and_picks_by_its_rule(service, inputs):
+    """The service's default is bioadapt.active's DEFAULT_STRATEGY: the workers return the model's features of each
+    patch with its score, and the picks are that strategy's selection over the pool, labelled patches excluded."""
+    from bioadapt.active import DEFAULT_STRATEGY, STRATEGIES, select
+
+    strategy = STRATEGIES[DEFAULT_STRATEGY]
+    assert strategy.needs_features  # else this test would not show that features reach the selection
+    project = _project(service, inputs, "a.ome.zarr")
+    job = _run(service, "score", project_id=project["id"], n_patches=12, patch_shape=PATCH, mc_passes=2, select=4,
+               actors=1)
+    assert (job["result"]["strategy"], job["result"]["selection"]) == (DEFAULT_STRATEGY, strategy.selection)
+    rows = service.store.patches(project["id"], status="pending", order="id")
+    assert len(rows) == 12 and all(len(row["features"]) == 2 * 4 for row in rows)  # the U-Net's 4 last maps
+
+    def expected(k: int, labelled: list[dict]) -> list[int]:
+        pending = service.store.patches(project["id"], status="pending", order="id")
+        pool = pending + labelled
+        picks = select(strategy.selection, k, [row["scores"].get(strategy.acquisition) or 0.0 for row in pool],
+                       np.array([row["features"] for row in pool]), labelled=range(len(pending), len(pool)), seed=0)
+        return [pool[i]["id"] for i in picks]
+
+    listed = service.list_patches(ALICE, s.ListPatches(project_id=project["id"], limit=4))
+    assert [p["id"] for p in listed] == expected(4, [])
+    _annotate(service, project, 2)  # the first two picks
+    annotated = service.store.patches(project["id"], status="annotated", order="id")
+    picked = service.select_patches(ALICE, s.SelectPatches(project_id=project["id"], select=4))
+    assert picked["strategy"] == DEFAULT_STRATEGY and picked["selected"] == expected(4, annotated)
+    assert not {p["id"] for p in annotated} & set(picked["selected"])
+
+    # an object-level strategy keeps its scores apart from the per-pixel mean's
+    _run(service, "score", project_id=project["id"], n_patches=1, patch_shape=PATCH, mc_passes=2, actors=1,
+         strategy="object_bald", rescore_pending=True)
+    rows = service.store.patches(project["id"], status="pending", order="id")
+    assert all({"bald", "bald:object_mean"} <= set(row["scores"]) for row in rows[:10])
+
+
+def test_a_model_without_patch_features_defaults_to_a_strategy_that_reads_none():
+    from bioadapt.service.tasks.score import strategy_of
+
+    cellpose = {"name": "Cellpose 4 (cpsam)", "patch_features": False}
+    assert strategy_of(s.Score(project_id="p"), cellpose)[0] == s.FEATURELESS_STRATEGY
+    assert strategy_of(s.Score(project_id="p"), {"patch_features": True})[0] == "typical_bald"
+    with pytest.raises(BioadaptError, match=r"'typical_bald' picks by the model's features.*Cellpose 4"):
+        strategy_of(s.Score(project_id="p", strategy="typical_bald"), cellpose)
+    name, strategy, key = strategy_of(s.Score(project_id="p", strategy="object_bald", acquisition="random"), cellpose)
+    assert (name, strategy.acquisition, strategy.reduce, key) == ("object_bald", "random", "object_mean",
+                                                                  "random:object_mean")
 
 
 def test_a_protected_bucket_image_is_scored_with_its_credentials(service, inputs, protected_s3, tmp_path):

@@ -1,17 +1,20 @@
-"""Acquisition on MC-dropout samples, patch scores (numpy; torch tensors accepted), segmentation metrics."""
+"""Acquisition on MC-dropout samples, patch scores (numpy; torch tensors accepted), patch selection over a scored
+pool, segmentation metrics."""
 
 from bioadapt.active.acquisition import (ACQUISITIONS, bald, mean_std, predictive_entropy, random_scores,
                                          variation_ratios)
+from bioadapt.active.coreset import select_coreset
 from bioadapt.active.metrics import (MatchResult, average_precision, dice, f1_score, match_instances,
                                      summarize_matches)
+from bioadapt.active.objects import object_patch_score, object_regions, object_scores
 from bioadapt.active.reduce import patch_score
-from bioadapt.active.selection import SELECTIONS, select, select_diverse, select_top
+from bioadapt.active.selection import select_diverse, select_top
+from bioadapt.active.strategies import (DEFAULT_ACQUISITION, DEFAULT_REDUCE, DEFAULT_SELECTION, DEFAULT_STRATEGY,
+                                        SELECTIONS, STRATEGIES, Strategy, select)
+from bioadapt.active.typicality import select_typical, typicality
 
-#: What scoring computes and how patches are picked when the caller does not say (the service's defaults).
-DEFAULT_ACQUISITION = "bald"
-DEFAULT_SELECTION = "top"
-
-__all__ = ["ACQUISITIONS", "DEFAULT_ACQUISITION", "DEFAULT_SELECTION", "SELECTIONS", "MatchResult",
-           "average_precision", "bald", "dice", "f1_score", "match_instances", "mean_std", "patch_score",
-           "predictive_entropy", "random_scores", "select", "select_diverse", "select_top", "summarize_matches",
-           "variation_ratios"]
+__all__ = ["ACQUISITIONS", "DEFAULT_ACQUISITION", "DEFAULT_REDUCE", "DEFAULT_SELECTION", "DEFAULT_STRATEGY",
+           "MatchResult", "SELECTIONS", "STRATEGIES", "Strategy", "average_precision", "bald", "dice", "f1_score",
+           "match_instances", "mean_std", "object_patch_score", "object_regions", "object_scores", "patch_score",
+           "predictive_entropy", "random_scores", "select", "select_coreset", "select_diverse", "select_top",
+           "select_typical", "summarize_matches", "typicality", "variation_ratios"]

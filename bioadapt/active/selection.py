@@ -37,11 +37,9 @@ def select_diverse(scores: Sequence[float], descriptors: np.ndarray, k: int, *, 
     pool = select_top(scores, min(len(scores), candidates or 4 * k))
     if len(pool) <= k:
         return pool
-    features = descriptors[pool]
-    spread = features.std(axis=0)
-    features = (features - features.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
+    features = standardised(descriptors[pool])
     weights = np.clip(scores[pool], 1e-12, None)
-    assignment = _weighted_kmeans(features, weights, k, np.random.default_rng(seed), iterations)
+    assignment = weighted_kmeans(features, weights, k, np.random.default_rng(seed), iterations)
     chosen = []
     for cluster in range(k):
         members = [pool[i] for i in np.flatnonzero(assignment == cluster)]
@@ -55,22 +53,17 @@ def select_diverse(scores: Sequence[float], descriptors: np.ndarray, k: int, *, 
     return sorted(chosen, key=lambda i: (-scores[i], i))
 
 
-def select(strategy: str, scores: Sequence[float], descriptors: np.ndarray, k: int, *, seed: int = 0) -> list[int]:
-    """``k`` indices picked by a strategy of ``SELECTIONS`` (one signature for every strategy: the scores of the
-    pool and a descriptor row per patch, used by the strategies that need one)."""
-    if strategy not in SELECTIONS:
-        raise BioadaptError(f"unknown selection strategy {strategy!r}; known: {sorted(SELECTIONS)}")
-    return SELECTIONS[strategy](scores, descriptors, k, seed=seed)
+def standardised(descriptors: np.ndarray) -> np.ndarray:
+    """(n, d) descriptors with every column at mean 0 and standard deviation 1 (constant columns left at 0)."""
+    descriptors = np.asarray(descriptors, dtype=np.float64)
+    if descriptors.ndim != 2:
+        raise BioadaptError(f"descriptors must be (n, d), got shape {descriptors.shape}")
+    spread = descriptors.std(axis=0)
+    return (descriptors - descriptors.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
 
 
-SELECTIONS = {
-    "top": lambda scores, descriptors, k, seed=0: select_top(scores, k),
-    "diverse": lambda scores, descriptors, k, seed=0: select_diverse(scores, descriptors, k, seed=seed),
-}
-
-
-def _weighted_kmeans(points: np.ndarray, weights: np.ndarray, k: int, rng: np.random.Generator,
-                     iterations: int) -> np.ndarray:
+def weighted_kmeans(points: np.ndarray, weights: np.ndarray, k: int, rng: np.random.Generator,
+                    iterations: int = 25) -> np.ndarray:
     """Lloyd's k-means with k-means++ seeding, every point counted with its weight; returns cluster ids."""
     centres = [points[rng.choice(len(points), p=weights / weights.sum())]]
     for _ in range(1, k):

@@ -22,9 +22,14 @@ def load_adapter(source: str | Path, device: str = "auto", dropout_p: float = 0.
     ``source``: an rdf.yaml, a bioimage.io package folder or .zip, a URL or a bioimage.io zoo id (the last two
     need the network), or ``cellpose:<builtin name or weights path>``. ``options`` go to the adapter:
     for bioimage.io models ``mc_scope`` ("full" or "head"), ``output_activation`` ("sigmoid"/"softmax", for
-    models that do not declare it), ``weights_format``, ``dropout_kind``, ``memory_budget`` (bytes); for
-    Cellpose ``mc_scope``, ``channels`` (Cellpose's [cytoplasm, nucleus] pair, default [0, 0]), ``diameter``,
-    ``flow_threshold``, ``cellprob_threshold``, ``min_size``, ``dropout_kind``, ``memory_budget``.
+    models that do not declare it), ``weights_format`` (default: trainable before inference-only, local files
+    before remote ones), ``dropout_kind``, ``memory_budget`` (bytes; larger images go in blocks),
+    ``output_targets`` ("foreground", "foreground_boundaries", "affinities", "semantic" or "classes", for
+    outputs whose meaning the description does not say) and ``affinity_offsets`` (one offset per affinity
+    channel, where the description's config has none); for
+    Cellpose ``mc_scope``, ``channels`` (Cellpose 3's [cytoplasm, nucleus] pair, default [0, 0]), ``diameter``,
+    ``flow_threshold``, ``cellprob_threshold``, ``min_size``, ``input_channels``, ``dropout_kind``,
+    ``memory_budget``, ``bfloat16`` (Cellpose 4; default: on GPUs only).
     """
     if threads is not None:
         if threads < 1:
@@ -34,11 +39,8 @@ def load_adapter(source: str | Path, device: str = "auto", dropout_p: float = 0.
         torch.set_num_threads(int(threads))
     text = str(source)
     if text.startswith("cellpose:"):
-        try:
-            from bioadapt.adapters.cellpose import CellposeAdapter
-        except ImportError as e:  # Cellpose 4 imports torchvision, which fails next to a mismatched torch
-            raise BioadaptError(f"Cellpose cannot be imported here ({e}); install cellpose with a torch and "
-                                "torchvision that match (see constraints.txt)") from e
+        from bioadapt.adapters.cellpose import CellposeAdapter  # Cellpose itself is imported (and checked) by load
+
         return CellposeAdapter.load(text.removeprefix("cellpose:"), device=device, dropout_p=dropout_p, **options)
     from bioadapt.adapters.bioimageio import BioimageioAdapter
 

@@ -42,6 +42,8 @@ class ModelInfo:
     mc_dropout: str  # "existing" dropout layers, "hooks" after activations, or "none"
     mc_scopes: tuple[str, ...]
     dropout_p: float
+    instances: bool = True  # segment() gives instances (one id per object), not classes
+    patch_features: bool = False  # patch_features() works: selection rules that read features can be used
 
     @property
     def activation(self) -> str:
@@ -147,6 +149,12 @@ class Adapter(ABC):
     def segment(self, x: np.ndarray) -> np.ndarray:
         """(B, C, *spatial) -> (B, *spatial) int32 labels (instances or classes, see describe().output_kind); one
         image gives (*spatial)."""
+
+    def patch_features(self, x: np.ndarray) -> np.ndarray:
+        """(B, C, *spatial) -> (B, D) float32: what the model itself sees in each image, pooled over space
+        (deterministic), for acquisition that needs a descriptor per patch (diversity, typicality)."""
+        raise BioadaptError(f"{self.describe().name} does not expose features; use an acquisition that needs "
+                            "scores only")
 
     @abstractmethod
     def fine_tune(self, samples: Sequence[tuple[np.ndarray, np.ndarray]],

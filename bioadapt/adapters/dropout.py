@@ -106,9 +106,11 @@ class CommonMasks:
 
     def _draw(self, shape: Sequence[int], key: tuple[int, ...], pass_index: int, p: float,
               device: torch.device) -> torch.Tensor:
-        generator = torch.Generator(device=device).manual_seed(mask_seed(self.seed, *key, pass_index))
-        keep = torch.rand(tuple(shape), generator=generator, device=device) >= p
-        return keep.to(torch.float32) / (1 - p)
+        # drawn on the CPU: CUDA's generator gives other numbers for the same seed, and a round's masks must not
+        # depend on the device an actor scores on
+        generator = torch.Generator().manual_seed(mask_seed(self.seed, *key, pass_index))
+        keep = torch.rand(tuple(shape), generator=generator) >= p
+        return (keep.to(torch.float32) / (1 - p)).to(device)
 
     def mask(self, x: torch.Tensor, key: tuple[int, ...], pass_index: int, *, feature_axis: int = 1,
              p: float | None = None, kind: DropoutKind | None = None) -> torch.Tensor:
@@ -168,6 +170,7 @@ class MCDropout:
         self.strategy = mc_strategy(module)
         self._axes = {} if is_scripted(module) else feature_axes(module)
         self._masks: CommonMasks | None = None
+        self._round: CommonMasks | None = None  # the last round's masks, kept for its next patches
         self._rows: list[int] | None = None
         self._calls = -1  # forward calls of the whole module inside enabled(): the pass index outside rows()
         self._invocations: dict[int, int] = {}  # per layer: how often it ran in the current forward call
@@ -223,7 +226,9 @@ class MCDropout:
         """MC mode with the masks of round ``seed``."""
         was_training = [m.training for m in self._existing]
         handles = []
-        self._masks, self._calls, self._rows = CommonMasks(seed, self.p, self.kind), -1, None
+        if self._round is None or self._round.seed != int(seed):  # a round's masks are drawn once, then reused
+            self._round = CommonMasks(seed, self.p, self.kind)
+        self._masks, self._calls, self._rows = self._round, -1, None
         try:
             if self.common_masks:
                 handles.append(self.module.register_forward_pre_hook(self._start_call))
@@ -277,13 +282,17 @@ class HeadSplit:
     """The output layer of a network, found by tracing one forward pass, for ``mc_scope="head"``.
 
     The network runs once to get the output layer's input features; the T passes then only repeat
-    dropout + output layer (+ a trailing activation module, if the network ends with one).
+    dropout + output layer (+ a trailing activation module, if the network ends with one, and the
+    fixed ``after`` function).
     """
 
     def __init__(self, module: nn.Module, example: torch.Tensor,
-                 select: Callable[[Any], torch.Tensor] = lambda output: output):
+                 select: Callable[[Any], torch.Tensor] = lambda output: output,
+                 after: Callable[[torch.Tensor], torch.Tensor] | None = None):
         """``select`` picks the prediction from the network's return value (e.g. ``out[0]`` for Cellpose,
-        whose networks also return a style vector)."""
+        whose networks also return a style vector). ``after``: a fixed function without trainable weights that the
+        network applies to its output layer's result (Cellpose-SAM's pixel-shuffling ``conv_transpose2d``); it is
+        checked on ``example`` to reproduce the network's output."""
         if is_scripted(module):
             raise BioadaptError("mc_scope='head' needs hooks, which TorchScript modules do not accept; "
                                 "use mc_scope='full' or pytorch_state_dict weights")
@@ -307,7 +316,13 @@ class HeadSplit:
         self.head, head_output = order[last]
         self.tail = [m for m, _ in order[last + 1:]]
         self.feature_axis = feature_axes(module).get(id(self.head), 1) if isinstance(self.head, nn.Linear) else 1
-        ends_in_head = final is head_output if not self.tail else final is order[-1][1]
+        self.after = after
+        last_output = order[-1][1] if self.tail else head_output
+        if after is None:
+            ends_in_head = final is last_output
+        else:
+            with torch.no_grad():
+                ends_in_head = torch.equal(after(last_output), final)
         if not ends_in_head or not all(isinstance(m, OUTPUT_ACTIVATION_TYPES) for m in self.tail):
             raise BioadaptError(f"mc_scope='head' needs a network whose output is its last weighted layer "
                                 f"({type(self.head).__name__}) or that layer plus an activation; this one computes "
@@ -329,7 +344,7 @@ class HeadSplit:
         out = self.head(dropped)
         for m in self.tail:
             out = m(out)
-        return out
+        return out if self.after is None else self.after(out)
 
     def passes(self, features: torch.Tensor, masks: CommonMasks, passes: int) -> torch.Tensor:
         """All T passes, pass-major (row t * N + b)."""

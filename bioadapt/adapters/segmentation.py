@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
+from bioadapt.adapters.targets import Targets
 from bioadapt.errors import BioadaptError
 
 
@@ -34,13 +37,28 @@ def instances_from_boundaries(foreground: np.ndarray, boundaries: np.ndarray, th
     return labels.astype(np.int32)
 
 
-def labels_from_probabilities(proba: np.ndarray, output_kind: str) -> np.ndarray:
+def instances_from_affinities(affinities: np.ndarray, offsets: Sequence[Sequence[int]],
+                              foreground: np.ndarray | None = None, threshold: float = 0.5) -> np.ndarray:
+    """Instances from affinities in torch-em's convention (1: the pixel and the one at the offset belong to
+    different objects): the boundary map is the mean of the nearest-neighbour channels, split by seeded watershed;
+    without a foreground channel every pixel belongs to some object."""
+    nearest = [k for k, o in enumerate(offsets) if sum(abs(v) for v in o) == 1] or list(range(len(offsets)))
+    boundaries = affinities[nearest].mean(0)
+    mask = np.ones(boundaries.shape, bool) if foreground is None else foreground > threshold
+    return instances_from_boundaries(mask.astype(np.float32), boundaries, threshold)
+
+
+def labels_from_probabilities(proba: np.ndarray, output_kind: str, targets: Targets | None = None) -> np.ndarray:
     """(K, *spatial) probabilities -> (*spatial) int32 labels.
 
     softmax: argmax classes. sigmoid with one channel: connected components of the foreground; two channels
-    (foreground, boundaries: the usual bioimage.io U-Net layout): instances by seeded watershed; more channels:
-    the most probable channel + 1 where it is above 0.5, else 0 (semantic).
+    (foreground, boundaries: the usual bioimage.io U-Net layout): instances by seeded watershed; affinities (see
+    ``targets``): seeded watershed on their boundaries; more channels: the most probable channel + 1 where it is
+    above 0.5, else 0 (semantic).
     """
+    if targets is not None and targets.kind == "affinities":
+        channels = proba[1:] if targets.foreground_channel else proba
+        return instances_from_affinities(channels, targets.offsets, proba[0] if targets.foreground_channel else None)
     if output_kind == "softmax":
         return proba.argmax(0).astype(np.int32)
     if output_kind != "sigmoid":

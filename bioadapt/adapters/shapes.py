@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -73,3 +74,84 @@ def default_memory_budget(device: torch.device) -> int:
     except (ValueError, OSError):
         available = 4 << 30
     return int(min(available // 4, 1 << 30))
+
+
+@dataclass(frozen=True)
+class AxisSize:
+    """The valid sizes of one spatial input axis: ``min + k * step`` (``step`` 0: fixed at ``min``), or, when
+    ``reference`` is set, ``size of axis reference * ratio + offset`` (a size the description ties to another axis)."""
+
+    min: int = 1
+    step: int = 0
+    reference: int | None = None
+    ratio: float = 1.0
+    offset: int = 0
+
+    def values(self, low: int, high: int) -> range:
+        """The valid sizes of an independent axis within [low, high] (fixed: just ``min`` if it lies there)."""
+        if self.step == 0:
+            return range(self.min, self.min + 1) if low <= self.min <= high else range(0)
+        first = self.min if low <= self.min else self.min + math.ceil((low - self.min) / self.step) * self.step
+        return range(first, high + 1, self.step)
+
+    def follow(self, reference_size: int) -> int:
+        return int(round(reference_size * self.ratio)) + self.offset
+
+
+class InputGrid:
+    """The valid spatial input shapes of a model, per axis (see ``AxisSize``)."""
+
+    SEARCH = 4096  # valid sizes tried per axis when an axis follows another
+
+    def __init__(self, sizes: Sequence[AxisSize]):
+        self.sizes = tuple(sizes)
+        for i, size in enumerate(self.sizes):
+            if size.reference is not None and self.sizes[size.reference].reference is not None:
+                raise ValueError(f"axis {i} follows an axis that follows another one")
+
+    @property
+    def smallest(self) -> tuple[int, ...]:
+        return self._complete([s.min if s.reference is None else 0 for s in self.sizes])
+
+    def is_valid(self, shape: Sequence[int]) -> bool:
+        for n, size in zip(shape, self.sizes):
+            if size.reference is not None:
+                if n != size.follow(shape[size.reference]):
+                    return False
+            elif n < size.min or (n != size.min if size.step == 0 else (n - size.min) % size.step):
+                return False
+        return True
+
+    def at_least(self, shape: Sequence[int]) -> tuple[int, ...] | None:
+        """The smallest valid shape that is at least ``shape`` on every axis; None if a fixed axis is smaller."""
+        return self._search(shape, upward=True)
+
+    def at_most(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The largest valid shape that is at most ``shape`` on every axis (the smallest valid one where none is)."""
+        return self._search(shape, upward=False) or self.smallest
+
+    def _search(self, shape: Sequence[int], upward: bool) -> tuple[int, ...] | None:
+        chosen: list[int | None] = [None] * len(self.sizes)
+        for i, size in enumerate(self.sizes):
+            if size.reference is not None:
+                continue
+            followers = [j for j, s in enumerate(self.sizes) if s.reference == i]
+            low, high = (shape[i], 1 << 30) if upward else (size.min, shape[i])
+            candidates = size.values(low, high)
+            if not upward:
+                candidates = reversed(candidates)
+            for count, value in enumerate(candidates):
+                if count >= self.SEARCH:
+                    break
+                ok = all((self.sizes[j].follow(value) >= shape[j]) if upward else
+                         (0 < self.sizes[j].follow(value) <= shape[j]) for j in followers)
+                if ok:
+                    chosen[i] = value
+                    break
+            if chosen[i] is None:
+                return None
+        return self._complete(chosen)
+
+    def _complete(self, chosen: Sequence[int | None]) -> tuple[int, ...]:
+        return tuple(size.follow(chosen[size.reference]) if size.reference is not None else int(chosen[i])
+                     for i, size in enumerate(self.sizes))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -57,13 +57,21 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
 
 def fit(module: nn.Module, forward: Forward, inputs: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
         loss_fn: LossFn, score_fn: ScoreFn, params: FineTuneParams, progress: Progress | None = None,
-        stop: Stop | None = None) -> FineTuneResult:
+        stop: Stop | None = None, groups: Sequence[int] | None = None) -> FineTuneResult:
     """Train ``module`` (through ``forward``) on preprocessed, padded ``inputs``; leave it with the weights that
-    scored best on the held-out split (the starting weights count as epoch 0) and in eval mode."""
+    scored best on the held-out split (the starting weights count as epoch 0) and in eval mode.
+
+    ``groups``: the patch each input row was cut from (a patch may give several blocks); the held-out split
+    takes whole patches, so no patch is both trained on and scored. ``n_train``/``n_val`` count patches."""
     started = time.perf_counter()
     torch.manual_seed(params.seed)
     generator = torch.Generator().manual_seed(params.seed)
-    train_idx, val_idx = split_indices(len(inputs), params.val_fraction, params.seed)
+    groups = list(range(len(inputs))) if groups is None else [int(g) for g in groups]
+    patches = sorted(set(groups))
+    train_patches, val_patches = split_indices(len(patches), params.val_fraction, params.seed)
+    held_out = {patches[i] for i in val_patches}
+    train_idx = [i for i, g in enumerate(groups) if g not in held_out]
+    val_idx = [i for i, g in enumerate(groups) if g in held_out]
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay)
     steps_per_epoch = math.ceil(len(train_idx) / params.batch_size)
@@ -116,5 +124,5 @@ def fit(module: nn.Module, forward: Forward, inputs: torch.Tensor, targets: torc
     module.eval()
     return FineTuneResult(epochs_run=epoch, best_epoch=best_epoch, initial_val_score=initial,
                           best_val_score=best_score, stopped=stopped,
-                          seconds=round(time.perf_counter() - started, 3), n_train=len(train_idx),
-                          n_val=len(val_idx), history=history)
+                          seconds=round(time.perf_counter() - started, 3), n_train=len(train_patches),
+                          n_val=len(val_patches), history=history)

@@ -11,7 +11,7 @@ import numpy as np
 import zarr
 
 from bioadapt.data import ngff
-from bioadapt.data.stores import join_uri, local_path, open_node
+from bioadapt.data.stores import join_uri, local_path, open_node, read_failure
 from bioadapt.data.tiff import CONVERT_HINT, SUPPORTED, is_tiff_path, open_tiff
 from bioadapt.data.windows import as_int_tuple, check_window
 from bioadapt.errors import BioadaptError
@@ -162,7 +162,12 @@ class Image:
                     channel_pick = [c - first for c in self.channels]
             else:
                 index.append(slices[self.spatial_axes.index(axis)])
-        data = self._arrays[level][tuple(index)]
+        try:
+            data = self._arrays[level][tuple(index)]
+        except MemoryError:
+            raise
+        except Exception as err:  # a damaged chunk, a store that fails or hangs: say which and where
+            raise read_failure(self.uri, err, f"the pixels at {list(origin)} (level {level})") from err
         kept_axes = [a for a in self.axes if a != "t"]
         target = (["c"] if "c" in kept_axes else []) + list(self.spatial_axes)
         order = [kept_axes.index(a) for a in target]
@@ -175,6 +180,16 @@ class Image:
         if dtype is not None:
             data = data.astype(dtype, copy=False)
         return data
+
+    def check_decodes(self) -> None:
+        """Read the first chunk of level 0 (one request for a remote image): an image whose chunks do not decode,
+        whose store does not answer, or whose pixels are NaN or infinite is refused when it is added rather than
+        when its patches are scored."""
+        shape = tuple(min(c, s) for c, s in zip(self.spatial_chunks, self.spatial_shape))
+        pixels = self.read((0,) * len(shape), shape)
+        if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
+            raise BioadaptError(f"'{self.uri}' holds NaN or infinite pixels (in its first chunk, {list(shape)} "
+                                "pixels from the origin); models cannot score them: fill them (e.g. with 0) first")
 
     def read_level(self, level: int = -1, *, max_pixels: int = 64_000_000,
                    dtype: np.dtype | str | None = None) -> np.ndarray:

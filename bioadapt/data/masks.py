@@ -133,6 +133,13 @@ class SamplingMask:
         volume = math.prod(s / f for s, f in zip(shape, self.factors))
         return float(inside / volume)
 
+    def window(self, origin: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+        """A level-0 boolean mask of the window ``origin``/``shape``: each pixel takes its coarse cell's value
+        (inside when at least half of the cell is covered)."""
+        index = [np.minimum((np.arange(o, o + s) + 0.5) // f, n - 1).astype(np.int64)
+                 for o, s, f, n in zip(origin, shape, self.factors, self.coverage.shape)]
+        return self.coverage[np.ix_(*index)] >= 0.5
+
     def bounding_box(self) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
         """Level-0 origin and shape enclosing every covered cell, None when nothing is covered."""
         covered = np.nonzero(self.coverage > 0)

@@ -19,6 +19,7 @@ from bioadapt.errors import BioadaptError
 log = logging.getLogger(__name__)
 
 MaskLike = SamplingMask | np.ndarray | Image | str | None
+AUTO_MASK_SMOOTHING = 16  # level-0 pixels: sparse cells merge into one foreground region
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,15 @@ def resolve_mask(image: Image, mask: MaskLike, *, mask_scale: Sequence[float] | 
     """Turn what a user passes as a mask into a coarse ``SamplingMask``.
 
     - ``SamplingMask``: used as is.
+    - ``"auto"``: the foreground of the image's coarsest level (smoothed over a few cell diameters).
     - ``str``: the name of a label image in the same OME-Zarr (``"tissue"`` or ``"labels/tissue"``).
     - ``Image``: an aligned label image (e.g. another OME-Zarr); its coarsest usable level is used.
     - array: a mask at its own scale (``mask_scale`` level-0 pixels per mask pixel, default the shape ratio).
     """
     if mask is None or isinstance(mask, SamplingMask):
         return mask
+    if isinstance(mask, str) and mask == "auto":
+        return SamplingMask.from_image_level(image, level=-1, smooth_sigma=AUTO_MASK_SMOOTHING)
     if isinstance(mask, str):
         name = mask.removeprefix("labels/")
         return SamplingMask.from_label_image(image.label_image(name), image, max_pixels=max_mask_pixels)

@@ -40,7 +40,7 @@ def export_fine_tuned_bioimageio(model: BioimageioAdapter, out: Path, meta: Meta
         folder = Path(tmp) / "package"
         folder.mkdir()
         weights = _write_weights(model, folder, model.network_input(test_input))
-        np.save(folder / "test_input.npy", lay.to_model(test_input[None]))
+        np.save(folder / "test_input.npy", lay.to_model(test_input[None]).astype(_declared_dtype(lay.input)))
         np.save(folder / "test_output.npy", np.zeros(1, np.float32))  # replaced below, before anything is saved
         (folder / "README.md").write_text("pending\n")
         descr = _describe(model, folder, weights, meta, training, covers=[])
@@ -58,15 +58,32 @@ def export_fine_tuned_bioimageio(model: BioimageioAdapter, out: Path, meta: Meta
 
 
 def _test_patch(model: BioimageioAdapter, training: Mapping[str, Any]) -> np.ndarray:
-    """A real annotated patch, cropped to the largest valid input shape: (C, *spatial) float32."""
+    """A real annotated patch of a valid input shape (cropped to the largest that fits in it, or mirrored up to
+    the smallest that holds it), with the values the description's input dtype can hold: (C, *spatial) float32."""
     patch = annotated_patch(model, training)
-    lay = model.layout
-    shape = []
-    for n, lo, st in zip(patch.shape[1:], lay.min_shape, lay.step):
-        if n < lo:
-            raise BioadaptError(f"the test patch {patch.shape[1:]} is smaller than the model's minimum {lay.min_shape}")
-        shape.append(lo + ((n - lo) // st) * st if st else lo)
-    return patch[(slice(None), *[slice(0, s) for s in shape])]
+    grid = model.layout.grid
+    spatial = patch.shape[1:]
+    smaller = any(n < s for n, s in zip(spatial, grid.smallest))
+    shape = (grid.at_least(spatial) if smaller else None) or grid.at_most(spatial)
+    patch = np.pad(patch, [(0, 0)] + [(0, max(0, s - n)) for s, n in zip(shape, spatial)], mode="symmetric")
+    patch = patch[(slice(None), *[slice(0, s) for s in shape])]
+    return _representable(patch, _declared_dtype(model.layout.input)).astype(np.float32)
+
+
+def _declared_dtype(tensor: Any) -> np.dtype:
+    data = tensor.data[0] if isinstance(tensor.data, (list, tuple)) else tensor.data
+    return np.dtype(str(data.type))
+
+
+def _representable(patch: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``patch`` as ``dtype``: rounded where its values lie in the dtype's range, else stretched over it."""
+    if not np.issubdtype(dtype, np.integer):
+        return patch.astype(dtype)
+    info = np.iinfo(dtype)
+    if patch.min() >= info.min and patch.max() <= info.max:
+        return np.round(patch).astype(dtype)
+    low, high = float(patch.min()), float(patch.max())
+    return np.round((patch - low) / max(high - low, 1e-12) * (float(info.max) - info.min) + info.min).astype(dtype)
 
 
 def _write_weights(model: BioimageioAdapter, folder: Path, example: torch.Tensor) -> dict[str, str]:
@@ -130,6 +147,7 @@ def _describe(model: BioimageioAdapter, folder: Path, weights: Mapping[str, str]
         entry = dict(data["weights"].get(fmt) or {}) if fmt in data["weights"] else {}
         entry.update(file(name), parent=None if fmt == first else first, pytorch_version=torch.__version__)
         entry.pop("authors", None)
+        entry.pop("dependencies", None)  # the parent's environment file; these weights come from this torch
         if fmt == "pytorch_state_dict":
             arch = entry["architecture"]
             if "source" in arch:

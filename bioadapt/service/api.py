@@ -13,6 +13,7 @@ import math
 import shutil
 import threading
 import uuid
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +22,13 @@ from typing import Any
 import numpy as np
 
 from bioadapt.data import ImageRef, LabelledRegion
+from bioadapt.data.stores import check_reachable, scheme_of
 from bioadapt.errors import AccessDenied, BioadaptError
 from bioadapt.service import schemas as s
 from bioadapt.service.db import make_engine
 from bioadapt.service.execution import DEFAULT_ACTOR_IDLE_S, ModelPool, ModelSpec, describe, pool_size, run_once
-from bioadapt.service.jobs import Job, Jobs
+from bioadapt.service.jobs import Job, JobRunner, Jobs
+from bioadapt.service.limits import JobQuota, Limits
 from bioadapt.service.opened import OpenedCache
 from bioadapt.service.paths import PathGuard
 from bioadapt.service.store import ProjectStore
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_PATCH_PIXELS = 2048 * 2048
 MAX_RETURNED_BYTES = 64 * 2**20
 PATCH_LOCKS = 64  # submissions to one patch are serialised; patches share these locks by their id
+DELETE_WAIT_S = 30  # how long delete_project waits for the project's cancelled jobs to stop
 
 
 @dataclass(frozen=True)
@@ -48,14 +52,14 @@ class BioadaptService:
     def __init__(self, data_dir: str | Path, *, database_url: str | None = None,
                  allow_paths: Sequence[str | Path] = (), public: bool = False,
                  max_patch_pixels: int = DEFAULT_MAX_PATCH_PIXELS, gpu_fraction: float = 0.5,
-                 device: str = "auto", actor_idle_s: float = DEFAULT_ACTOR_IDLE_S):
+                 device: str = "auto", actor_idle_s: float = DEFAULT_ACTOR_IDLE_S, limits: Limits | None = None):
         self.data_dir = Path(data_dir).expanduser().resolve()
         (self.data_dir / "projects").mkdir(parents=True, exist_ok=True)
         self.engine = make_engine(self.data_dir / "bioadapt.sqlite", database_url)
         self.store = ProjectStore(self.engine)
         self.jobs = Jobs(engine=self.engine)
         self.interrupted = self.jobs.mark_interrupted()
-        self.guard = PathGuard([self.data_dir, *allow_paths])
+        self.guard = PathGuard(allow_paths, private=self.data_dir)
         self.public = public
         self.max_patch_pixels = max_patch_pixels
         self.gpu_fraction = gpu_fraction
@@ -63,6 +67,9 @@ class BioadaptService:
         self.pool = ModelPool(gpu_fraction, idle_s=actor_idle_s)
         self.opened = OpenedCache()
         self._patch_locks = [threading.Lock() for _ in range(PATCH_LOCKS)]
+        self.draw_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)  # one draw per project
+        self.limits = limits or Limits.from_env()
+        self.job_quota = JobQuota(self.limits.jobs, self._running_jobs)
 
     def close(self, wait_s: float = 10) -> None:
         """Cancel the running jobs (waiting up to ``wait_s``) and stop the idle model actors."""
@@ -72,10 +79,8 @@ class BioadaptService:
     # -- what the tasks use ---------------------------------------------------------------------------
     def owned_project(self, caller: Caller, project_id: str) -> dict[str, Any]:
         project = self.store.project(project_id)
-        if project is None:
+        if project is None or project["owner"] != caller.id:
             raise BioadaptError(f"no project {project_id!r}; list_projects shows yours")
-        if project["owner"] != caller.id:
-            raise AccessDenied(f"project {project_id!r} belongs to another user")
         return project
 
     def version(self, project: dict[str, Any], number: int | None) -> dict[str, Any]:
@@ -115,11 +120,9 @@ class BioadaptService:
 
     @staticmethod
     def sampling_mask(image: Any, row: dict[str, Any]) -> Any:
-        if row["mask"] == "auto":
-            from bioadapt.data import SamplingMask
+        from bioadapt.data.sampling import resolve_mask
 
-            return SamplingMask.from_image_level(image, level=-1, smooth_sigma=16)
-        return row["mask"]
+        return resolve_mask(image, row["mask"])
 
     def regions(self, project: dict[str, Any], split: str) -> list[LabelledRegion]:
         """The project's annotated patches of one split (train, holdout), oldest annotation first."""
@@ -127,6 +130,15 @@ class BioadaptService:
         return [LabelledRegion(self.image_ref(rows[p["image_id"]]), rows[p["image_id"]]["labels"],
                                tuple(p["origin"]), tuple(p["shape"]))
                 for p in self.store.patches(project["id"], status="annotated", split=split, order="annotated")]
+
+    def start_job(self, kind: str, work: Callable[[JobRunner], Any], caller: Caller, project: dict[str, Any],
+                  progress: Callable[[dict], Any] | None) -> JobRunner:
+        """Start a task's job, within the caller's limit of jobs running at once."""
+        with self.job_quota.reserve(caller.id):
+            return self.jobs.start(kind, work, project_id=project["id"], owner=caller.id, progress=progress)
+
+    def _running_jobs(self, user: str) -> int:
+        return sum(1 for runner in self.jobs.running() if runner.job.owner == user)
 
     def job_folder(self, project: dict[str, Any], job_id: str) -> Path:
         folder = Path(project["folder"]) / "jobs" / job_id
@@ -147,6 +159,8 @@ class BioadaptService:
     def _described(self, args: s.LoadModel) -> dict[str, Any]:
         """Source, options and describe() of a model, loaded once in a Ray worker to check that it works."""
         source = self.guard.model_source(args.source)
+        if scheme_of(source) in ("http", "https"):
+            check_reachable(source)  # else the worker's error talks of the zoo's id map, not of the address
         options = {k: v for k, v in {"dropout_p": args.dropout_p, "mc_scope": args.mc_scope,
                                      "output_activation": args.output_activation}.items() if v is not None}
         info = run_once(ModelSpec(source, {**options, "device": "cpu"}), describe)
@@ -160,7 +174,7 @@ class BioadaptService:
         self._may_create(caller)
         model = self.store.model(args.model)
         if model is not None and model["owner"] != caller.id:
-            raise AccessDenied(f"model {args.model!r} belongs to another user")
+            model = None  # another user's model id is taken as what it would be if it did not exist: a source
         described = self._described(s.LoadModel(source=args.model)) if model is None else model
         images = [self._checked_image(spec, described["info"]) for spec in args.images]  # all checked before writing
         model = model or self.store.add_model(caller.id, **described)
@@ -190,8 +204,12 @@ class BioadaptService:
                 "versions": self.store.versions(project["id"]), "patches": self.store.counts(project["id"])}
 
     def delete_project(self, caller: Caller, args: s.DeleteProject) -> dict[str, Any]:
+        """Cancel the project's jobs and wait (a while) for them to stop writing into its folder, then remove
+        its records (jobs included), its folder and the idle actors holding its model versions."""
         project = self.owned_project(caller, args.project_id)
-        self.jobs.cancel_all(project["id"])
+        specs = [self.model_spec(project, version) for version in self.store.versions(project["id"])]
+        self.jobs.cancel_all(project["id"], wait_s=DELETE_WAIT_S)
+        self.pool.drop(specs)  # its jobs gave their actors back: none would serve this project again
         self._delete(project)
         return {"deleted": project["id"]}
 
@@ -213,6 +231,7 @@ class BioadaptService:
         uri = self.guard.uri(spec.uri)
         try:
             image = open_image(uri, spec.axes, spec.channels, storage_options=spec.storage_options or None)
+            image.check_decodes()
         except BioadaptError:
             raise
         except Exception as e:
@@ -267,9 +286,9 @@ class BioadaptService:
 
     def select_patches(self, caller: Caller, args: s.SelectPatches) -> dict[str, Any]:
         project = self.owned_project(caller, args.project_id)
-        picked = score.select_pending(self, project["id"], args.selection, args.select, seed=args.seed,
-                                      acquisition=args.acquisition)
-        return {"selection": args.selection, "selected": picked}
+        name, strategy, key = score.strategy_of(args, project["model_info"])
+        picked = score.select_pending(self, project["id"], strategy.selection, key, args.select, seed=args.seed)
+        return {"strategy": name, "selection": strategy.selection, "selected": picked}
 
     # -- patches --------------------------------------------------------------------------------------
     def list_patches(self, caller: Caller, args: s.ListPatches) -> list[dict[str, Any]]:
@@ -336,20 +355,28 @@ class BioadaptService:
         try:
             job = self.jobs.get(job_id)
         except BioadaptError:
-            raise BioadaptError(f"no job {job_id!r}; list_jobs shows yours") from None
-        if job.owner != caller.id:
-            raise AccessDenied(f"job {job_id!r} belongs to another user")
+            job = None
+        if job is None or job.owner != caller.id:  # another user's job answers as a missing one
+            raise BioadaptError(f"no job {job_id!r}; list_jobs shows yours")
         return job
 
     def job_status(self, caller: Caller, args: s.JobStatus) -> dict[str, Any]:
-        return self._job(caller, args.job_id).to_dict()
+        return self._public_job(self._job(caller, args.job_id))
 
     def list_jobs(self, caller: Caller, args: s.ListJobs) -> list[dict[str, Any]]:
         if args.project_id is not None:
             self.owned_project(caller, args.project_id)
-        return [job.to_dict() for job in self.jobs.list(project_id=args.project_id, owner=caller.id)]
+        return [self._public_job(job) for job in self.jobs.list(project_id=args.project_id, owner=caller.id)]
+
+    def _public_job(self, job: Job) -> dict[str, Any]:
+        answer = job.to_dict()
+        if answer["error"]:  # a worker's cause may name files in the data folder
+            answer["error"] = self.guard.redact(answer["error"])
+        return answer
 
     def cancel_job(self, caller: Caller, args: s.CancelJob) -> dict[str, Any]:
+        """Ask a job to stop; ``cancel_requested`` only when it was still running here (a finished job, or one a
+        restart interrupted, has nothing to cancel)."""
         job = self._job(caller, args.job_id)
         requested = job.state in ("queued", "running") and self.jobs.cancel(job.id)
         return {"job_id": job.id, "state": job.state, "cancel_requested": requested}

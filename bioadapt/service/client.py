@@ -1,8 +1,9 @@
 """The Python client: ``connect(server_url, token, workspace)`` gives the service's functions as methods made from
 the service's schemas (same names, parameters and defaults; only the arguments the caller gives are sent, so the
 service's, or the adapter's, defaults apply to the rest), ``wait(job)`` with a progress bar for every job,
-errors as BioadaptError / AccessDenied, and a fresh service handle when the old one expired (the service
-restarted)."""
+errors as BioadaptError / AccessDenied, a fresh service handle when the old one expired (the service restarted),
+and a fresh connection when the websocket itself is gone (the embedded Hypha server restarted with the
+service)."""
 
 from __future__ import annotations
 
@@ -18,49 +19,62 @@ from bioadapt.service import schemas
 
 SERVICE_ID = "bioadapt"
 ACQUISITIONS: tuple[str, ...] = get_args(schemas.Acquisition)  # what score(acquisition=...) takes
-SELECTIONS: tuple[str, ...] = get_args(schemas.Selection)  # what score(selection=...) takes
+STRATEGIES: tuple[str, ...] = get_args(schemas.StrategyName)  # what score(strategy=...) takes
 DEFAULT_RANDOM_PATCHES = schemas.DEFAULT_RANDOM_PATCHES  # what score draws in random mode without n_patches
 FINISHED = ("done", "failed", "cancelled")
 _UNITS = {"score": "patch", "fine_tune": "epoch", "evaluate": "patch", "predict": "tile"}
+RECONNECT_TIMEOUT_S = 120  # how long a call waits for a restarted server before it gives up
 # errors that mean the handle is stale (the service restarted) and the call never ran: safe to re-fetch and retry;
 # a timeout is not among them (the call may have run, and score / fine_tune must not start twice)
 _EXPIRED = re.compile(r"Method (expired|not found)|Service not found|Session not found|not found: .*bioadapt|"
                       r"Client .* not found|Target peer .* not connected|Connection .* closed", re.IGNORECASE)
+# errors raised before a message left: the websocket is gone (hypha-rpc gave up reconnecting, or the server
+# refused the old session): only a new connection helps
+_DISCONNECTED = re.compile(r"Connection is closed|WebSocket reconnection timed out|Server refused reconnection|"
+                           r"not connected to the server", re.IGNORECASE)
 
 
 def connect(server_url: str, token: str | None = None, workspace: str | None = None, *,
             service_id: str = SERVICE_ID, method_timeout: float = 300) -> "BioadaptClient":
     """Connect to a bioadapt service on a Hypha server (the URL, workspace and token `bioadapt serve` prints)."""
-    from hypha_rpc.sync import connect_to_server
-
     config = {"server_url": server_url, "method_timeout": method_timeout}
     if token:
         config["token"] = token
     if workspace:
         config["workspace"] = workspace
+    try:
+        server = _open(config)
+    except Exception as e:
+        raise BioadaptError(f"cannot connect to the Hypha server at {server_url}: {e}. Check the URL (and token, "
+                            "workspace) printed by `bioadapt serve`") from e
+    try:
+        return BioadaptClient(server, service_id, reopen=lambda: _open(config))
+    except BioadaptError:
+        server.disconnect()  # otherwise the connection lingers and keeps reconnecting
+        raise
+
+
+def _open(config: dict[str, Any]) -> Any:
+    from hypha_rpc.sync import connect_to_server
+
     # A read-only grant on the service's workspace (what `bioadapt serve` hands out) cannot register the client's
     # built-in service there; hypha-rpc logs that as an error although calls and callbacks work.
     rpc_log = logging.getLogger("RPC")
     level = rpc_log.level
     rpc_log.setLevel(logging.CRITICAL)
     try:
-        server = connect_to_server(config)
-    except Exception as e:
-        raise BioadaptError(f"cannot connect to the Hypha server at {server_url}: {e}. Check the URL (and token, "
-                            "workspace) printed by `bioadapt serve`") from e
+        return connect_to_server(dict(config))
     finally:
         rpc_log.setLevel(level)
-    try:
-        return BioadaptClient(server, service_id)
-    except BioadaptError:
-        server.disconnect()  # otherwise the connection lingers and keeps reconnecting
-        raise
 
 
 class BioadaptClient:
-    def __init__(self, server: Any, service_id: str = SERVICE_ID):
+    """``reopen``: makes a new server connection (``connect`` passes one); without it a lost websocket is final."""
+
+    def __init__(self, server: Any, service_id: str = SERVICE_ID, reopen: Callable[[], Any] | None = None):
         self.server = server
         self.service_id = service_id
+        self._reopen = reopen
         self._service = self._fetch()
 
     def _fetch(self) -> Any:
@@ -70,8 +84,32 @@ class BioadaptClient:
             raise BioadaptError(f"no service {self.service_id!r} reachable: {_message(e)}. Is `bioadapt serve` "
                                 "running, and does your token give access to its workspace?") from e
 
+    def _reconnect(self, cause: str) -> None:
+        """A new websocket and service handle, retried while the server restarts (up to RECONNECT_TIMEOUT_S)."""
+        if self._reopen is None:
+            raise BioadaptError(f"the connection to the service is gone ({cause}); connect again")
+        _quietly_disconnect(self.server)  # the old one would go on trying to reconnect
+        deadline = time.monotonic() + RECONNECT_TIMEOUT_S
+        delay = 0.5
+        while True:
+            try:
+                self.server = self._reopen()
+                self._service = self._fetch()
+                return
+            except Exception as e:  # the server or the service is not back yet
+                if time.monotonic() + delay > deadline:
+                    raise BioadaptError(f"the connection to the service was lost ({cause}) and it did not come back "
+                                        f"within {RECONNECT_TIMEOUT_S} s: {_message(e)}") from e
+            time.sleep(delay)
+            delay = min(2 * delay, 5.0)
+
     def _call(self, function: str, /, **kwargs: Any) -> Any:
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        for name, value in kwargs.items():
+            if getattr(getattr(value, "dtype", None), "kind", "") in ("O", "U", "S", "V", "M", "m"):
+                # hypha-rpc would send an object array's pointers, and the service could not even decode the call
+                raise BioadaptError(f"{function}: {name} must be a numpy integer array, got dtype {value.dtype}; "
+                                    f"cast it with {name}.astype(np.uint32)")
         if callable(kwargs.get("progress")):
             # hypha-rpc drops a plain function argument when the call returns (score / fine_tune return a job id
             # at once); one inside an object marked _rintf stays callable until the service disposes of it
@@ -81,8 +119,11 @@ class BioadaptClient:
                 return getattr(self._service, function)(**kwargs)
             except Exception as e:  # hypha-rpc raises plain Exceptions carrying the remote message
                 message = _message(e)
-                if attempt < 2 and _EXPIRED.search(message) and not message.startswith(("BioadaptError",
-                                                                                         "AccessDenied")):
+                ours = message.startswith(("BioadaptError", "AccessDenied"))
+                if attempt < 2 and not ours and _DISCONNECTED.search(message):
+                    self._reconnect(message)
+                    continue
+                if attempt < 2 and not ours and _EXPIRED.search(message):
                     time.sleep(0.5 * (attempt + 1))
                     try:
                         self._service = self._fetch()
@@ -93,6 +134,8 @@ class BioadaptClient:
                     raise AccessDenied(message.removeprefix("AccessDenied: ")) from None
                 if message.startswith("BioadaptError: "):
                     raise BioadaptError(message.removeprefix("BioadaptError: ")) from None
+                if type(e) is Exception:  # a remote error: the service's own words, without hypha-rpc's traceback
+                    raise RuntimeError(message) from None
                 raise
         raise BioadaptError(f"{function}: the service did not answer after re-connecting")
 
@@ -134,21 +177,25 @@ class BioadaptClient:
         return job
 
     def disconnect(self) -> None:
-        rpc_log = logging.getLogger("RPC")
-        level = rpc_log.level
-        rpc_log.setLevel(logging.ERROR)  # hypha-rpc warns "Connection lost" on every deliberate disconnect
-        try:
-            self.server.disconnect()
-        except Exception:
-            pass
-        finally:
-            rpc_log.setLevel(level)
+        _quietly_disconnect(self.server)
 
     def __enter__(self) -> "BioadaptClient":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.disconnect()
+
+
+def _quietly_disconnect(server: Any) -> None:
+    rpc_log = logging.getLogger("RPC")
+    level = rpc_log.level
+    rpc_log.setLevel(logging.CRITICAL)  # hypha-rpc warns "Connection lost" on every deliberate disconnect
+    try:
+        server.disconnect()
+    except Exception:
+        pass
+    finally:
+        rpc_log.setLevel(level)
 
 
 def _progress_counts(job: dict[str, Any]) -> tuple[int, int]:

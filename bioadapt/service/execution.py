@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 DEFAULT_ACTOR_IDLE_S = 60.0  # how long an idle model actor stays loaded for the next job on the same model
 EVICT_AFTER_S = 30.0  # a new actor pending this long while the cluster is full makes an idle one go
 
+# torch threads (and Ray CPUs) per model actor or task. One: on the 2 busy cores we measured, a fine-tuning
+# step took 137 ms with one thread and 1.5 s with two (benchmarks/bench_threads.py, results/threads*.json);
+# more actors, not more threads per actor, use more cores. A model's options may set "threads".
+WORKER_THREADS = 1
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -58,7 +63,7 @@ def load_model(spec: ModelSpec) -> tuple[Any, tempfile.TemporaryDirectory | None
         path.write_bytes(source)
         source = str(path)
     try:
-        adapter = load_adapter(source, **spec.options)
+        adapter = load_adapter(source, **{"threads": WORKER_THREADS, **spec.options})
     except Exception as e:
         raise BioadaptError(f"worker on {os.uname().nodename} cannot load model {source!r}: {e}") from e
     if spec.weights is not None:
@@ -125,15 +130,22 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> dict[s
     return dict(ray.cluster_resources())
 
 
-def actor_options(kind: str, gpu_fraction: float = 0.5) -> dict[str, Any]:
-    """Ray resources of one actor: a GPU fraction when the cluster has GPUs (a whole GPU to fine-tune), else one
-    CPU. Asking for GPUs on a cluster without any would leave the actor pending forever."""
+def actor_options(kind: str, gpu_fraction: float = 0.5, threads: int = WORKER_THREADS) -> dict[str, Any]:
+    """Ray resources of one actor: a GPU fraction when the cluster has GPUs (a whole GPU to fine-tune), else
+    ``threads`` CPUs (the torch threads it runs; Ray sets OMP_NUM_THREADS to the CPUs asked for). Asking for GPUs
+    on a cluster without any would leave the actor pending forever."""
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
     if gpus > 0:
-        return {"num_gpus": 1.0 if kind == "fine_tune" else gpu_fraction, "num_cpus": 1}
-    return {"num_cpus": 1}
+        return {"num_gpus": 1.0 if kind == "fine_tune" else gpu_fraction, "num_cpus": threads}
+    if gpu_fraction and kind == "score":
+        log.info("no GPU in the Ray cluster: model actors run on CPUs")
+    return {"num_cpus": threads}
+
+
+def _threads(options: dict[str, Any] | None) -> int:
+    return int((options or {}).get("threads") or WORKER_THREADS)
 
 
 def pool_size(requested: int | None, gpu_fraction: float = 0.5) -> int:
@@ -150,7 +162,7 @@ def make_actor(spec: ModelSpec, kind: str = "score", gpu_fraction: float = 0.5) 
     """A model actor (threaded, so stop() and progress() answer while it works); restarted by Ray up to twice
     when its process dies."""
     return _remote(ModelActor, max_concurrency=2, max_restarts=2, max_task_retries=0).options(
-        **actor_options(kind, gpu_fraction)).remote(spec)
+        **actor_options(kind, gpu_fraction, _threads(spec.options))).remote(spec)
 
 
 class ModelPool:
@@ -272,6 +284,20 @@ class ModelPool:
             except Exception:  # Ray shut down under us: nothing left to stop
                 log.debug("reaping idle actors failed", exc_info=True)
 
+    def drop(self, specs: list[ModelSpec]) -> int:
+        """Stop the idle actors holding one of ``specs`` (a deleted project's versions)."""
+        keys = {spec.key for spec in specs}
+        with self._lock:
+            gone = [entry for entry in self._idle if entry[0][0] in keys]
+            for entry in gone:
+                self._idle.remove(entry)
+        if gone:
+            import ray
+
+            for _, actor, _ in gone:
+                ray.kill(actor)
+        return len(gone)
+
     def close(self) -> None:
         """Stop every idle actor; actors given back later are stopped too."""
         self._closed.set()
@@ -339,7 +365,7 @@ def run_once(spec: ModelSpec, body: Callable[..., Any], *args: Any, timeout_s: f
     service's), for short checks such as ``describe``. Errors come back as BioadaptError with the worker's cause."""
     import ray
 
-    task = _remote(_run_once, max_retries=0).options(**actor_options("task"))
+    task = _remote(_run_once, max_retries=0).options(**actor_options("task", threads=_threads(spec.options)))
     try:
         return ray.get(task.remote(spec, body, *args), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError as e:

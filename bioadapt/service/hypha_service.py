@@ -1,10 +1,17 @@
 """The Hypha face of ``BioadaptService``: one schema'd function per API call, validated with pydantic, run in a
-thread pool (never on the event loop), with the caller taken from Hypha's context."""
+thread pool (never on the event loop), with the caller taken from Hypha's context.
+
+Fairness: calls that can take long (opening images, loading models, sampling, Ray tasks) run in their own pool,
+so they never hold the threads quick calls (lists, status, labels) run in; each user gets a limited number of
+calls at once (``limits.CallGate``), the rest wait their turn without holding a thread. Errors leave without the
+data folder's path."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -13,9 +20,14 @@ from pydantic import ValidationError
 from bioadapt.errors import AccessDenied, BioadaptError
 from bioadapt.service import schemas
 from bioadapt.service.api import BioadaptService, Caller
+from bioadapt.service.limits import CallGate, Limits
 
 log = logging.getLogger(__name__)
 SERVICE_ID = "bioadapt"
+# functions that may take long: they run in their own pool and count against a user's slow-call limit
+SLOW_FUNCTIONS = frozenset({"load_model", "create_project", "add_image", "score", "select_patches", "get_patch",
+                            "get_overview", "job_output", "fine_tune", "evaluate", "predict", "export_model",
+                            "delete_project"})
 
 
 def caller_of(context: dict[str, Any] | None) -> Caller:
@@ -42,21 +54,50 @@ def _arguments(name: str, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]
     return {**values, **kwargs}
 
 
-def _validation_message(name: str, error: ValidationError) -> str:
-    problems = []
-    for item in error.errors(include_url=False):
-        where = ".".join(str(part) for part in item["loc"]) or "arguments"
-        problems.append(f"{where}: {item['msg']}")
-    return f"{name}: invalid arguments: " + "; ".join(problems)
+class CallPools:
+    """The threads calls run in: one pool for quick calls, one for slow ones; ``close`` lets the calls in flight
+    finish (for a while) when the service stops."""
+
+    def __init__(self, quick: int = 16, slow: int = 16):
+        self.quick = ThreadPoolExecutor(max_workers=quick, thread_name_prefix="bioadapt-call")
+        self.slow = ThreadPoolExecutor(max_workers=slow, thread_name_prefix="bioadapt-slow-call")
+        self._busy = 0
+        self._idle = threading.Condition()
+
+    async def run(self, slow: bool, function: Callable[[], Any]) -> Any:
+        with self._idle:
+            self._busy += 1
+        try:
+            future = (self.slow if slow else self.quick).submit(function)
+        except RuntimeError:  # the pools were closed: the service is stopping
+            self._done(None)
+            raise BioadaptError("the service is stopping; call again once it is back") from None
+        future.add_done_callback(self._done)  # run to its end, or cancelled by close() before it started
+        return await asyncio.wrap_future(future)
+
+    def _done(self, _future: Any) -> None:
+        with self._idle:
+            self._busy -= 1
+            self._idle.notify_all()
+
+    def close(self, timeout_s: float) -> bool:
+        """Take no more calls; True once the calls in flight ended, False after ``timeout_s``."""
+        for pool in (self.quick, self.slow):
+            pool.shutdown(wait=False, cancel_futures=True)
+        with self._idle:
+            return self._idle.wait_for(lambda: self._busy <= 0, timeout_s)
 
 
-def build_service(api: BioadaptService, *, public: bool = False, workers: int = 16) -> dict[str, Any]:
+def build_service(api: BioadaptService, *, public: bool = False, pools: CallPools | None = None,
+                  limits: Limits | None = None) -> dict[str, Any]:
     """The service definition to pass to ``server.register_service``."""
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bioadapt-call")
+    pools = pools or CallPools()
+    gate = CallGate(limits or api.limits)
 
     def make(name: str):
         method = getattr(api, name)
         model = schemas.FUNCTIONS[name]
+        slow = name in SLOW_FUNCTIONS
 
         async def call(*args: Any, context: dict[str, Any] | None = None, **kwargs: Any) -> Any:
             running = asyncio.get_running_loop()
@@ -67,18 +108,20 @@ def build_service(api: BioadaptService, *, public: bool = False, workers: int = 
                 try:
                     validated = model.model_validate(values)
                 except ValidationError as e:
-                    raise BioadaptError(_validation_message(name, e)) from None
+                    raise BioadaptError(schemas.validation_message(name, e)) from None
                 extra = {}
                 if progress is not None:
                     extra["progress"] = _threadsafe(*_progress_callback(name, progress), running)
-                return await running.run_in_executor(pool, lambda: method(caller, validated, **extra))
+                async with gate.turn(caller.id, slow):
+                    return await pools.run(slow, lambda: method(caller, validated, **extra))
             except AccessDenied as e:
-                raise PermissionError(f"AccessDenied: {e}") from None
+                raise PermissionError(f"AccessDenied: {api.guard.redact(str(e))}") from None
             except BioadaptError as e:
-                raise ValueError(f"BioadaptError: {e}") from None
-            except Exception as e:  # unexpected: log it here, tell the caller what it was
+                raise ValueError(f"BioadaptError: {api.guard.redact(str(e))}") from None
+            except Exception as e:  # unexpected: logged here in full; the caller gets what it was, without paths
                 log.exception("%s failed", name)
-                raise RuntimeError(f"{type(e).__name__}: {e}") from None
+                raise RuntimeError(f"{name} failed inside the service ({type(e).__name__}: "
+                                   f"{api.guard.redact(str(e))[:500]}); its log has the details") from None
 
         call.__name__ = name
         call.__doc__ = model.__doc__

@@ -58,6 +58,14 @@ class JobStore:
             else:
                 conn.execute(_jobs.insert().values(**row))
 
+    def update(self, job: Job) -> bool:
+        """Write a job's new state over its record; False (and nothing written) when the record is gone (its
+        project was deleted): a job never comes back after its project's deletion."""
+        row = {"state": job.state, "progress": json.dumps(job.progress), "result": json.dumps(job.result),
+               "error": job.error, "started": job.started, "finished": job.finished}
+        with self.engine.begin() as conn:
+            return conn.execute(_jobs.update().where(_jobs.c.id == job.id).values(**row)).rowcount > 0
+
     def get(self, job_id: str) -> Job:
         with self.engine.connect() as conn:
             row = conn.execute(select(_jobs).where(_jobs.c.id == job_id)).mappings().first()
@@ -112,7 +120,7 @@ class JobRunner:
 
     def report(self, **progress: Any) -> None:
         self.job.progress.update(progress)
-        self.store.save(self.job)
+        self.store.update(self.job)
         if self._progress_callback is not None:
             try:
                 self._progress_callback({"job_id": self.job.id, "state": self.job.state, **self.job.progress})
@@ -128,7 +136,7 @@ class JobRunner:
 
     def _run(self) -> None:
         self.job.state, self.job.started = "running", time.time()
-        self.store.save(self.job)
+        self.store.update(self.job)
         try:
             self.job.result = self._work(self)
             self.job.state = "cancelled" if self.cancelled.is_set() else "done"

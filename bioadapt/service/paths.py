@@ -1,5 +1,6 @@
-"""Where callers may point the service: local paths only inside the allowed roots (after resolving symlinks),
-remote URLs by scheme."""
+"""Where callers may point the service: local paths only inside the allowed roots (after resolving symlinks) and
+never inside the service's own data folder (projects, labels, model versions, exports, logs, keys, database),
+remote URLs by scheme; and error texts cleaned of the data folder's path before they leave the service."""
 
 from __future__ import annotations
 
@@ -13,9 +14,19 @@ from bioadapt.errors import BioadaptError
 REMOTE_SCHEMES = ("http", "https", "s3")
 
 
+DATA_FOLDER = "<data folder>"
+
+
 class PathGuard:
-    def __init__(self, roots: Sequence[str | Path]):
+    """``roots``: the folders of the users' data; ``private``: the service's own folder, refused even where a root
+    contains it (``bioadapt demo`` allows the folder its data folder lies in)."""
+
+    def __init__(self, roots: Sequence[str | Path], private: str | Path | None = None):
         self.roots = [Path(r).expanduser().resolve() for r in roots]
+        self.private = Path(private).expanduser().resolve() if private is not None else None
+        # longest first: the path as given may contain the resolved one or the other way round
+        self._private_texts = sorted({str(Path(private).expanduser().absolute()), str(self.private)}, key=len,
+                                     reverse=True) if private is not None else []
 
     def local(self, path: str | Path, what: str = "path") -> Path:
         """``path`` resolved, when it lies inside an allowed root; '..' parts and symlinks leading out are refused."""
@@ -27,11 +38,25 @@ class PathGuard:
             raise BioadaptError(f"{what} {str(path)!r} is relative: the service cannot know what it is relative "
                                 "to; give an absolute path")
         resolved = given.resolve()
-        if not any(resolved == root or resolved.is_relative_to(root) for root in self.roots):
+        if self.private is not None and resolved.is_relative_to(self.private):
+            # the path is not echoed: it names another user's project folder
+            raise BioadaptError(f"that {what} lies in the service's data folder, which holds every user's projects, "
+                                "labels and models and which no call may read: give a path to your own data")
+        if not any(resolved.is_relative_to(root) for root in self.roots):
+            if not self.roots:
+                raise BioadaptError(f"{what} {str(path)!r} is local, and this service reads no local folders: use "
+                                    "http(s):// or s3://, or start the service with --allow-path for your data")
             allowed = ", ".join(str(r) for r in self.roots)
             raise BioadaptError(f"{what} {str(path)!r} is outside the folders this service may read ({allowed}); "
                                 "move the data there or start the service with --allow-path for its folder")
         return resolved
+
+    def redact(self, text: str) -> str:
+        """An error text without the data folder's path (it names other users' project ids) and without excerpts
+        of files (a log or key read as a model shows its lines in YAML errors and pydantic's input values)."""
+        for private in self._private_texts:
+            text = text.replace(private, DATA_FOLDER)
+        return without_excerpts(text)
 
     def uri(self, uri: str, what: str = "image") -> str:
         """A URI the service may open: a confined local path (returned resolved), or http(s):// / s3://."""
@@ -59,3 +84,16 @@ class PathGuard:
         if ("/" not in source and not Path(source).suffix) or re.match(r"^10\.\d+/", source):
             return source  # a bioimage.io zoo id ("affable-shark") or DOI: resolved by the adapters
         return str(self.local(local_path(source) if source.startswith("file://") else source, "model path"))
+
+
+_CARET = re.compile(r"^\s*\^\s*(\(line: \d+\))?\s*$")  # PyYAML's marker, ruamel's with "(line: N)"
+_INPUT_VALUE = re.compile(r"input_value=.*?, input_type=")
+
+
+def without_excerpts(text: str) -> str:
+    """``text`` without quoted file lines: a YAML parser's excerpt (the line above a '^' marker) and pydantic's
+    ``input_value=...``."""
+    lines = text.split("\n")
+    kept = [line for i, line in enumerate(lines)
+            if not _CARET.match(line) and not (i + 1 < len(lines) and _CARET.match(lines[i + 1]))]
+    return _INPUT_VALUE.sub("input_type=", "\n".join(kept))

@@ -6,30 +6,62 @@ own)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from bioadapt.active import ACQUISITIONS, DEFAULT_ACQUISITION, DEFAULT_SELECTION, SELECTIONS
+from bioadapt.active import ACQUISITIONS, DEFAULT_STRATEGY, STRATEGIES
+from bioadapt.errors import BioadaptError
 
-Acquisition = Literal[tuple(ACQUISITIONS)]
-Selection = Literal[tuple(SELECTIONS)]
+Acquisition = Literal[tuple(ACQUISITIONS)]  # per-pixel maps, by their names in bioadapt.active
+StrategyName = Literal[tuple(STRATEGIES)]  # acquisition + patch score + selection over the pool (bioadapt.active)
 PatchOrder = Literal["selection", "score", "id", "created", "annotated"]
 PatchStatus = Literal["pending", "annotated", "skipped"]
-Shape = list[int]
 DEFAULT_RANDOM_PATCHES = 64
 MAX_PATCHES = 100_000
+FEATURELESS_STRATEGY = "bald"  # the default strategy for models without patch features (Cellpose)
+MAX_INT = 2**53  # ids, offsets, seeds, coordinates: what a database integer and a JavaScript number both hold
+
+
+def _printable(allowed: str = ""):
+    """A check that text is printable: no control characters (NUL, escapes) nor format characters (right-to-left
+    overrides, zero-width marks) that make a name read differently from what it is; ``allowed``: exceptions."""
+
+    def check(value: str) -> str:
+        bad = sorted({c for c in value if not c.isprintable() and c not in allowed})
+        if bad:
+            shown = ", ".join(repr(c) for c in bad[:5])
+            raise ValueError(f"must be printable text; it contains control or format characters ({shown})")
+        return value
+
+    return AfterValidator(check)
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank (only spaces)")
+    return value
+
+
+Name = Annotated[str, Field(min_length=1, max_length=200), _printable(), AfterValidator(_not_blank)]
+Text = Annotated[str, Field(max_length=10_000), _printable("\n\t")]  # descriptions: lines and tabs allowed
+Uri = Annotated[str, Field(min_length=1, max_length=4096), _printable()]
+Id = Annotated[str, Field(min_length=1, max_length=64), _printable()]
+Count = Annotated[int, Field(ge=0, le=MAX_INT)]
+Shape = list[Annotated[int, Field(ge=1, le=MAX_INT)]]
+Origin = list[Count]
 
 
 class Args(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False, allow_inf_nan=False)  # NaN: "finite number", not a bound
+    # strict: True is not 1, "5" is not 5, 1 is not True; NaN is refused as "finite number", not as a bound
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class LoadModel(Args):
     """Load a model (a bioimage.io package: rdf.yaml, folder, .zip, URL or zoo id; or 'cellpose:<builtin name
     or weights path>'), check that it runs, and register it for your projects."""
 
-    source: str = Field(description="bioimage.io package path/URL/zoo id, or cellpose:<name or weights path>")
+    source: Uri = Field(description="bioimage.io package path/URL/zoo id, or cellpose:<name or weights path>")
     dropout_p: float = Field(0.05, gt=0, lt=1, description="MC-dropout probability where dropout is added")
     mc_scope: Literal["full", "head"] | None = Field(None, description="layers MC dropout runs over")
     output_activation: Literal["sigmoid", "softmax"] | None = Field(
@@ -37,10 +69,11 @@ class LoadModel(Args):
 
 
 class ImageSpec(Args):
-    uri: str = Field(description="Zarr / OME-Zarr: local path inside the allowed folders, file://, http(s)://, s3://")
-    axes: str | None = Field(None, description="axes of a plain Zarr array, e.g. 'cyx'; OME-Zarr declares its own")
-    channels: list[int] | None = Field(None, description="channels to feed the model (default: all)")
-    mask: str | None = Field(None, description="sampling mask: 'auto' (foreground of the coarsest level) or the name "
+    uri: Uri = Field(description="Zarr / OME-Zarr: local path inside the allowed folders, file://, http(s)://, s3://")
+    axes: Id | None = Field(None, description="axes of a plain Zarr array, e.g. 'cyx'; OME-Zarr declares its own")
+    channels: list[Annotated[int, Field(ge=0, le=65_535)]] | None = Field(
+        None, description="channels to feed the model (default: all)")
+    mask: Id | None = Field(None, description="sampling mask: 'auto' (foreground of the coarsest level) or the name "
                                               "of a label image inside the OME-Zarr (e.g. 'tissue')")
     storage_options: dict[str, Any] | None = Field(
         None, description="fsspec options to reach a remote image, e.g. {'key': ..., 'secret': ..., 'client_kwargs': "
@@ -50,15 +83,15 @@ class ImageSpec(Args):
 class CreateProject(Args):
     """Create a project: a model (a model id from load_model, or a source) and the images to adapt it to."""
 
-    name: str = Field(min_length=1, max_length=200)
-    model: str = Field(description="model id returned by load_model, or a model source")
-    images: list[ImageSpec] = Field(default_factory=list)
-    description: str = Field("", max_length=10_000)
+    name: Name
+    model: Uri = Field(description="model id returned by load_model, or a model source")
+    images: list[ImageSpec] = Field(default_factory=list, max_length=1000)
+    description: Text = ""
     holdout_fraction: float = Field(0.25, ge=0, lt=1, description="share of annotated patches kept for evaluation")
 
 
 class ProjectRef(Args):
-    project_id: str = Field(min_length=1, max_length=64)
+    project_id: Id
 
 
 class ListProjects(Args):
@@ -91,17 +124,20 @@ class Score(ProjectRef):
                                   f"{DEFAULT_RANDOM_PATCHES}); grid: at most this many tiles (default: every tile)")
     patch_shape: Shape = Field(default_factory=lambda: [256, 256], min_length=2, max_length=3)
     mc_passes: int = Field(16, ge=2, le=256)
-    acquisition: Acquisition = DEFAULT_ACQUISITION
-    image_id: str | None = Field(None, description="default: every image of the project")
-    version: int | None = Field(None, ge=0, description="model version (default: the latest)")
-    seed: int = Field(0, ge=0)
+    strategy: StrategyName | None = Field(None, description="how patches are scored and the ones to annotate "
+                                          "picked: a name of bioadapt.active.STRATEGIES (acquisition map, patch "
+                                          f"score, selection over the pool); default {DEFAULT_STRATEGY!r}, or "
+                                          f"{FEATURELESS_STRATEGY!r} for models that give no patch features")
+    acquisition: Acquisition | None = Field(None, description="another acquisition map than the strategy's")
+    image_id: Id | None = Field(None, description="default: every image of the project")
+    version: Count | None = Field(None, description="model version (default: the latest)")
+    seed: Count = 0
     rescore_pending: bool = Field(False, description="random: also re-score earlier patches still waiting for "
                                                      "labels (grid mode re-scores pending tiles always)")
     actors: int | None = Field(None, ge=1, le=1024, description="at most this many model actors")
     mode: Literal["random", "grid"] = "random"
     stride: Shape | None = Field(None, min_length=2, max_length=3, description="grid: tile step (default: the "
                                                                                "patch shape)")
-    selection: Selection = Field(DEFAULT_SELECTION, description="how the patches to annotate are picked")
     select: int = Field(32, ge=1, le=MAX_PATCHES, description="how many patches to pick for annotation")
 
 
@@ -109,11 +145,12 @@ class SelectPatches(ProjectRef):
     """Pick the patches to annotate again from every pending scored patch of the project (no new scoring);
     list_patches gives them first."""
 
-    selection: Selection = DEFAULT_SELECTION
+    strategy: StrategyName | None = Field(None, description="a name of bioadapt.active.STRATEGIES (default: as "
+                                                             "for score)")
     select: int = Field(32, ge=1, le=MAX_PATCHES)
-    acquisition: Acquisition | None = Field(None, description="rank by this acquisition's scores (default: each "
-                                                              "patch's latest score)")
-    seed: int = Field(0, ge=0)
+    acquisition: Acquisition | None = Field(None, description="rank by this acquisition's scores (default: the "
+                                                              "strategy's)")
+    seed: Count = 0
 
 
 class GetOverview(ProjectRef):
@@ -121,7 +158,7 @@ class GetOverview(ProjectRef):
     NaN where nothing was scored) and the image's own level of about the same size, with the level-0 pixels per
     overview pixel, to lay both over the whole image."""
 
-    image_id: str
+    image_id: Id
     max_pixels: int = Field(1024 * 1024, ge=1, le=16 * 1024 * 1024)
 
 
@@ -131,13 +168,13 @@ class ListPatches(ProjectRef):
 
     order: PatchOrder = "selection"
     status: PatchStatus | None = None
-    image_id: str | None = None
+    image_id: Id | None = None
     limit: int = Field(50, ge=1, le=10_000)
-    offset: int = Field(0, ge=0)
+    offset: Count = 0
 
 
 class PatchRef(ProjectRef):
-    patch_id: int = Field(ge=1)
+    patch_id: int = Field(ge=1, le=MAX_INT)
 
 
 class GetPatch(PatchRef):
@@ -155,6 +192,54 @@ class SkipPatch(PatchRef):
     """Mark a patch as skipped (it will not be offered again nor trained on)."""
 
 
+class BioimageioTuning(Args):
+    """Fine-tuning parameters of bioimage.io models beyond fine_tune's own (the adapter's ``FineTuneParams``;
+    unset ones keep the adapter's defaults)."""
+
+    weight_decay: float | None = Field(None, ge=0, le=1)
+    val_fraction: float | None = Field(None, ge=0, lt=1)
+    augment: bool | None = None
+    freeze_batchnorm: bool | None = None
+    seed: Count | None = None
+
+
+class CellposeTuning(Args):
+    """Fine-tuning parameters of Cellpose models beyond fine_tune's own (the adapter's ``CellposeTrainParams``;
+    unset ones keep the adapter's defaults)."""
+
+    weight_decay: float | None = Field(None, ge=0, le=1)
+    val_fraction: float | None = Field(None, ge=0, lt=1)
+    bsize: int | None = Field(None, ge=16, le=4096, description="training crop side")
+    min_train_masks: int | None = Field(None, ge=0, le=100_000)
+    rescale: bool | None = None
+    seed: Count | None = None
+
+
+TUNING: dict[str, type[Args]] = {"bioimageio": BioimageioTuning, "cellpose": CellposeTuning}
+TUNED_BY_FINE_TUNE = ("epochs", "learning_rate", "batch_size")  # fine_tune's own arguments, not params
+
+
+def tuning_params(kind: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` checked against the schema of the model kind; only those set, for the adapter."""
+    given = [name for name in TUNED_BY_FINE_TUNE if name in params]
+    if given:
+        raise BioadaptError(f"fine_tune: invalid arguments: params.{given[0]}: give {given[0]} as fine_tune's own "
+                            f"argument ({given[0]}=...), not inside params")
+    try:
+        return TUNING[kind].model_validate(params).model_dump(exclude_none=True)
+    except ValidationError as e:
+        raise BioadaptError(validation_message("fine_tune", e, prefix="params.")) from None
+
+
+def validation_message(name: str, error: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each naming where it is ("params.seed: Input should be a valid integer")."""
+    problems = []
+    for item in error.errors(include_url=False):
+        where = ".".join(str(part) for part in item["loc"]) or "arguments"
+        problems.append(f"{prefix}{where}: {item['msg']}")
+    return f"{name}: invalid arguments: " + "; ".join(problems)
+
+
 class FineTune(ProjectRef):
     """Fine-tune on every annotated training patch on a Ray actor; returns a job id. A new model version
     appears when the job is done; cancel keeps the previous versions untouched. Parameters left out keep the
@@ -163,12 +248,15 @@ class FineTune(ProjectRef):
     epochs: int | None = Field(None, ge=1, le=10_000, description="default: the adapter's")
     learning_rate: float | None = Field(None, gt=0, le=1, description="default: the adapter's")
     batch_size: int | None = Field(None, ge=1, le=1024, description="default: the adapter's")
-    base_version: int | None = Field(None, ge=0, description="version to start from (default: the latest)")
-    params: dict[str, Any] = Field(default_factory=dict, description="more fine-tuning parameters of the adapter")
+    base_version: Count | None = Field(None, description="version to start from (default: the latest)")
+    params: dict[str, Any] = Field(default_factory=dict, description="more fine-tuning parameters, by the "
+                                   "project's model kind (unset ones keep the adapter's defaults): "
+                                   + "; ".join(f"{kind}: {', '.join(model.model_fields)}"
+                                               for kind, model in TUNING.items()))
 
 
 class JobRef(Args):
-    job_id: str = Field(min_length=1, max_length=64)
+    job_id: Id
 
 
 class JobStatus(JobRef):
@@ -183,30 +271,31 @@ class JobOutput(JobRef):
     """A file a finished job made (its result lists them under 'outputs'): an array (predict's labels) or bytes
     (export's package)."""
 
-    name: str = Field(min_length=1, max_length=64)
+    name: Id
 
 
 class ListJobs(Args):
     """Your jobs, optionally of one project."""
 
-    project_id: str | None = None
+    project_id: Id | None = None
 
 
 class Evaluate(ProjectRef):
     """Compare model versions on the held-out annotated patches: F1 and AP at IoU 0.5 for instance models, Dice
     for semantic ones; returns a job id (the metrics are its result)."""
 
-    versions: list[int] | None = Field(None, description="default: the first and the latest version")
+    versions: list[Count] | None = Field(None, max_length=100, description="default: the first and the latest "
+                                                                          "version")
 
 
 class Predict(ProjectRef):
     """Segment a region of a project image with a model version; returns a job id. The labels go to the image's
     prediction store, or, with return_array (small regions), to the job's output 'labels' (job_output)."""
 
-    image_id: str
-    origin: Shape
+    image_id: Id
+    origin: Origin
     shape: Shape
-    version: int | None = Field(None, ge=0)
+    version: Count | None = None
     return_array: bool = Field(False, description="keep the labels as the job's output instead of writing them "
                                                    "(small regions only)")
 
@@ -215,11 +304,11 @@ class ExportModel(ProjectRef):
     """Export a model version as a bioimage.io package (format 0.5) that passes bioimageio.core's test; returns a
     job id. The package is the job's output 'package' (job_output), and stays in the project's folder."""
 
-    version: int | None = Field(None, ge=0, description="default: the latest")
-    name: str | None = None
-    description: str | None = None
-    authors: list[str] = Field(default_factory=list)
-    license: str | None = None
+    version: Count | None = Field(None, description="default: the latest")
+    name: Name | None = None
+    description: Text | None = None
+    authors: list[Name] = Field(default_factory=list, max_length=100)
+    license: Name | None = None
 
 
 FUNCTIONS: dict[str, type[Args]] = {

@@ -11,16 +11,20 @@ import os
 import secrets
 import signal
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bioadapt.errors import BioadaptError
+from bioadapt.service.limits import Limits
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 9527
 SERVICE_USER = "bioadapt"
 CONNECTION_FILE = "connection.json"
+STOP_WAIT_S = 10  # how long a stopping service waits for its calls and jobs before it shuts Ray down
 
 
 def default_data_dir() -> Path:
@@ -43,6 +47,8 @@ class ServeOptions:
     device: str = "auto"
     actor_idle_s: float | None = None  # how long idle model actors stay loaded (None: the service's default)
     user: str | None = None  # who the printed token is for (embedded server)
+    limits: Limits | None = None  # per-user calls and jobs at once (default: Limits.from_env())
+    remote_timeout: float | None = None  # read timeout of http(s) / s3 images, seconds (default 30)
 
 
 def _secret(data_dir: Path) -> str:
@@ -75,11 +81,15 @@ async def _serve(options: ServeOptions, stop: asyncio.Event) -> None:
 
     from bioadapt.service.api import BioadaptService
     from bioadapt.service.execution import start_ray
-    from bioadapt.service.hypha_service import SERVICE_ID, build_service
+    from bioadapt.service.hypha_service import SERVICE_ID, CallPools, build_service
     from bioadapt.service.web import register_web_page
 
     data_dir = Path(options.data_dir or default_data_dir()).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    if options.remote_timeout:  # an environment variable: the Ray workers this process starts read it too
+        from bioadapt.data.stores import TIMEOUT_VARIABLE
+
+        os.environ[TIMEOUT_VARIABLE] = str(options.remote_timeout)
     hypha = None
     user_token = None
     if options.server_url is None:
@@ -103,7 +113,7 @@ async def _serve(options: ServeOptions, stop: asyncio.Event) -> None:
         tuning = {} if options.actor_idle_s is None else {"actor_idle_s": options.actor_idle_s}
         api = await asyncio.to_thread(BioadaptService, data_dir, database_url=options.database_url,
                                       allow_paths=options.allow_paths, public=options.public, device=options.device,
-                                      **tuning)
+                                      limits=options.limits, **tuning)
         config: dict[str, Any] = {"server_url": server_url}
         if service_token:
             config["token"] = service_token
@@ -111,7 +121,8 @@ async def _serve(options: ServeOptions, stop: asyncio.Event) -> None:
             config["workspace"] = workspace
         server = await connect_to_server(config)
         workspace = server.config.workspace
-        registered = await server.register_service(build_service(api, public=options.public))
+        pools = CallPools()
+        registered = await server.register_service(build_service(api, public=options.public, pools=pools))
         web_url = await register_web_page(server, server_url)
         info = {"server_url": server_url, "workspace": workspace, "service_id": f"{workspace}/{SERVICE_ID}",
                 "full_service_id": registered["id"], "web_url": web_url, "token": user_token,
@@ -123,12 +134,12 @@ async def _serve(options: ServeOptions, stop: asyncio.Event) -> None:
         _print_connection(info)
         await stop.wait()
         print("bioadapt serve: stopping", flush=True)
-        await asyncio.to_thread(api.close)
         try:
-            await server.unregister_service(registered["id"])
+            await server.unregister_service(registered["id"])  # no new calls
             await server.disconnect()
         except Exception as e:  # the server may already be gone
             log.info("while disconnecting: %s", e)
+        await asyncio.to_thread(_finish, api, pools, STOP_WAIT_S)
     finally:
         (data_dir / CONNECTION_FILE).unlink(missing_ok=True)
         import ray
@@ -137,6 +148,19 @@ async def _serve(options: ServeOptions, stop: asyncio.Event) -> None:
             ray.shutdown()
         if hypha is not None:
             hypha.stop()
+
+
+def _finish(api: Any, pools: Any, timeout_s: float) -> None:
+    """Cancel the jobs and let them and the calls in flight end (up to ``timeout_s``) before Ray goes down: a
+    thread still inside Ray while it shuts down can abort the process."""
+    deadline = time.monotonic() + timeout_s
+    runners = api.jobs.running()
+    for runner in runners:
+        runner.cancel()
+    calls_ended = pools.close(timeout_s)
+    api.close(wait_s=max(0.0, deadline - time.monotonic()))  # the jobs end, then the idle actors stop
+    if not calls_ended or any(r.thread.is_alive() for r in runners):
+        log.warning("bioadapt serve: calls or jobs still running after %s s; stopping anyway", timeout_s)
 
 
 def _print_connection(info: dict[str, Any]) -> None:
@@ -154,14 +178,25 @@ def _print_connection(info: dict[str, Any]) -> None:
           flush=True)
 
 
+def _stopper(stop: asyncio.Event) -> Callable[[], None]:
+    def on_signal() -> None:
+        # ray.init() puts absl's failure-signal handler in front of ours: it logs "*** SIGTERM received ***", calls
+        # this handler, and leaves an alarm that abort()s the process 3 s later (exit status -6 whenever stopping
+        # took longer). The stop is wanted, not a crash: cancel that alarm.
+        signal.alarm(0)
+        stop.set()
+
+    return on_signal
+
+
 def serve(options: ServeOptions) -> None:
-    """Run until SIGINT or SIGTERM."""
+    """Run until SIGINT or SIGTERM (then stop calls, jobs, Ray and Hypha in that order)."""
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, _stopper(stop))
         await _serve(options, stop)
 
     try:

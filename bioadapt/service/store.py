@@ -10,15 +10,16 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Connection, Engine, func, select
 
 from bioadapt.errors import BioadaptError
 from bioadapt.service import db
 
 PATCH_STATES = ("pending", "annotated", "skipped")
+Window = tuple[Sequence[int], Sequence[int]]  # (origin, shape)
 JSON_COLUMNS = {"options", "info", "model_options", "model_info", "channels", "shape", "origin", "scores", "metrics",
                 "params", "storage_options", "features"}
 
@@ -110,17 +111,51 @@ class ProjectStore:
                                                    db.images.c.id == image_id))
 
     # -- patches --------------------------------------------------------------------------------------
-    def add_patches(self, project_id: str, image_id: str, windows: Iterable[tuple[Sequence[int], Sequence[int]]]
-                    ) -> list[int]:
+    def add_patches(self, project_id: str, image_id: str, windows: Iterable[Window]) -> list[int]:
+        """Store windows of one image as pending patches; their ids, in order."""
+        return self.add_drawn(project_id, {image_id: list(windows)})[image_id]
+
+    def add_drawn(self, project_id: str, drawn: Mapping[str, Sequence[Window]], seen: int | None = None
+                  ) -> dict[str, list[int | None]]:
+        """Store windows drawn for several images of a project in one transaction, under the project's lock, so
+        concurrent draws (threads or service replicas) never store overlapping windows. ``seen``: the project's
+        last patch id when the windows were drawn (they avoid every patch up to it); a window overlapping a patch
+        stored since is not stored. Per image, the new ids in the windows' order, None for each window dropped."""
+        from bioadapt.data.windows import windows_overlap  # here: store-only processes stay free of zarr
+
         now = time.time()
-        ids = []
+        added: dict[str, list[int | None]] = {}
         with self.engine.begin() as conn:
-            for origin, shape in windows:
-                result = conn.execute(db.patches.insert().values(
-                    project_id=project_id, image_id=image_id, origin=json.dumps([int(o) for o in origin]),
-                    shape=json.dumps([int(s) for s in shape]), status="pending", scores="{}", created=now))
-                ids.append(int(result.inserted_primary_key[0]))
-        return ids
+            db.lock_project(conn, project_id)
+            newer: dict[str, list[Window]] = {}
+            if seen is not None:
+                query = select(db.patches.c.image_id, db.patches.c.origin, db.patches.c.shape).where(
+                    db.patches.c.project_id == project_id, db.patches.c.id > seen)
+                for image_id, origin, shape in conn.execute(query):
+                    newer.setdefault(image_id, []).append((json.loads(origin), json.loads(shape)))
+            for image_id, windows in drawn.items():
+                keep = [not any(windows_overlap(*w, *other) for other in newer.get(image_id, ())) for w in windows]
+                ids = iter(self._insert_patches(conn, project_id, image_id,
+                                                [w for w, k in zip(windows, keep) if k], now))
+                added[image_id] = [next(ids) if k else None for k in keep]
+        return added
+
+    @staticmethod
+    def _insert_patches(conn: Connection, project_id: str, image_id: str, windows: Sequence[Window],
+                        now: float) -> list[int]:
+        if not windows:
+            return []
+        rows = [{"project_id": project_id, "image_id": image_id, "origin": json.dumps([int(o) for o in origin]),
+                 "shape": json.dumps([int(s) for s in shape]), "status": "pending", "scores": "{}", "created": now}
+                for origin, shape in windows]
+        inserted = conn.execute(db.patches.insert().returning(db.patches.c.id, sort_by_parameter_order=True), rows)
+        return [int(i) for i in inserted.scalars()]
+
+    def last_patch_id(self, project_id: str) -> int:
+        """The project's highest patch id (0 without patches): what a draw has seen."""
+        query = select(func.max(db.patches.c.id)).where(db.patches.c.project_id == project_id)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one() or 0)
 
     def record_scores(self, project_id: str, results: Sequence[dict[str, Any]], acquisition: str,
                       version: int) -> None:
@@ -133,9 +168,10 @@ class ProjectStore:
                 if scores is None:
                     continue  # the project was deleted while it was being scored
                 scores = {**json.loads(scores), acquisition: result["score"]}
+                features = {"features": json.dumps(result["features"])} if "features" in result else {}
                 conn.execute(db.patches.update().where(where).values(
                     score=result["score"], scores=json.dumps(scores), objects=result.get("objects"),
-                    features=json.dumps(result.get("features")), version=version, scored=now))
+                    version=version, scored=now, **features))  # a score without features keeps earlier ones
 
     def set_selection(self, project_id: str, patch_ids: Sequence[int]) -> None:
         """The patches picked for annotation, in order (earlier picks of the project are forgotten)."""
@@ -173,17 +209,31 @@ class ProjectStore:
     def mark_annotated(self, project_id: str, patch_id: int, annotator: str, holdout_fraction: float
                        ) -> dict[str, Any]:
         """Mark a patch annotated; its first annotation decides whether it trains or is held out: the k-th
-        annotated patch of a project is held out when floor(k f) grows, so a fraction f is spread evenly. Safe
+        annotated patch of a project is held out while fewer than floor(k f) are, so a fraction f is spread evenly.
+        A patch overlapping one that already has a split takes that split, so no held-out pixel is ever trained on
+        (draws never overlap; databases written before they were race-free may hold overlapping patches). Safe
         across processes (service replicas): submissions to one project count their k in turn."""
+        from bioadapt.data.windows import windows_overlap
+
         where = (db.patches.c.project_id == project_id) & (db.patches.c.id == patch_id)
         with self.engine.begin() as conn:
             db.lock_project(conn, project_id)
-            split = conn.execute(select(db.patches.c.split).where(where)).scalar_one_or_none()
-            if split is None:
-                k = conn.execute(select(func.count()).where(db.patches.c.project_id == project_id,
-                                                            db.patches.c.split.is_not(None))).scalar_one()
-                split = "holdout" if math.floor((k + 1) * holdout_fraction) > math.floor(k * holdout_fraction) \
-                    else "train"
+            patch = conn.execute(select(db.patches.c.split, db.patches.c.image_id, db.patches.c.origin,
+                                        db.patches.c.shape).where(where)).first()
+            split = patch.split if patch is not None else None
+            if patch is not None and split is None:
+                window = (json.loads(patch.origin), json.loads(patch.shape))
+                decided = conn.execute(select(db.patches.c.split, db.patches.c.origin, db.patches.c.shape).where(
+                    db.patches.c.project_id == project_id, db.patches.c.image_id == patch.image_id,
+                    db.patches.c.split.is_not(None)))
+                split = next((row.split for row in decided
+                              if windows_overlap(*window, json.loads(row.origin), json.loads(row.shape))), None)
+            if patch is not None and split is None:  # held out while fewer than floor(k f) of k are
+                counts = dict(conn.execute(select(db.patches.c.split, func.count()).where(
+                    db.patches.c.project_id == project_id, db.patches.c.split.is_not(None))
+                    .group_by(db.patches.c.split)).all())
+                k = sum(counts.values())
+                split = "holdout" if counts.get("holdout", 0) < math.floor((k + 1) * holdout_fraction) else "train"
             conn.execute(db.patches.update().where(where).values(status="annotated", annotator=annotator,
                                                                  annotated=time.time(), split=split))
         return self.patch(project_id, patch_id)

@@ -19,11 +19,6 @@ if TYPE_CHECKING:
     from bioadapt.service.jobs import JobRunner
 
 
-def segments_instances(info: dict[str, Any]) -> bool:
-    """Whether ``segment`` gives instances (Cellpose; sigmoid with foreground [+ boundaries]) or classes."""
-    return info["output_kind"] == "cellpose" or (info["output_kind"] == "sigmoid" and info["n_classes"] <= 2)
-
-
 def evaluate_regions(adapter: Any, regions: Sequence[LabelledRegion], *, stop: threading.Event | None = None,
                      progress: Callable[..., None] | None = None) -> dict[str, Any]:
     """The worker body: the model's segmentation of each region against its labels."""
@@ -31,7 +26,7 @@ def evaluate_regions(adapter: Any, regions: Sequence[LabelledRegion], *, stop: t
 
     if not regions:
         raise BioadaptError("nothing to evaluate: no held-out annotated patches yet; annotate more patches")
-    instances = segments_instances(adapter.describe().to_dict())
+    instances = adapter.describe().instances  # the adapter's own targets say (affinities give instances too)
     matches, dices = [], []
     for done, region in enumerate(regions, start=1):
         if stop is not None and stop.is_set():
@@ -60,8 +55,8 @@ def submit(service: "BioadaptService", caller: "Caller", args: s.Evaluate,
     if not regions:
         raise BioadaptError("no held-out annotated patches: annotate more patches (a share of them, "
                             f"holdout_fraction={project['holdout_fraction']}, is kept for evaluation)")
-    runner = service.jobs.start("evaluate", lambda job: _evaluate(service, job, project, versions, regions),
-                                project_id=project["id"], owner=caller.id, progress=progress)
+    runner = service.start_job("evaluate", lambda job: _evaluate(service, job, project, versions, regions), caller,
+                               project, progress)
     return {"job_id": runner.job.id, "versions": numbers, "patches": len(regions)}
 
 

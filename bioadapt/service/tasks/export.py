@@ -55,9 +55,8 @@ def submit(service: "BioadaptService", caller: "Caller", args: s.ExportModel,
     record = {"params": version["params"], "result": version["metrics"].get("training", {})} \
         if version["number"] else None
     training = {"regions": trained, "metrics": version["metrics"].get("holdout", {})}
-    runner = service.jobs.start("export", lambda job: _export(service, job, project, version, metadata, training,
-                                                              regions[0], record),
-                                project_id=project["id"], owner=caller.id, progress=progress)
+    runner = service.start_job("export", lambda job: _export(service, job, project, version, metadata, training,
+                                                             regions[0], record), caller, project, progress)
     return {"job_id": runner.job.id, "version": version["number"]}
 
 

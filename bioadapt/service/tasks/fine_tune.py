@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from bioadapt.service.api import BioadaptService, Caller
     from bioadapt.service.jobs import JobRunner
 
-NAMED_PARAMS = ("epochs", "learning_rate", "batch_size")  # FineTune's own fields that go into the adapter's params
 
 
 @dataclass(frozen=True)
@@ -42,22 +41,24 @@ def fine_tune_on(adapter: Any, request: FineTuneRequest, *, stop: threading.Even
     return {"result": result.to_dict(), "weights": buffer.getvalue()}
 
 
-def params_of(args: s.FineTune) -> dict[str, Any]:
-    """The adapter's parameters: ``args.params`` and the named ones the caller gave, nothing else."""
-    return {**args.params, **{name: getattr(args, name) for name in NAMED_PARAMS if getattr(args, name) is not None}}
+def params_of(args: s.FineTune, kind: str) -> dict[str, Any]:
+    """The adapter's parameters: ``args.params`` (checked against the schema of the model ``kind``) and the named
+    ones the caller gave, nothing else: what the caller left out keeps the adapter's own default."""
+    named = {name: getattr(args, name) for name in s.TUNED_BY_FINE_TUNE if getattr(args, name) is not None}
+    return {**s.tuning_params(kind, args.params), **named}
 
 
 def submit(service: "BioadaptService", caller: "Caller", args: s.FineTune,
            progress: Callable[[dict], Any] | None = None) -> dict[str, Any]:
     project = service.owned_project(caller, args.project_id)
+    params = params_of(args, project["model_info"].get("kind", "bioimageio"))  # refused before anything else
     base = service.version(project, args.base_version)
     regions = service.regions(project, "train")
     if not regions:
         raise BioadaptError("no annotated training patches yet: submit labels for some patches first (a share "
                             "of them is held out for evaluation)")
-    params = params_of(args)
-    runner = service.jobs.start("fine_tune", lambda job: _fine_tune(service, job, project, base, regions, params),
-                                project_id=project["id"], owner=caller.id, progress=progress)
+    runner = service.start_job("fine_tune", lambda job: _fine_tune(service, job, project, base, regions, params),
+                               caller, project, progress)
     return {"job_id": runner.job.id, "patches": len(regions), "base_version": base["number"]}
 
 

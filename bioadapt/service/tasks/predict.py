@@ -64,8 +64,8 @@ def submit(service: "BioadaptService", caller: "Caller", args: s.Predict,
                             "pixels; leave return_array off to write it to the project's prediction store")
     check_window(args.origin, args.shape, service.opened_image(row).spatial_shape, axes=row["spatial_axes"],
                  where=f"image {row['id']}")
-    runner = service.jobs.start("predict", lambda job: _predict(service, job, project, version, row, args),
-                                project_id=project["id"], owner=caller.id, progress=progress)
+    runner = service.start_job("predict", lambda job: _predict(service, job, project, version, row, args), caller,
+                               project, progress)
     return {"job_id": runner.job.id}
 
 

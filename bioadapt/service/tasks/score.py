@@ -4,7 +4,9 @@ store); then the patches to annotate picked from the project's whole pool of pen
 
 Random mode draws new, non-overlapping patches inside the mask; grid mode scores every tile inside the mask (a
 whole slide: thousands of patches), and both stream each shard's results into the database and the stores as
-they arrive. The maths (acquisition, patch score, selection) is ``bioadapt.active``'s; this module schedules it.
+they arrive. The maths (acquisition, patch score, selection: the strategies of ``bioadapt.active.STRATEGIES``)
+is ``bioadapt.active``'s; this module schedules it: it scores with what the strategy needs (its acquisition map,
+its patch score, the model's features of each patch when its selection reads them) and selects by its name.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bioadapt.active import DEFAULT_ACQUISITION
+from bioadapt.active import DEFAULT_ACQUISITION, DEFAULT_STRATEGY, STRATEGIES, Strategy
 from bioadapt.data import ImageRef
 from bioadapt.errors import BioadaptError
 from bioadapt.service import schemas as s
@@ -42,10 +44,32 @@ class ScoreRequest:
     patch_shape: tuple[int, ...]
     passes: int = 16
     acquisition: str = DEFAULT_ACQUISITION
-    reduce: str = "mean"
+    reduce: str = "mean"  # see bioadapt.active.patch_score
     seed: int = 0
     predictions: str | None = None  # LabelStore path for the model's segmentation of each patch
     uncertainty: str | None = None  # UncertaintyStore path for the per-pixel acquisition maps
+    mask: str | None = None  # the image's sampling mask (label image name or "auto"): scores count pixels inside it
+    features: bool = False  # also return the model's pooled features of each patch (for selection rules)
+
+
+def strategy_of(args: s.Score | s.SelectPatches, model_info: dict[str, Any]) -> tuple[str, Strategy, str]:
+    """The strategy a call names (by default ``DEFAULT_STRATEGY``, or one that reads no features for a model that
+    gives none), with the caller's acquisition map in place of its own when given, and the key its patch scores
+    are stored under: (name, strategy, key)."""
+    features = bool(model_info.get("patch_features"))
+    name = args.strategy or (DEFAULT_STRATEGY if features else s.FEATURELESS_STRATEGY)
+    strategy = STRATEGIES[name]
+    if strategy.needs_features and not features:
+        usable = sorted(n for n, other in STRATEGIES.items() if not other.needs_features)
+        raise BioadaptError(f"strategy {name!r} picks by the model's features of each patch, which "
+                            f"{model_info.get('name', 'this model')} does not give; use one of {usable}")
+    acquisition = args.acquisition or strategy.acquisition
+    return name, Strategy(acquisition, strategy.reduce, strategy.selection), score_key(acquisition, strategy.reduce)
+
+
+def score_key(acquisition: str, reduce: str) -> str:
+    """Where a patch's score of one acquisition map and one reduction is kept (``patches.scores``)."""
+    return acquisition if reduce == "mean" else f"{acquisition}:{reduce}"
 
 
 def patch_seed(seed: int, patch_id: int) -> int:
@@ -56,14 +80,17 @@ def patch_seed(seed: int, patch_id: int) -> int:
 # -- the worker body ------------------------------------------------------------------------------------------
 def score_patches(adapter: Any, request: ScoreRequest, patches: Patches, *, stop: threading.Event | None = None,
                   progress: Callable[..., None] | None = None) -> list[dict[str, Any]]:
-    """Score (patch id, origin) pairs: read, MC passes, acquisition map, patch score, segmentation, writes.
-    Each result also carries the patch's appearance (mean, standard deviation) for diverse selection."""
+    """Score (patch id, origin) pairs: read, MC passes, acquisition map, patch score (over the pixels inside the
+    sampling mask), segmentation, writes; with ``request.features`` each result also carries the model's features
+    of the patch (for the selection rules that read them)."""
     from bioadapt.active import ACQUISITIONS, patch_score
     from bioadapt.data import LabelStore, UncertaintyStore
+    from bioadapt.data.sampling import resolve_mask
 
     if request.acquisition not in ACQUISITIONS:
         raise BioadaptError(f"unknown acquisition {request.acquisition!r}; known: {sorted(ACQUISITIONS)}")
     image = request.image.open()
+    sampling_mask = resolve_mask(image, request.mask)
     predictions = LabelStore.open(request.predictions) if request.predictions else None
     uncertainty = UncertaintyStore.open(request.uncertainty) if request.uncertainty else None
     activation = adapter.describe().activation
@@ -88,11 +115,15 @@ def score_patches(adapter: Any, request: ScoreRequest, patches: Patches, *, stop
             predictions.write(origin, labels.astype(np.uint32), author="bioadapt-model")
         if uncertainty is not None:
             uncertainty.write(origin, score_map)
-        results.append({"patch_id": int(patch_id), "origin": [int(o) for o in origin],
-                        "score": patch_score(score_map, reduce=request.reduce),
-                        "objects": int(len(np.unique(labels)) - 1),
-                        "features": [round(float(pixels.mean()), 6), round(float(pixels.std()), 6)],
-                        "seconds": round(time.perf_counter() - started, 4)})
+        inside = None if sampling_mask is None else sampling_mask.window(origin, request.patch_shape)
+        if inside is not None and not inside.any():  # a window that only grazes the mask
+            inside = None
+        result = {"patch_id": int(patch_id), "origin": [int(o) for o in origin],
+                  "score": patch_score(score_map, inside, reduce=request.reduce, labels=labels),
+                  "objects": int(len(np.unique(labels)) - 1)}
+        if request.features:
+            result["features"] = [float(v) for v in adapter.patch_features(pixels[None])[0]]
+        results.append(result | {"seconds": round(time.perf_counter() - started, 4)})
         if progress is not None:
             progress(done=len(results))
     return results
@@ -110,6 +141,7 @@ def submit(service: "BioadaptService", caller: "Caller", args: s.Score,
     if math.prod(args.patch_shape) > service.max_patch_pixels:
         raise BioadaptError(f"patches of {args.patch_shape} exceed {service.max_patch_pixels} pixels; use smaller "
                             "patches")
+    strategy_of(args, project["model_info"])  # refused now when the model cannot serve the strategy
     if args.stride is not None and (args.mode != "grid" or len(args.stride) != len(args.patch_shape)):
         raise BioadaptError(f"stride {args.stride} applies to mode='grid' only, with one value per patch axis")
     for row in rows:  # every image checked before the job starts
@@ -120,8 +152,8 @@ def submit(service: "BioadaptService", caller: "Caller", args: s.Score,
         if any(p > n for p, n in zip(args.patch_shape, image.spatial_shape)):
             raise BioadaptError(f"patch_shape {args.patch_shape} must fit in the image's spatial shape "
                                 f"{list(image.spatial_shape)} ({row['uri']})")
-    runner = service.jobs.start("score", lambda job: _score(service, job, project, version, rows, args),
-                                project_id=project["id"], owner=caller.id, progress=progress)
+    runner = service.start_job("score", lambda job: _score(service, job, project, version, rows, args), caller,
+                               project, progress)
     return {"job_id": runner.job.id, "patches": args.n_patches or (s.DEFAULT_RANDOM_PATCHES
                                                                    if args.mode == "random" else None)}
 
@@ -135,6 +167,7 @@ def _score(service: "BioadaptService", runner: "JobRunner", project: dict[str, A
         raise BioadaptError("no new patch fits: the image (or its mask) is covered by earlier patches or too "
                             "small for this patch shape")
     runner.report(stage="scoring", done=0, total=total)
+    name, strategy, key = strategy_of(args, project["model_info"])
     spec = service.model_spec(project, version)
     actors = service.pool.lease(spec, min(service.pool_size(args.actors), math.ceil(total / SHARD_SIZE)),
                                 cancelled=runner.cancelled)
@@ -145,9 +178,10 @@ def _score(service: "BioadaptService", runner: "JobRunner", project: dict[str, A
             if runner.cancelled.is_set() or not actors:
                 break
             request = ScoreRequest(image=service.image_ref(row), patch_shape=tuple(args.patch_shape),
-                                   passes=args.mc_passes, acquisition=args.acquisition, seed=args.seed,
-                                   predictions=row["predictions"], uncertainty=row["uncertainty"])
-            commit = _Commit(service, project["id"], row, args, version["number"])
+                                   passes=args.mc_passes, acquisition=strategy.acquisition, reduce=strategy.reduce,
+                                   seed=args.seed, predictions=row["predictions"], uncertainty=row["uncertainty"],
+                                   mask=row["mask"], features=strategy.needs_features)
+            commit = _Commit(service, project["id"], row, args, key, version["number"])
             try:
                 results = score_shards(runner, actors, request, todo, on_shard=commit, done_before=scored,
                                        total=total)
@@ -158,14 +192,29 @@ def _score(service: "BioadaptService", runner: "JobRunner", project: dict[str, A
     finally:
         service.pool.release(spec, actors, healthy=healthy)
     runner.report(stage="selecting")
-    picked = select_pending(service, project["id"], args.selection, args.select, seed=args.seed)
-    return {"scored": scored, "version": version["number"], "acquisition": args.acquisition, "mode": args.mode,
-            "selection": args.selection, "selected": len(picked), "top": top}
+    picked = select_pending(service, project["id"], strategy.selection, key, args.select, seed=args.seed)
+    return {"scored": scored, "version": version["number"], "strategy": name,
+            "acquisition": strategy.acquisition, "reduce": strategy.reduce, "mode": args.mode,
+            "selection": strategy.selection, "selected": len(picked), "top": top}
 
 
 def _plan(service: "BioadaptService", project: dict[str, Any], rows: list[dict[str, Any]], args: s.Score
           ) -> list[tuple[dict[str, Any], list[tuple[int, list[int]]]]]:
-    """(image row, [(patch id, origin)]) to score: windows drawn for every image first, then written."""
+    """(image row, [(patch id, origin)]) to score: windows drawn for every image first, then written in one
+    transaction; one draw per project at a time in this process, and the store drops a window that overlaps one
+    another replica stored meanwhile."""
+    with service.draw_locks[project["id"]]:
+        seen = service.store.last_patch_id(project["id"])
+        drawn = _draw(service, project, rows, args)
+        added = service.store.add_drawn(project["id"], {row["id"]: [(w.origin, w.shape) for w in windows]
+                                                        for row, windows, _ in drawn}, seen=seen)
+    return [(row, todo + [(i, list(w.origin)) for i, w in zip(added[row["id"]], windows) if i is not None])
+            for row, windows, todo in drawn]
+
+
+def _draw(service: "BioadaptService", project: dict[str, Any], rows: list[dict[str, Any]], args: s.Score
+          ) -> list[tuple[dict[str, Any], list[Any], list[tuple[int, list[int]]]]]:
+    """(image row, new windows, earlier pending patches to re-score) for every image."""
     from bioadapt.data import PatchWindow, sample_patches
 
     wanted = args.n_patches or (s.DEFAULT_RANDOM_PATCHES if args.mode == "random" else None)
@@ -193,25 +242,22 @@ def _plan(service: "BioadaptService", project: dict[str, Any], rows: list[dict[s
             raise BioadaptError(f"{len(todo) + len(windows)} tiles of {args.patch_shape} in {row['uri']}: more than "
                                 f"{s.MAX_PATCHES}; use a larger stride or patch shape, or n_patches")
         drawn.append((row, windows, todo))
-    plan = []
-    for row, windows, todo in drawn:
-        ids = service.store.add_patches(project["id"], row["id"], [(w.origin, w.shape) for w in windows])
-        plan.append((row, todo + [(i, list(w.origin)) for i, w in zip(ids, windows)]))
-    return plan
+    return drawn
 
 
 class _Commit:
     """What happens to each finished shard: scores into the database, the image's overview refreshed every
     ``OVERVIEW_EVERY_S`` seconds over the patches scored since."""
 
-    def __init__(self, service: "BioadaptService", project_id: str, row: dict[str, Any], args: s.Score,
+    def __init__(self, service: "BioadaptService", project_id: str, row: dict[str, Any], args: s.Score, key: str,
                  version: int):
         self.service, self.project_id, self.row, self.args, self.version = service, project_id, row, args, version
+        self.key = key
         self.touched: list[tuple[list[int], list[int]]] = []
         self.refreshed = time.monotonic()
 
     def __call__(self, results: list[dict[str, Any]]) -> None:
-        self.service.store.record_scores(self.project_id, results, self.args.acquisition, self.version)
+        self.service.store.record_scores(self.project_id, results, self.key, self.version)
         self.touched += [(r["origin"], self.args.patch_shape) for r in results]
         if time.monotonic() - self.refreshed > OVERVIEW_EVERY_S:
             self.overview()
@@ -296,22 +342,29 @@ def _drain(in_flight: dict[Any, tuple[int, Any]], actors: list[Any], timeout_s: 
 
 
 # -- selection ------------------------------------------------------------------------------------------------
-def select_pending(service: "BioadaptService", project_id: str, strategy: str, k: int, *, seed: int = 0,
-                   acquisition: str | None = None) -> list[int]:
-    """Pick ``k`` patches to annotate from every pending scored patch of the project with a strategy of
-    ``bioadapt.active.SELECTIONS`` (descriptors: where a patch lies and what it looks like); the picks are
-    stored, in order, for list_patches. Returns their ids."""
-    from bioadapt.active import select
+def select_pending(service: "BioadaptService", project_id: str, selection: str, key: str, k: int, *,
+                   seed: int = 0) -> list[int]:
+    """Pick ``k`` patches to annotate from every pending patch of the project scored under ``key`` (see
+    ``score_key``) with a selection rule of ``bioadapt.active.SELECTIONS``; the annotated patches count as
+    labelled (typicality and core-set rules pick away from them). Rules that read features consider the patches
+    scored with features. The picks are stored, in order, for list_patches. Returns their ids."""
+    from bioadapt.active import SELECTIONS, select
 
-    rows = service.store.patches(project_id, status="pending", order="id")
-    scored = [(row, row["scores"].get(acquisition) if acquisition else row["score"]) for row in rows]
-    scored = [(row, score) for row, score in scored if score is not None]
-    if not scored:
+    needs_features = SELECTIONS[selection][1]
+    pending = [row for row in service.store.patches(project_id, status="pending", order="id")
+               if row["scores"].get(key) is not None and (row["features"] or not needs_features)]
+    labelled = [row for row in service.store.patches(project_id, status="annotated", order="id")
+                if row["features"]] if needs_features else []
+    if not pending:
         service.store.set_selection(project_id, [])
         return []
-    descriptors = np.array([[o + n / 2 for o, n in zip(row["origin"], row["shape"])] + list(row["features"] or [0, 0])
-                            + [row["objects"] or 0] for row, _ in scored], dtype=np.float64)
-    chosen = select(strategy, [score for _, score in scored], descriptors, k, seed=seed)
-    ids = [scored[i][0]["id"] for i in chosen]
+    pool = pending + labelled
+    scores = [row["scores"].get(key) or 0.0 for row in pool]
+    if needs_features and len({len(row["features"]) for row in pool}) > 1:
+        raise BioadaptError("the project's patches carry features of different sizes (scored by different models); "
+                            "score again with rescore_pending=True")
+    features = np.array([row["features"] for row in pool], dtype=np.float64) if needs_features else None
+    chosen = select(selection, k, scores, features, labelled=range(len(pending), len(pool)), seed=seed)
+    ids = [pool[i]["id"] for i in chosen]
     service.store.set_selection(project_id, ids)
     return ids

@@ -1,0 +1,97 @@
+"""The label-efficiency benchmarks' data: a base model, and per data set a pool image (OME-Zarr, as the service
+reads it) with its candidate patch windows and ground truth, and a separate test image with its ground truth.
+
+- ``synthetic``: the demo's domain shift. The base U-Net is trained on synthetic 'nuclei'; the pool is a
+  1024 x 1024 synthetic 'crowded' image cut into a grid of 64 x 64 patches (256, not overlapping, as the service
+  draws them); the test image is another 'crowded' image, 384 x 384.
+- ``dsb2018``: a real fluorescence nuclei image with manual annotation (benchmarks/data/dsb2018_nuclei,
+  2018 Data Science Bowl, CC0). The pool is its upper half (256 x 512): 64 x 64 windows every 16 pixels (377;
+  one image holds too few disjoint patches for a pool of hundreds, so candidates overlap); the test image is
+  its lower half (256 x 512), which no pool window touches.
+
+The base model is the same for both: the demo's U-Net trained on synthetic 'nuclei' (so the real image is a
+domain shift too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).parent / "data"
+DATASETS = ("synthetic", "dsb2018")
+PATCH = 64
+
+
+@dataclass
+class Dataset:
+    name: str
+    pool_path: Path  # OME-Zarr of the pool image
+    windows: list  # PatchWindow candidates
+    truth: np.ndarray  # pool ground truth (Y, X)
+    test_image: np.ndarray  # (C, Y, X) float32
+    test_truth: np.ndarray  # (Y, X)
+
+    def patch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pool patch ``index`` and its ground-truth labels (what the simulated annotator returns)."""
+        from bioadapt.data import open_image
+
+        window = self.windows[index]
+        image = open_image(self.pool_path)
+        return image.read(window.origin, window.shape, dtype="float32"), self.truth[window.slices].astype(np.int64)
+
+    def foreground_fraction(self) -> np.ndarray:
+        return np.array([float((self.truth[w.slices] > 0).mean()) for w in self.windows])
+
+
+def dsb2018_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The vendored DSB 2018 image (1, 512, 512) float32 and its labels (512, 512) int64."""
+    import tifffile
+
+    folder = DATA / "dsb2018_nuclei"
+    return (tifffile.imread(folder / "image.tif").astype(np.float32)[None],
+            tifffile.imread(folder / "labels.tif").astype(np.int64))
+
+
+def load_dataset(name: str, workdir: Path) -> Dataset:
+    from bioadapt.data import PatchWindow, open_image, sample_patches
+    from bioadapt.data.synthetic import synthetic_cells
+    from bioadapt.data.writer import write_ome_zarr
+
+    pool_path = workdir / f"{name}-pool.ome.zarr"
+    if name == "synthetic":
+        pool = synthetic_cells((1024, 1024), "crowded", seed=11)
+        pool_image, pool_truth = pool.image, pool.labels
+        test = synthetic_cells((384, 384), "crowded", seed=12)
+        test_image, test_truth = test.image.astype(np.float32), test.labels
+    elif name == "dsb2018":
+        image, labels = dsb2018_arrays()
+        pool_image, pool_truth = image[:, :256], labels[:256]
+        test_image, test_truth = image[:, 256:], labels[256:]
+    else:
+        raise ValueError(f"unknown data set {name!r}; known: {DATASETS}")
+    write_ome_zarr(pool_path, pool_image, "cyx", overwrite=True)
+    if name == "synthetic":
+        windows = sample_patches(open_image(pool_path), None, (PATCH, PATCH), mode="grid")
+    else:
+        height, width = pool_truth.shape
+        windows = [PatchWindow((y, x), (PATCH, PATCH)) for y in range(0, height - PATCH + 1, 16)
+                   for x in range(0, width - PATCH + 1, 16)]
+    return Dataset(name, pool_path, windows, np.asarray(pool_truth), test_image, np.asarray(test_truth))
+
+
+def base_model(workdir: Path, epochs: int = 40) -> Path:
+    """The demo's base U-Net (synthetic 'nuclei', ``epochs`` epochs), packaged once per work folder."""
+    from bioadapt.demo import build_base_model
+
+    path = workdir / "base.zip"
+    return path if path.exists() else build_base_model(path, epochs, seed=0)
+
+
+def test_f1(adapter, dataset: Dataset) -> float:
+    """F1 at IoU 0.5 of the adapter's segmentation of the whole test image."""
+    from bioadapt.active import f1_score
+
+    return float(f1_score(adapter.segment(dataset.test_image[None])[0], dataset.test_truth, 0.5))

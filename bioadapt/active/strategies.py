@@ -1,0 +1,127 @@
+"""Selection strategies over a scored pool, by name, and the strategy the service uses by default.
+
+Scoring (a per-pixel acquisition map reduced to one number per patch, and optionally a feature vector per
+patch from the model) is separate from selection, which only reads those numbers and picks: the service scores
+in its workers and selects over the whole pool. ``select`` takes the pool's scores, features and the indices
+already labelled, and returns the new picks, best first.
+
+The default, ``typical_bald`` (typical patches first, as TypiClust found best at small budgets, weighted by
+BALD), was chosen from the literature; benchmarks/al_efficiency.py did not show it beating random selection
+(benchmarks/results/al_efficiency.md), so it is a default to measure further, not a proven one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from bioadapt.active.coreset import select_coreset
+from bioadapt.active.selection import select_diverse, select_top
+from bioadapt.active.typicality import select_typical
+from bioadapt.errors import BioadaptError
+
+
+def _top(scores: np.ndarray, features: np.ndarray | None, k: int, labelled: list[int], seed: int) -> list[int]:
+    masked = scores.copy()
+    masked[labelled] = -np.inf
+    return select_top(masked, k)
+
+
+def _diverse(scores: np.ndarray, features: np.ndarray | None, k: int, labelled: list[int], seed: int) -> list[int]:
+    free = np.setdiff1d(np.arange(len(scores)), labelled)
+    return [int(free[i]) for i in select_diverse(scores[free], features[free], k, seed=seed)]
+
+
+def _typical(scores: np.ndarray, features: np.ndarray | None, k: int, labelled: list[int], seed: int) -> list[int]:
+    return select_typical(features, k, labelled=labelled, seed=seed)
+
+
+def _typical_uncertain(scores: np.ndarray, features: np.ndarray | None, k: int, labelled: list[int],
+                       seed: int) -> list[int]:
+    return select_typical(features, k, labelled=labelled, scores=scores, seed=seed)
+
+
+def _typical_cold_start(scores: np.ndarray, features: np.ndarray | None, k: int, labelled: list[int],
+                        seed: int) -> list[int]:
+    """Typical patches while nothing is labelled (the model's uncertainty says little about the target yet),
+    typical and uncertain ones once labels exist."""
+    return select_typical(features, k, labelled=labelled, scores=scores if labelled else None, seed=seed)
+
+
+def _coreset(scores: np.ndarray, features: np.ndarray | None, k: int, labelled: list[int], seed: int) -> list[int]:
+    return select_coreset(features, k, labelled=labelled)
+
+
+def _random(scores: np.ndarray, features: np.ndarray | None, k: int, labelled: list[int], seed: int) -> list[int]:
+    free = np.setdiff1d(np.arange(len(scores)), labelled)
+    return [int(i) for i in np.random.default_rng(seed).permutation(free)[:k]]
+
+
+Selector = Callable[[np.ndarray, "np.ndarray | None", int, list[int], int], list[int]]
+
+# name -> (selector, whether it needs a feature vector per patch)
+SELECTIONS: dict[str, tuple[Selector, bool]] = {
+    "top": (_top, False),
+    "diverse": (_diverse, True),
+    "typical": (_typical, True),
+    "typical_uncertain": (_typical_uncertain, True),
+    "typical_cold_start": (_typical_cold_start, True),
+    "coreset": (_coreset, True),
+    "random": (_random, False),
+}
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """What a scoring round computes per patch (an acquisition map and how it becomes one number) and how the
+    pool is then picked from."""
+
+    acquisition: str = "bald"
+    reduce: str = "mean"  # "mean", "max", "quantile" of the map, or "object_mean", "object_sum", "object_max"
+    selection: str = "top"
+
+    @property
+    def needs_features(self) -> bool:
+        return SELECTIONS[self.selection][1]
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "bald": Strategy("bald", "mean", "top"),
+    "bald_diverse": Strategy("bald", "mean", "diverse"),
+    "object_bald": Strategy("bald", "object_mean", "top"),
+    "typical": Strategy("bald", "mean", "typical"),
+    "typical_bald": Strategy("bald", "mean", "typical_uncertain"),
+    "typical_object_bald": Strategy("bald", "object_mean", "typical_uncertain"),
+    "typical_cold_start": Strategy("bald", "mean", "typical_cold_start"),
+    "coreset": Strategy("bald", "mean", "coreset"),
+    "random": Strategy("random", "mean", "random"),
+}
+
+DEFAULT_STRATEGY = "typical_bald"
+DEFAULT_ACQUISITION = STRATEGIES[DEFAULT_STRATEGY].acquisition
+DEFAULT_REDUCE = STRATEGIES[DEFAULT_STRATEGY].reduce
+DEFAULT_SELECTION = STRATEGIES[DEFAULT_STRATEGY].selection
+
+
+def select(selection: str, k: int, scores: Sequence[float], features: np.ndarray | None = None, *,
+           labelled: Sequence[int] = (), seed: int = 0) -> list[int]:
+    """``k`` new pool indices (never one of ``labelled``) by the named selection rule, from the pool's
+    ``scores`` (n,) and, for rules that need them, its ``features`` (n, d)."""
+    if selection not in SELECTIONS:
+        raise BioadaptError(f"unknown selection {selection!r}; known: {sorted(SELECTIONS)}")
+    selector, needs_features = SELECTIONS[selection]
+    scores = np.asarray(scores, dtype=np.float64)
+    labelled = sorted({int(i) for i in labelled})
+    if any(not 0 <= i < len(scores) for i in labelled):
+        raise BioadaptError(f"labelled indices must lie in [0, {len(scores)}), got {labelled}")
+    if needs_features:
+        if features is None:
+            raise BioadaptError(f"selection {selection!r} needs a feature vector per patch; score with features "
+                                "(Adapter.patch_features) or pick 'top' or 'random'")
+        features = np.asarray(features, dtype=np.float64)
+        if features.ndim != 2 or len(features) != len(scores):
+            raise BioadaptError(f"features must be (n, d) with n = {len(scores)} patches, got {features.shape}")
+    k = min(max(0, int(k)), len(scores) - len(labelled))
+    return selector(scores, features, k, labelled, seed) if k else []
