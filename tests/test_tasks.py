@@ -121,7 +121,7 @@ def test_grid_mode_scores_every_tile_inside_the_mask_and_writes_the_overview(ser
     expected = sample_patches(image, None, PATCH, mask="tissue", mode="grid", stride=[96, 96])
     events: list[dict] = []
     started = service.score(ALICE, s.Score(project_id=project["id"], mode="grid", patch_shape=PATCH,
-                                           stride=[96, 96], mc_passes=2, select=8, strategy="bald"),
+                                           stride=[96, 96], mc_passes=2, select=8, strategy="bald_diverse"),
                            progress=events.append)
     assert started["patches"] is None  # grid: the tiles are counted in the job
     while (job := service.jobs.get(started["job_id"])).state not in ("done", "failed", "cancelled"):
@@ -151,15 +151,16 @@ def test_grid_mode_scores_every_tile_inside_the_mask_and_writes_the_overview(ser
     assert overview["image"].shape == (1, 512, 512) and overview["image_factors"] == [2.0, 2.0]
     assert 0 < overview["scored_fraction"] < 1
 
-    # the 8 picked for labelling come first, in order: the highest scores of the whole pool (top-k)
+    # the 8 picked for labelling come first, in order: uncertain patches spread over the model's features
     listed = service.list_patches(ALICE, s.ListPatches(project_id=project["id"], limit=10_000))
     assert [p["selection_rank"] for p in listed[:8]] == list(range(1, 9))
     assert all(p["selection_rank"] is None for p in listed[8:])
-    assert [p["id"] for p in listed[:8]] == [p["id"] for p in sorted(patches, key=lambda p: -p["score"])[:8]]
-    # diverse picks over the same pool, no rescoring: uncertain patches that are not all in one place
-    picked = service.select_patches(ALICE, s.SelectPatches(project_id=project["id"], strategy="bald_diverse",
+    assert len({p["id"] for p in listed[:8]}) == 8
+    assert all(len(p["features"]) == 2 * 4 for p in listed)
+    # top-k over the same pool, no rescoring: the highest scores of the whole pool
+    picked = service.select_patches(ALICE, s.SelectPatches(project_id=project["id"], strategy="bald",
                                                            select=8))["selected"]
-    assert len(set(picked)) == 8
+    assert picked == [p["id"] for p in sorted(patches, key=lambda p: (-p["score"], p["id"]))[:8]]
     listed = service.list_patches(ALICE, s.ListPatches(project_id=project["id"], limit=8))
     assert [p["id"] for p in listed] == picked
 

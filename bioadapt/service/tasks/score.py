@@ -351,8 +351,13 @@ def select_pending(service: "BioadaptService", project_id: str, selection: str, 
     from bioadapt.active import SELECTIONS, select
 
     needs_features = SELECTIONS[selection][1]
-    pending = [row for row in service.store.patches(project_id, status="pending", order="id")
-               if row["scores"].get(key) is not None and (row["features"] or not needs_features)]
+    scored = [row for row in service.store.patches(project_id, status="pending", order="id")
+              if row["scores"].get(key) is not None]
+    pending = [row for row in scored if row["features"] or not needs_features]
+    if scored and not pending:
+        raise BioadaptError(f"selection {selection!r} picks by the model's features of each patch, and the pending "
+                            "patches were scored without them: score with this strategy (rescore_pending=True "
+                            "re-scores them)")
     labelled = [row for row in service.store.patches(project_id, status="annotated", order="id")
                 if row["features"]] if needs_features else []
     if not pending:
