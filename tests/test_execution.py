@@ -92,16 +92,17 @@ def test_the_pool_reuses_an_actor_while_the_weights_are_the_same(setup, pool, tm
     _, _, _, model = setup
     wait_until(ray_cpus_free, 30, "the earlier tests' actors gone")  # room for two, so nothing idle is evicted
     spec = ModelSpec(str(model), {"device": "cpu"})
+    weights = tmp_path / "v1.pt"
+    import torch
+
+    # before any lease: loading a model in this process can take longer than the pool's idle_s on a busy machine
+    torch.save(ModelActor(spec).adapter.state_dict(), weights)
     first = pool.lease(spec)
     pid = ray.get(first[0].ping.remote())
     pool.release(spec, first)
     again = pool.lease(spec)
     assert ray.get(again[0].ping.remote()) == pid and pool.started == 1  # no second model load
     pool.release(spec, again)
-    weights = tmp_path / "v1.pt"
-    import torch
-
-    torch.save(ModelActor(spec).adapter.state_dict(), weights)
     tuned = ModelSpec(str(model), {"device": "cpu"}, str(weights))
     other = pool.lease(tuned)
     assert ray.get(other[0].ping.remote()) != pid and pool.started == 2  # other weights: another actor

@@ -248,8 +248,9 @@ class ModelPool:
         import ray
 
         available = ray.available_resources()
-        need = actor_options(kind, self.gpu_fraction)
-        return min(int(available.get(name, 0) / amount) for name, amount in need.items() if amount)
+        need = actor_options(kind, self.gpu_fraction)  # Ray's option names; its resources are "CPU" and "GPU"
+        resource = {"num_cpus": "CPU", "num_gpus": "GPU"}
+        return min(int(available.get(resource[name], 0) / amount) for name, amount in need.items() if amount)
 
     def release(self, spec: ModelSpec, actors: list[Any], *, kind: str = "score", healthy: bool = True) -> None:
         """Give leased actors back (idle, for the next job on the same model); unhealthy ones are stopped."""
