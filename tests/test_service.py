@@ -20,6 +20,7 @@ import zarr
 from model_factory import unet_package
 from service_helpers import SERVICE_WS, ServiceProcess, client_for, ray_cpus_free, wait_until
 
+from bioadapt.active import DEFAULT_STRATEGY, STRATEGIES
 from bioadapt.data import LabelStore, UncertaintyStore
 from bioadapt.data.synthetic import write_synthetic_ome_zarr
 from bioadapt.errors import AccessDenied, BioadaptError
@@ -109,8 +110,13 @@ def test_full_loop_through_the_client(alice, project, inputs):
     assert events[0]["job_id"] == project["score_job"]["job_id"]
     assert any(e.get("done", 0) < 24 for e in project["events"]), "only the final event arrived"
 
-    ranked = alice.list_patches(p, limit=100)
-    assert len(ranked) == 24
+    # the service's default strategy scored with what it needs (the model's features) and picked by its rule
+    result = project["score_result"]["result"]
+    assert (result["strategy"], result["selection"]) == (DEFAULT_STRATEGY, STRATEGIES[DEFAULT_STRATEGY].selection)
+    picked = alice.list_patches(p, limit=100)  # the picks first, in their order
+    assert [q["selection_rank"] for q in picked] == list(range(1, 25)) and result["selected"] == 24
+    ranked = alice.list_patches(p, order="score", limit=100)
+    assert len(ranked) == 24 and {q["id"] for q in picked} == {q["id"] for q in ranked}
     scores = [q["score"] for q in ranked]
     known = [s for s in scores if s is not None]
     assert known == sorted(known, reverse=True) and scores[:len(known)] == known  # descending, None last
