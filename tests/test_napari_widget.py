@@ -205,7 +205,7 @@ def test_a_user_labels_and_tunes_through_the_widget(make_napari_viewer, qtbot, s
         score_panel.n_patches.setValue(6)
         score_panel.patch_shape.setText(", ".join(map(str, PATCH)))
         score_panel.mc_passes.setValue(4)
-        score_panel.acquisition.setCurrentText("bald")
+        score_panel.strategy.setCurrentText("bald")  # top-k by BALD: the picks come in score order
         _click(qtbot, score_panel.score_button)
         assert session.background.busy and not score_panel.score_button.isEnabled()
         patch_panel = widget.patch_panel
