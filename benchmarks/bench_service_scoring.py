@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--patch", type=int, default=256)
     parser.add_argument("--slide", type=int, default=20_000, help="side of the slide in pixels")
     parser.add_argument("--tissue", type=float, default=0.25, help="share of the slide covered by tissue")
+    parser.add_argument("--strategy", default="bald", help="the service's scoring strategy (bald: what the in-process "
+                        "reference computes; the default typical_bald also computes each patch's features)")
     parser.add_argument("--workdir", help="keep the files here (default: a temporary folder)")
     return parser.parse_args(argv)
 
@@ -174,7 +176,8 @@ def throughput(args: argparse.Namespace, root: Path) -> dict:
     image = tiled_image(root / "tiled.ome.zarr", side)
     model = build_model(root / "model.zip", args.features)
     shape = [args.patch, args.patch]
-    grid = dict(mode="grid", patch_shape=shape, stride=[128, 128], mc_passes=args.passes, seed=0)
+    grid = dict(mode="grid", patch_shape=shape, stride=[128, 128], mc_passes=args.passes, seed=0,
+                strategy=args.strategy)
     windows = sample_patches(open_image(image), args.patches, shape, mode="grid", stride=(128, 128), seed=0)
     print(f"throughput: {len(windows)} patches of {shape} from a {side} x {side} image, T = {args.passes}, "
           f"U-Net features {args.features}")
@@ -195,6 +198,7 @@ def throughput(args: argparse.Namespace, root: Path) -> dict:
     overhead = local["worker"] / runs[1]["scoring_per_s"] - 1
     return {
         "patches": len(windows), "patch": shape, "passes": args.passes, "unet_features": args.features,
+        "strategy": args.strategy,
         "in_process_1_thread_per_s": {k: round(v, 3) for k, v in local.items()},
         "service": {"200_patches_first_job": small, "1_actor": runs[1], "2_actors": runs[2]},
         "two_actors_over_in_process_mc_acq": round(runs[2]["scoring_per_s"] / local["mc_acq"], 2),
@@ -219,7 +223,7 @@ def slide(args: argparse.Namespace, root: Path) -> dict:
         project = svc.create_project("slide", str(model), [{"uri": str(image), "mask": "auto"}])
         row = project["images"][0]
         run = timed_job(svc, service, project["id"], mode="grid", patch_shape=[args.patch, args.patch],
-                        mc_passes=args.passes, select=64)
+                        mc_passes=args.passes, select=64, strategy=args.strategy)
         print(f"  grid inside the tissue: {run}")
         overview = svc.get_overview(project["id"], row["id"])
     finally:
@@ -228,6 +232,7 @@ def slide(args: argparse.Namespace, root: Path) -> dict:
     store = UncertaintyStore.open(Path(project["folder"]) / "images" / row["id"] / "uncertainty.ome.zarr")
     return {
         "slide": [args.slide, args.slide], "patch": [args.patch, args.patch], "passes": args.passes,
+        "strategy": args.strategy,
         "unet_features": args.features, "tissue_share_asked": args.tissue, "slide_written_s": round(written_s, 1),
         **run, "tiles_total": (args.slide // args.patch) ** 2,
         "overview": {"levels": [list(store.level_shape(i)) for i in range(store.n_levels)],
