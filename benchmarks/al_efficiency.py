@@ -90,25 +90,26 @@ class Bench:
     """One data set, the base model behind the service's scoring worker, and the fine-tuning protocol."""
 
     def __init__(self, args: argparse.Namespace, workdir: Path):
-        from bioadapt.service.execution import ModelWorker
+        from bioadapt.service.execution import ModelActor, ModelSpec
 
         self.args = args
         self.dataset = load_dataset(args.dataset, workdir)
-        self.worker = ModelWorker(str(base_model(workdir)), {"device": "cpu"})
+        self.worker = ModelActor(ModelSpec(str(base_model(workdir)), {"device": "cpu"}))
         self.base_state = self.worker.adapter.state_dict()
         self.base_f1 = test_f1(self.worker.adapter, self.dataset)
 
     def score(self, strategy_name: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Scores and features of every pool patch under the adapter's current weights, in pool order."""
         from bioadapt.active import STRATEGIES
-        from bioadapt.service.execution import ImageRef, ScoreRequest
+        from bioadapt.data import ImageRef
+        from bioadapt.service.tasks.score import ScoreRequest, score_patches
 
         strategy = STRATEGIES[strategy_name]
         request = ScoreRequest(image=ImageRef(str(self.dataset.pool_path)), patch_shape=(PATCH, PATCH),
                                passes=self.args.passes, acquisition=strategy.acquisition, reduce=strategy.reduce,
                                seed=seed, features=True)
-        results = {r["patch_id"]: r for r in
-                   self.worker.score(request, [(i, w.origin) for i, w in enumerate(self.dataset.windows)])}
+        patches = [(i, w.origin) for i, w in enumerate(self.dataset.windows)]
+        results = {r["patch_id"]: r for r in self.worker.run(score_patches, request, patches)}
         order = range(len(self.dataset.windows))
         return (np.array([results[i]["score"] for i in order]),
                 np.array([results[i]["features"] for i in order]))

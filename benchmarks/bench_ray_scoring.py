@@ -29,8 +29,10 @@ from bioadapt.adapters.unet import UNet
 from bioadapt.data import open_image, sample_patches
 from bioadapt.data.synthetic import write_synthetic_ome_zarr
 from bioadapt.exporters.fresh import package_new_model
-from bioadapt.service.execution import ImageRef, ModelWorker, ScoreRequest, make_actor, start_ray
-from bioadapt.service.jobs import JobStore, score_job
+from bioadapt.data import ImageRef
+from bioadapt.service.execution import ModelActor, ModelPool, ModelSpec, make_actor, start_ray
+from bioadapt.service.jobs import Jobs
+from bioadapt.service.tasks.score import ScoreRequest, score_patches, score_shards
 
 RESULTS = Path(__file__).parent / "results" / "ray_scoring.json"
 
@@ -46,16 +48,16 @@ def main() -> None:
         model = str(package_new_model(UNet(**kwargs).eval(), root / "model.zip", name="benchmark U-Net",
                                       architecture_kwargs=kwargs, weights=("pytorch_state_dict",)))
         request = ScoreRequest(image=ImageRef(str(root / "image.ome.zarr")), patch_shape=(128, 128), passes=8)
-        worker = ModelWorker(model, {"device": "cpu"})
-        worker.score(request, patches[:4])  # warm-up
+        worker = ModelActor(ModelSpec(model, {"device": "cpu"}))
+        score_patches(worker.adapter, request, patches[:4])  # warm-up
         started = time.perf_counter()
-        worker.score(request, patches)
+        score_patches(worker.adapter, request, patches)
         in_process = len(patches) / (time.perf_counter() - started)
         resources = start_ray(num_cpus=os.cpu_count())
-        store = JobStore(root / "jobs.sqlite")
+        jobs = Jobs(root / "jobs.sqlite")
         rates = {}
         for actors in (1, 2):
-            job = score_job(store, model, {"device": "cpu"}, request, patches, actors=actors, shard_size=32).wait()
+            job = jobs.start("score", lambda runner, n=actors: whole_job(runner, model, request, patches, n)).wait()
             assert job.state == "done", job.error
             rates[actors] = job.progress["patches_per_second"]
         shard_seconds = per_shard_seconds(model, request, patches, shard_size=32)
@@ -77,28 +79,40 @@ def main() -> None:
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def whole_job(runner, model: str, request: ScoreRequest, patches: list, actors: int) -> list:
+    """A score job's work with fresh actors (start-up and model load included, as for a user's first job)."""
+    pool = ModelPool()
+    spec = ModelSpec(model, {"device": "cpu"})
+    leased = pool.lease(spec, actors)
+    try:
+        return score_shards(runner, leased, request, patches, shard_size=32)
+    finally:
+        pool.release(spec, leased, healthy=False)
+        pool.close()
+
+
 def per_shard_seconds(model: str, request: ScoreRequest, patches: list, shard_size: int,
                       repeats: int = 2) -> dict[str, list[float]]:
     """Seconds per shard on one warm actor and in-process with one torch thread, interleaved."""
     import ray
 
-    actor = make_actor(model, {"device": "cpu"}, "score")
+    actor = make_actor(ModelSpec(model, {"device": "cpu"}))
     ray.get(actor.ping.remote())
-    ray.get(actor.score.remote(request, patches[:4]))  # warm-up, as in-process
-    worker = ModelWorker(model, {"device": "cpu"})
+    ray.get(actor.run.remote(score_patches, request, patches[:4]))  # warm-up, as in-process
+    worker = ModelActor(ModelSpec(model, {"device": "cpu"}))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    worker.score(request, patches[:4])
+    score_patches(worker.adapter, request, patches[:4])
     seconds: dict[str, list[float]] = {"ray": [], "in_process": []}
     try:
         for _ in range(repeats):
             for i in range(0, len(patches), shard_size):
                 shard = patches[i:i + shard_size]
                 started = time.perf_counter()
-                ray.get(actor.score.remote(request, shard))
+                ray.get(actor.run.remote(score_patches, request, shard))
                 seconds["ray"].append(time.perf_counter() - started)
                 started = time.perf_counter()
-                worker.score(request, shard)
+                score_patches(worker.adapter, request, shard)
                 seconds["in_process"].append(time.perf_counter() - started)
     finally:
         torch.set_num_threads(threads)

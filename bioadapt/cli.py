@@ -38,7 +38,8 @@ def _serve(args: argparse.Namespace) -> None:
     serve(ServeOptions(server_url=args.server_url, workspace=args.workspace, token=args.token,
                        ray_address=args.ray_address, data_dir=args.data_dir, database_url=args.database_url,
                        public=args.public, allow_paths=args.allow_path, port=args.port, num_cpus=args.num_cpus,
-                       device=args.device, user=args.user, limits=limits, remote_timeout=args.remote_timeout))
+                       device=args.device, actor_idle_s=args.actor_idle_s, user=args.user, limits=limits,
+                       remote_timeout=args.remote_timeout))
     # serve() stopped calls, jobs, Ray and Hypha in order and waited a while for calls in flight. One still running
     # (a read from a store that hangs until its timeout) would hold the exit: Python joins the call pool's threads
     # at exit. Nothing is left to finalise, so leave now.
@@ -88,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="port of the embedded server (default 9527 when free, else any; 0: any free port)")
     serve.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all)")
     serve.add_argument("--device", default="auto", help="torch device of the model workers (auto, cpu, cuda)")
+    serve.add_argument("--actor-idle-s", type=float,
+                       help="seconds an idle model actor stays loaded for the next job on the same model")
     serve.add_argument("--user", help="user the printed token is for (embedded server; default: your login)")
     serve.set_defaults(run=_serve)
 

@@ -124,9 +124,10 @@ def _one_round(svc: Any, workdir: Path, base: Path, image_path: Path, truth: np.
     tuned = svc.wait(job["job_id"])
     version = tuned["result"]["version"]
     print(f"7/8 evaluating versions 0 and {version} on the held-out corrected patches ...")
-    evaluation = svc.evaluate(project_id, versions=[0, version])
+    evaluation = svc.wait(svc.evaluate(project_id, versions=[0, version]))["result"]
     print("8/8 exporting the fine-tuned model as a bioimage.io package and testing it ...")
-    exported = svc.export_model(project_id, version=version, authors=["bioadapt demo"], license="MIT")
+    exported = svc.wait(svc.export_model(project_id, version=version, authors=["bioadapt demo"],
+                                         license="MIT"))["result"]
     test_status = _test_package(Path(exported["path"]))
     png = _summary_png(workdir / "summary.png", svc, project_id, image_id, shown, truth, version)
     before, after = evaluation["versions"]["0"], evaluation["versions"][str(version)]
@@ -163,8 +164,9 @@ def _summary_png(out: Path, svc: Any, project_id: str, image_id: str, shown: lis
     for row, patch in enumerate(shown):
         image = patch["image"][0].astype(np.float32)
         window = tuple(slice(o, o + s) for o, s in zip(patch["origin"], patch["shape"]))
-        tuned = svc.predict(project_id, image_id, patch["origin"], patch["shape"], version=version,
-                            return_array=True)["labels"]
+        job = svc.wait(svc.predict(project_id, image_id, patch["origin"], patch["shape"], version=version,
+                                   return_array=True), progress=False)
+        tuned = svc.job_output(job["id"], "labels")
         panels = [image, image, label2rgb(patch["predicted_labels"], image / max(image.max(), 1e-6), bg_label=0),
                   label2rgb(tuned, image / max(image.max(), 1e-6), bg_label=0),
                   label2rgb(truth[window], image / max(image.max(), 1e-6), bg_label=0)]

@@ -83,6 +83,44 @@ def s3_server():
         stop_process(process)
 
 
+@pytest.fixture(scope="session")
+def protected_s3():
+    """moto's S3 server with authentication on: only the access key of an IAM user made here gets in (another
+    key, or none, is refused). Yields (endpoint URL, fsspec storage options with that key, boto3 client)."""
+    import json
+
+    import boto3
+
+    port = free_port()
+    # moto checks credentials once it has answered INITIAL_NO_AUTH_ACTION_COUNT requests: enough to make the user
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "8"}
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        wait_for_http(endpoint)
+        settings = {"endpoint_url": endpoint, "region_name": "us-east-1"}
+        iam = boto3.client("iam", aws_access_key_id="setup", aws_secret_access_key="setup", **settings)
+        iam.create_user(UserName="reader")
+        key = iam.create_access_key(UserName="reader")["AccessKey"]
+        iam.put_user_policy(UserName="reader", PolicyName="s3", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        stranger = boto3.client("s3", aws_access_key_id="stranger", aws_secret_access_key="x", **settings)
+        for _ in range(20):  # the requests left before moto starts checking
+            try:
+                stranger.list_buckets()
+            except Exception:  # noqa: BLE001 - refused: credentials are checked from now on
+                break
+        else:
+            raise RuntimeError("moto never started checking credentials")
+        client = boto3.client("s3", aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"],
+                              **settings)
+        options = {"key": key["AccessKeyId"], "secret": key["SecretAccessKey"], "client_kwargs": settings}
+        yield endpoint, options, client
+    finally:
+        stop_process(process)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

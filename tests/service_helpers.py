@@ -24,8 +24,9 @@ class ServiceProcess(ServeProcess):
     def __init__(self, hypha_server, ray_cluster, user: str, data_dir: Path, allow: list[Path],
                  env: dict[str, str] | None = None):
         token = mint_token(user, jwt_secret=hypha_server.jwt_secret, expires_in=3600)
+        # idle model actors go after 2 s: services of several test modules share the session's 2-CPU Ray
         args = ["--server-url", hypha_server.url, "--token", token, "--workspace", f"ws-user-{user}",
-                "--ray-address", ray_cluster["address"]]
+                "--ray-address", ray_cluster["address"], "--actor-idle-s", "2"]
         for folder in allow:
             args += ["--allow-path", str(folder)]
         super().__init__(data_dir, args, env={**ray_env(), **(env or {})})

@@ -11,8 +11,9 @@ import tifffile
 
 from bioadapt.active import DEFAULT_ACQUISITION, DEFAULT_REDUCE, DEFAULT_SELECTION, f1_score, select
 from bioadapt.adapters import load_adapter
+from bioadapt.data import ImageRef
 from bioadapt.data.writer import write_ome_zarr
-from bioadapt.service.execution import ImageRef, ScoreRequest, score_patches
+from bioadapt.service.tasks.score import ScoreRequest, score_patches
 from model_factory import cell_patches, unet_package
 
 DATA = Path(__file__).parents[1] / "benchmarks" / "data" / "dsb2018_nuclei"

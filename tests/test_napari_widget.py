@@ -30,6 +30,7 @@ from service_helpers import ServiceProcess, client_for
 from bioadapt.data import LabelStore
 from bioadapt.data.synthetic import write_synthetic_ome_zarr
 from bioadapt.napari.layers import IMAGE_LAYER, LABELS_LAYER, UNCERTAINTY_LAYER
+from bioadapt.napari.overview import OVERVIEW_IMAGE_LAYER, OVERVIEW_LAYER
 from bioadapt.napari.settings import SETTINGS_ENV, load_connection
 from bioadapt.service.hypha_server import mint_token
 
@@ -204,7 +205,7 @@ def test_a_user_labels_and_tunes_through_the_widget(make_napari_viewer, qtbot, s
         score_panel.n_patches.setValue(6)
         score_panel.patch_shape.setText(", ".join(map(str, PATCH)))
         score_panel.mc_passes.setValue(4)
-        score_panel.acquisition.setCurrentText("bald")
+        score_panel.strategy.setCurrentText("bald")  # top-k by BALD: the picks come in score order
         _click(qtbot, score_panel.score_button)
         assert session.background.busy and not score_panel.score_button.isEnabled()
         patch_panel = widget.patch_panel
@@ -230,6 +231,17 @@ def test_a_user_labels_and_tunes_through_the_widget(make_napari_viewer, qtbot, s
         center = np.asarray(viewer.camera.center[-2:])
         assert np.all(np.abs(center - (np.asarray(top["origin"]) + np.asarray(PATCH) / 2)) < 1)
         predicted = np.array(labels.data)
+        # the uncertainty overview of the whole image, under the patch: the patch's map lies where the patch is
+        widget.overview.checkbox.setChecked(True)
+        until(lambda: OVERVIEW_LAYER in viewer.layers)
+        overview, slide = viewer.layers[OVERVIEW_LAYER], viewer.layers[OVERVIEW_IMAGE_LAYER]
+        assert [viewer.layers.index(layer) for layer in (slide, overview)] == [0, 1]
+        assert overview.data.shape == slide.data.shape == (512, 512)  # one level: 512 pixels need no coarser one
+        (y, x), (h, w) = top["origin"], PATCH
+        np.testing.assert_allclose(overview.data[y:y + h, x:x + w], np.asarray(uncertainty.data), rtol=1e-6)
+        assert (overview.data > 0).sum() <= drawn * h * w  # nothing outside the scored patches
+        widget.overview.checkbox.setChecked(False)
+        assert OVERVIEW_LAYER not in viewer.layers and OVERVIEW_IMAGE_LAYER not in viewer.layers
         # Shift+Right / Shift+Left on the canvas move through the table, loading each patch
         _press(qtbot, viewer, "Right")
         until(lambda: (patch_panel.shown or {}).get("id") == patch_panel.patches[1]["id"])

@@ -43,3 +43,14 @@ def test_diverse_selection_is_seeded_and_fills_k():
 def test_descriptors_must_match_the_scores():
     with pytest.raises(BioadaptError, match="descriptors must be"):
         select_diverse([0.1, 0.2], np.zeros((3, 2)), 1)
+
+
+def test_every_selection_rule_is_called_the_same_way():
+    from bioadapt.active import DEFAULT_SELECTION, SELECTIONS, select
+
+    scores, where = _two_hot_spots()
+    assert DEFAULT_SELECTION in SELECTIONS
+    assert select("top", 5, scores) == select_top(scores, 5)
+    assert select("diverse", 5, scores, where, seed=3) == select_diverse(scores, where, 5, seed=3)
+    with pytest.raises(BioadaptError, match="unknown selection 'best'"):
+        select("best", 5, scores, where)

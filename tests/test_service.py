@@ -20,7 +20,8 @@ import zarr
 from model_factory import unet_package
 from service_helpers import SERVICE_WS, ServiceProcess, client_for, ray_cpus_free, wait_until
 
-from bioadapt.data import LabelStore
+from bioadapt.active import DEFAULT_STRATEGY, STRATEGIES
+from bioadapt.data import LabelStore, UncertaintyStore
 from bioadapt.data.synthetic import write_synthetic_ome_zarr
 from bioadapt.errors import AccessDenied, BioadaptError
 from bioadapt.service.client import BioadaptClient, connect
@@ -109,8 +110,13 @@ def test_full_loop_through_the_client(alice, project, inputs):
     assert events[0]["job_id"] == project["score_job"]["job_id"]
     assert any(e.get("done", 0) < 24 for e in project["events"]), "only the final event arrived"
 
-    ranked = alice.list_patches(p, limit=100)
-    assert len(ranked) == 24
+    # the service's default strategy scored with what it needs (the model's features) and picked by its rule
+    result = project["score_result"]["result"]
+    assert (result["strategy"], result["selection"]) == (DEFAULT_STRATEGY, STRATEGIES[DEFAULT_STRATEGY].selection)
+    picked = alice.list_patches(p, limit=100)  # the picks first, in their order
+    assert [q["selection_rank"] for q in picked] == list(range(1, 25)) and result["selected"] == 24
+    ranked = alice.list_patches(p, order="score", limit=100)
+    assert len(ranked) == 24 and {q["id"] for q in picked} == {q["id"] for q in ranked}
     scores = [q["score"] for q in ranked]
     known = [s for s in scores if s is not None]
     assert known == sorted(known, reverse=True) and scores[:len(known)] == known  # descending, None last
@@ -122,8 +128,7 @@ def test_full_loop_through_the_client(alice, project, inputs):
     assert got["predicted_labels"].shape == tuple(PATCH) and got["uncertainty"].shape == tuple(PATCH)
     assert "labels" not in got
     # what get_patch returned is what the scoring actors wrote into the project's Zarr stores
-    window = tuple(slice(o, o + n) for o, n in zip(top["origin"], PATCH))
-    stored_uncertainty = zarr.open_array(str(project["folder"] / "uncertainty.zarr"), mode="r")[window]
+    stored_uncertainty = UncertaintyStore.open(project["folder"] / "uncertainty.ome.zarr").read(top["origin"], PATCH)
     assert np.isfinite(stored_uncertainty).all()
     np.testing.assert_array_equal(got["uncertainty"], stored_uncertainty)
     stored_predictions = LabelStore.open(project["folder"] / "predictions.ome.zarr", "model").read(top["origin"],
@@ -151,14 +156,31 @@ def test_full_loop_through_the_client(alice, project, inputs):
     assert [(v["number"], v["parent"]) for v in versions] == [(0, None), (1, 0)]
     assert Path(versions[1]["path"]).is_file()
 
-    evaluated = alice.evaluate(p)
+    # evaluate, predict and export are jobs too: started at once, followed with wait, progress on the way
+    evaluation_events: list[dict] = []
+    started = alice.evaluate(p, progress=evaluation_events.append)
+    assert started["versions"] == [0, 1] and started["patches"] == 2
+    job = alice.wait(started, progress=False, timeout_s=120)
+    assert job["kind"] == "evaluate" and job["state"] == "done", job
+    evaluated = job["result"]
     assert evaluated["holdout_patches"] == 2 and set(evaluated["versions"]) == {"0", "1"}
     for metrics in evaluated["versions"].values():
         assert 0 <= metrics["f1"] <= 1 and 0 <= metrics["ap"] <= 1
+    wait_until(lambda: any(e["state"] == "done" for e in evaluation_events), 10, "evaluate's last progress event")
+    assert alice.get_project(p)["versions"][1]["metrics"]["holdout"] == evaluated["versions"]["1"]
 
-    exported = alice.export_model(p, authors=["Alice"], license="CC-BY-4.0")
+    region = alice.wait(alice.predict(p, project["image"]["id"], top["origin"], PATCH, return_array=True),
+                        progress=False, timeout_s=120)
+    assert region["state"] == "done" and region["result"]["version"] == 1, region
+    labels = alice.job_output(region["id"], "labels")
+    assert labels.shape == tuple(PATCH) and np.issubdtype(labels.dtype, np.integer)
+
+    job = alice.wait(alice.export_model(p, authors=["Alice"], license="CC-BY-4.0"), progress=False, timeout_s=300)
+    assert job["kind"] == "export" and job["state"] == "done", job
+    exported = job["result"]
     package = Path(exported["path"])
     assert exported["version"] == 1 and package.suffix == ".zip" and package.stat().st_size == exported["size"]
+    assert alice.job_output(job["id"], "package") == package.read_bytes()
     from bioimageio.core import test_model
 
     summary = test_model(package)

@@ -137,12 +137,12 @@ def victim(alice, inputs):
     for patch in alice.list_patches(p, order="id", limit=6):
         alice.submit_labels(p, patch["id"], _truth(inputs["truth"], patch))
     tuned = alice.wait(alice.fine_tune(p, epochs=1)["job_id"], progress=False, timeout_s=240)
-    exported = alice.export_model(p)
+    exported = alice.wait(alice.export_model(p)["job_id"], progress=False, timeout_s=240)["result"]
     image = project["images"][0]["id"]
     folder = Path(project["folder"])
     return {"id": p, "model": model, "image": image, "folder": folder, "job": tuned["id"],
             "labels": folder / "images" / image / "labels.ome.zarr",
-            "uncertainty": folder / "images" / image / "uncertainty.zarr",
+            "uncertainty": folder / "images" / image / "uncertainty.ome.zarr",
             "version": Path(alice.get_project(p)["versions"][-1]["path"]), "export": Path(exported["path"])}
 
 
@@ -247,6 +247,9 @@ def test_another_users_ids_answer_exactly_like_missing_ones(alice, bob, victim, 
         "list_jobs": lambda q, j: bob.list_jobs(q),
         "job_status": lambda q, j: bob.job_status(j),
         "cancel_job": lambda q, j: bob.cancel_job(j),
+        "job_output": lambda q, j: bob.job_output(j, "package"),
+        "select_patches": lambda q, j: bob.select_patches(q),
+        "get_overview": lambda q, j: bob.get_overview(q, image),
     }
     before = alice.get_project(p)
     failures = []

@@ -137,6 +137,13 @@ def test_label_tune_and_export_in_the_browser(browser_context, hypha_server, ser
     page.fill("#token", token)
     page.click("#connect")
     page.locator(f"#projects li[data-project-id='{project['id']}']").click(timeout=20_000)
+    # the uncertainty overview of the image: one canvas pixel per pixel of its coarse level (512 px: level 0)
+    page.wait_for_function("document.getElementById('overview-status').textContent.includes('% scored')",
+                           timeout=20_000)
+    assert page.eval_on_selector("#overview-canvas", "c => [c.width, c.height]") == [512, 512]
+    scored = 100 * 6 * PATCH[0] * PATCH[1] / 512**2
+    assert page.text_content("#overview-status").startswith(f"{scored:.1f}% scored"), page.text_content(
+        "#overview-status")
     page.locator(f"#patches li[data-patch-id='{top['id']}']").click(timeout=20_000)  # listed first: the top one
     assert page.locator("#patches li").first.get_attribute("data-patch-id") == str(top["id"])
     page.wait_for_function(f"document.getElementById('patch-info').textContent.includes('patch #{top['id']} ')")

@@ -42,6 +42,8 @@ class ModelInfo:
     mc_dropout: str  # "existing" dropout layers, "hooks" after activations, or "none"
     mc_scopes: tuple[str, ...]
     dropout_p: float
+    instances: bool = True  # segment() gives instances (one id per object), not classes
+    patch_features: bool = False  # patch_features() works: selection rules that read features can be used
 
     @property
     def activation(self) -> str:

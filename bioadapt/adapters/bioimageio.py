@@ -36,7 +36,7 @@ from bioadapt.adapters.dropout import CommonMasks, DropoutKind, HeadSplit, MCDro
 from bioadapt.adapters.segmentation import labels_from_probabilities
 from bioadapt.adapters.shapes import activation_bytes, default_memory_budget
 from bioadapt.adapters.sources import load_model_description
-from bioadapt.adapters.targets import Targets, choose_targets, dice_score, loss
+from bioadapt.adapters.targets import INSTANCE_TARGETS, Targets, choose_targets, dice_score, loss
 from bioadapt.adapters.training import fit
 from bioadapt.errors import BioadaptError
 
@@ -165,7 +165,8 @@ class BioimageioAdapter(Adapter):
             class_names=("background", "cell") if self.output_kind == "cellpose" else lay.class_names,
             weights_format=self.weights_format, trainable=self.module is not None,
             mc_dropout=self.mc.strategy if self.module is not None else "none", mc_scopes=scopes,
-            dropout_p=self.dropout_p)
+            dropout_p=self.dropout_p, patch_features="head" in scopes,
+            instances=self.output_kind == "cellpose" or self.targets.kind in INSTANCE_TARGETS)
 
     def tiling_plan(self, shape: Sequence[int]) -> Plan:
         """How images of this spatial shape go through the network: whole (``Plan.whole``; padded after the

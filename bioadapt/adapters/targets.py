@@ -14,6 +14,7 @@ from skimage.segmentation import find_boundaries
 from bioadapt.errors import BioadaptError
 
 TARGET_KINDS = ("foreground", "foreground_boundaries", "affinities", "semantic", "classes")
+INSTANCE_TARGETS = ("foreground", "foreground_boundaries", "affinities")  # segment() gives one id per object
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,9 @@ several processes are serialised by a file lock, so chunks shared by two windows
 
 from __future__ import annotations
 
-import fcntl
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import zarr
@@ -19,6 +17,7 @@ from zarr.storage import LocalStore
 
 from bioadapt.data import ngff
 from bioadapt.data.image import Image
+from bioadapt.data.locks import store_lock
 from bioadapt.data.regions import Region, RegionLog
 from bioadapt.data.stores import local_path
 from bioadapt.data.windows import check_window
@@ -26,7 +25,6 @@ from bioadapt.data.writer import create_multiscale
 from bioadapt.errors import BioadaptError
 
 REGIONS_FILE = "bioadapt-regions.sqlite"
-LOCK_FILE = "bioadapt.lock"
 METADATA_KEY = "bioadapt"
 MIN_CHUNK, MAX_CHUNK = 64, 1024  # bounds of the default label chunks along y and x
 
@@ -150,14 +148,14 @@ class LabelStore:
         """Store ``labels`` (spatial axes) at ``origin``, replacing what was there, and log the region."""
         labels = self._check_labels(labels)
         index, time = self._index(origin, labels.shape, time)
-        with self._lock(exclusive=True):
+        with store_lock(self.path, exclusive=True):
             self._array[index] = labels.astype(self.dtype, copy=False)
             return self._regions.record(tuple(int(o) for o in origin), labels.shape, author=str(author), time=time)
 
     def read(self, origin: Sequence[int], shape: Sequence[int], *, time: int | None = None) -> np.ndarray:
         """Labels in the window (zeros where nothing was annotated)."""
         index, _ = self._index(origin, shape, time)
-        with self._lock(exclusive=False):
+        with store_lock(self.path, exclusive=False):
             return self._array[index]
 
     def regions(self, *, include_replaced: bool = False) -> list[Region]:
@@ -193,12 +191,3 @@ class LabelStore:
         if time not in (None, 0):
             raise BioadaptError("this label store has no time axis: leave time unset")
         return tuple(spatial), None
-
-    @contextmanager
-    def _lock(self, *, exclusive: bool) -> Iterator[None]:
-        with open(self.path / LOCK_FILE, "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)

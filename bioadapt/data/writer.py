@@ -39,10 +39,10 @@ def create_multiscale(path: str | Path, *, axes: str, shape: Sequence[int], dtyp
                       chunks: Sequence[int] | None = None, n_levels: int | None = None, version: str = "0.5",
                       scale: Sequence[float] | None = None, units: dict[str, str] | None = None,
                       name: str | None = None, group: zarr.Group | None = None,
-                      overwrite: bool = False) -> tuple[zarr.Group, list[zarr.Array]]:
+                      overwrite: bool = False, fill_value: float = 0) -> tuple[zarr.Group, list[zarr.Array]]:
     """Create an OME-Zarr group with empty level arrays and its multiscales metadata.
 
-    Chunks equal to the fill value (0) are never written, so sparse images cost only what they hold.
+    Chunks equal to ``fill_value`` are never written, so sparse images cost only what they hold.
     """
     axes = axes.lower()
     fmt = ngff.ngff_format(version)
@@ -57,7 +57,7 @@ def create_multiscale(path: str | Path, *, axes: str, shape: Sequence[int], dtyp
     for level in range(n_levels):
         lshape = level_shape(axes, shape, level)
         arrays.append(group.create_array(
-            name=str(level), shape=lshape, dtype=dtype, fill_value=0,
+            name=str(level), shape=lshape, dtype=dtype, fill_value=fill_value,
             chunks=tuple(min(c, s) for c, s in zip(chunks, lshape)),
             config={"write_empty_chunks": False}, overwrite=overwrite, **extra))
         level_scales.append([s * 2**level if a in DOWNSAMPLED_AXES else s for a, s in zip(axes, scale)])

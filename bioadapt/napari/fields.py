@@ -14,6 +14,24 @@ def int_field(minimum: int, maximum: int, value: int) -> QSpinBox:
     return field
 
 
+def optional_int_field(maximum: int, unset_text: str) -> QSpinBox:
+    """A number field whose lowest value (0, shown as ``unset_text``) means 'not given'; ``given(field)`` reads it."""
+    field = int_field(0, maximum, 0)
+    field.setSpecialValueText(unset_text)
+    return field
+
+
+def optional_float_field(maximum: float, unset_text: str, decimals: int = 6, step: float = 1e-4) -> QDoubleSpinBox:
+    field = float_field(0.0, maximum, 0.0, decimals, step)
+    field.setSpecialValueText(unset_text)
+    return field
+
+
+def given(field: QSpinBox | QDoubleSpinBox) -> int | float | None:
+    """The value of an optional field, None when it shows its 'not given' text."""
+    return None if field.value() == field.minimum() else field.value()
+
+
 def float_field(minimum: float, maximum: float, value: float, decimals: int = 6, step: float = 1e-4
                 ) -> QDoubleSpinBox:
     field = QDoubleSpinBox()

@@ -60,8 +60,16 @@ def patch_of(metadata: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def show_patch(viewer: Any, layers: list[LayerData]) -> None:
-    """Put a patch's layers into a napari viewer (updating bioadapt's layers when they exist, so their display
-    settings stay), make the labels the active layer and move the camera to the patch."""
+    """Put a patch's layers into a napari viewer, make the labels the active layer and move the camera to the
+    patch."""
+    labels = put_layers(viewer, layers)[-1]
+    viewer.layers.selection.active = labels
+    viewer.fit_to_view(layers=[labels], margin=0.05)
+
+
+def put_layers(viewer: Any, layers: list[LayerData], *, below_others: bool = False) -> list[Any]:
+    """Add layers to a napari viewer, or update bioadapt's layers of the same names (so their display settings
+    stay); new layers go on top, or under every other layer with ``below_others``. Returns the layers."""
     shown = []
     for layer_data in layers:
         existing = viewer.layers[layer_data.name] if layer_data.name in viewer.layers else None
@@ -71,6 +79,8 @@ def show_patch(viewer: Any, layers: list[LayerData]) -> None:
         if existing is None:
             add = viewer.add_labels if layer_data.kind == "labels" else viewer.add_image
             layer = add(layer_data.data, name=layer_data.name, **layer_data.properties)
+            if below_others:
+                viewer.layers.move(viewer.layers.index(layer), len(shown))
         else:
             layer = existing
             layer.data = layer_data.data
@@ -79,9 +89,7 @@ def show_patch(viewer: Any, layers: list[LayerData]) -> None:
             if layer_data.kind == "image":
                 layer.reset_contrast_limits()
         shown.append(layer)
-    labels = shown[-1]
-    viewer.layers.selection.active = labels
-    viewer.fit_to_view(layers=[labels], margin=0.05)
+    return shown
 
 
 def edited_labels(viewer: Any) -> tuple[dict[str, Any], np.ndarray]:

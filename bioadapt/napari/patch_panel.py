@@ -1,6 +1,6 @@
-"""The scored patches, most uncertain first: selecting one loads it into the viewer (image, the model's labels to
-correct, uncertainty); Commit sends the corrected labels of the patch, Skip sets it aside, Previous / Next move
-through the table."""
+"""The scored patches, the ones picked for labelling first: selecting one loads it into the viewer (image, the
+model's labels to correct, uncertainty); Commit sends the corrected labels of the patch, Skip sets it aside,
+Previous / Next move through the table."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class PatchPanel(QWidget):
             return
         client, project_id = self.session.need_project()
         self.session.background.run("listing patches",
-                                    lambda: client.list_patches(project_id, order="score", limit=LISTED_PATCHES),
+                                    lambda: client.list_patches(project_id, limit=LISTED_PATCHES),
                                     self._fill)
 
     def _fill(self, patches: list[dict[str, Any]]) -> None:

@@ -1,5 +1,6 @@
-"""Fine-tune the project's model on the committed patches: epochs, learning rate, batch size; the loss of each
-epoch as it trains, and Cancel (the versions made before stay untouched)."""
+"""Fine-tune the project's model on the committed patches: epochs, learning rate, batch size (each left at "model
+default" keeps the model's own training default); the loss of each epoch as it trains, and Cancel (the versions
+made before stay untouched)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from typing import Any
 from qtpy.QtWidgets import QFormLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton, QWidget
 
 from bioadapt.errors import BioadaptError
-from bioadapt.napari.fields import float_field, int_field
+from bioadapt.napari.fields import given, optional_float_field, optional_int_field
 from bioadapt.napari.session import Session
+
+
+MODEL_DEFAULT = "model default"
 
 
 class TunePanel(QWidget):
@@ -18,9 +22,9 @@ class TunePanel(QWidget):
         self.session = session
         self.job_id: str | None = None
         self.losses: dict[int, float] = {}  # epoch -> mean training loss, as polled, of the running (or last) job
-        self.epochs = int_field(1, 10_000, 20)
-        self.learning_rate = float_field(1e-6, 1.0, 1e-3)
-        self.batch_size = int_field(1, 1024, 4)
+        self.epochs = optional_int_field(10_000, MODEL_DEFAULT)
+        self.learning_rate = optional_float_field(1.0, MODEL_DEFAULT)
+        self.batch_size = optional_int_field(1024, MODEL_DEFAULT)
         self.tune_button = QPushButton("Fine-tune")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
@@ -43,8 +47,8 @@ class TunePanel(QWidget):
 
     def fine_tune(self) -> None:
         _, project_id = self.session.need_project()
-        arguments = {"epochs": self.epochs.value(), "learning_rate": self.learning_rate.value(),
-                     "batch_size": self.batch_size.value()}
+        arguments = {name: given(field) for name, field in (("epochs", self.epochs), ("batch_size", self.batch_size),
+                                                            ("learning_rate", self.learning_rate))}
         self.tune_button.setEnabled(False)
         self.session.start_job("fine-tuning", lambda client: client.fine_tune(project_id, **arguments),
                                self._started, self._progressed, self._finished, self._idle)
@@ -52,7 +56,7 @@ class TunePanel(QWidget):
     def _started(self, started: dict[str, Any]) -> None:
         self.job_id = started["job_id"]
         self.losses = {}
-        self.progress.setRange(0, self.epochs.value())
+        self.progress.setRange(0, given(self.epochs) or 0)  # the model's default: known from the job's progress
         self.progress.setValue(0)
         self.loss.setText("")
         self.cancel_button.setEnabled(True)

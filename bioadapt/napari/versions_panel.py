@@ -1,5 +1,6 @@
 """The project's model versions with their held-out scores: Evaluate compares versions (F1 and AP at IoU 0.5 for
-instance models, Dice for semantic ones), Export writes a version as a bioimage.io package to a chosen file."""
+instance models, Dice for semantic ones), Export writes a version as a bioimage.io package to a chosen file. Both
+are service jobs, followed like scoring and fine-tuning."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from bioadapt.napari.session import Session
 COLUMNS = ("version", "from", "patches", "F1", "AP", "Dice")
 METRIC_COLUMNS = {"F1": "f1", "AP": "ap", "Dice": "dice"}
 _ON_SERVER = re.compile(r"fetch it from (?P<path>\S+)\s*$")
+FINISHED_BADLY = ("failed", "cancelled")
 
 
 class VersionsPanel(QWidget):
@@ -63,15 +65,18 @@ class VersionsPanel(QWidget):
         return sorted({self.versions[index.row()]["number"] for index in self.table.selectionModel().selectedRows()})
 
     def evaluate(self) -> None:
-        client, project_id = self.session.need_project()
+        _, project_id = self.session.need_project()
         versions = self.selected_versions() or None
         self.evaluate_button.setEnabled(False)
         self.session.say("evaluating on the held-out patches ...")
-        worker = self.session.background.run("evaluating", lambda: client.evaluate(project_id, versions),
-                                             self._evaluated)
-        worker.finished.connect(lambda: self.evaluate_button.setEnabled(True))
+        self.session.start_job("evaluating", lambda client: client.evaluate(project_id, versions), lambda _: None,
+                               lambda _: None, self._evaluated, lambda: self.evaluate_button.setEnabled(True))
 
-    def _evaluated(self, answer: dict[str, Any]) -> None:
+    def _evaluated(self, job: dict[str, Any]) -> None:
+        if job["state"] in FINISHED_BADLY:
+            self.session.fail("evaluating", BioadaptError(job["error"] or f"the job was {job['state']}"))
+            return
+        answer = job["result"]
         summary = "; ".join(f"v{number}: " + ", ".join(f"{key} {_number(metrics.get(key))}" for key in
                                                        METRIC_COLUMNS.values() if key in metrics)
                             for number, metrics in answer["versions"].items())
@@ -92,27 +97,35 @@ class VersionsPanel(QWidget):
     def export_to(self, path: Path, version: int | None = None) -> None:
         """Export ``version`` (default: the latest) as a bioimage.io package and write it to ``path`` here; a
         package too large to send stays on the server, whose path is shown."""
-        client, project_id = self.session.need_project()
+        _, project_id = self.session.need_project()
         self.export_button.setEnabled(False)
         self.session.say(f"exporting version {'latest' if version is None else version} (the service builds and "
                          "tests the package) ...")
+        self.session.start_job("exporting", lambda client: client.export_model(project_id, version=version),
+                               lambda _: None, lambda _: None, lambda job: self._exported(path, job),
+                               lambda: self.export_button.setEnabled(True))
 
-        def export() -> dict[str, Any]:
+    def _exported(self, path: Path, job: dict[str, Any]) -> None:
+        if job["state"] in FINISHED_BADLY:
+            self.session.fail("exporting", BioadaptError(job["error"] or f"the job was {job['state']}"))
+            return
+        client = self.session.need_client()
+
+        def fetch() -> dict[str, Any]:
             try:
-                answer = client.export_model(project_id, version=version, return_bytes=True)
+                package = client.job_output(job["id"], "package")
             except BioadaptError as e:
                 found = _ON_SERVER.search(str(e))
                 if found is None:
                     raise
                 return {"server_path": found["path"]}
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(bytes(answer["bytes"]))
-            return {"version": answer["version"], "size": answer["size"]}
+            path.write_bytes(bytes(package))
+            return {"version": job["result"]["version"], "size": len(package)}
 
-        worker = self.session.background.run("exporting", export, lambda answer: self._exported(path, answer))
-        worker.finished.connect(lambda: self.export_button.setEnabled(True))
+        self.session.background.run("fetching the package", fetch, lambda answer: self._saved(path, answer))
 
-    def _exported(self, path: Path, answer: dict[str, Any]) -> None:
+    def _saved(self, path: Path, answer: dict[str, Any]) -> None:
         if "server_path" in answer:
             self.session.say(f"the package is too large to send (over 64 MiB); it is on the server at "
                              f"{answer['server_path']}")

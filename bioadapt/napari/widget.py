@@ -10,6 +10,7 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QLabel, QTabWidget, QVBoxLayout, QWidget
 
 from bioadapt.napari.connect_panel import ConnectPanel
+from bioadapt.napari.overview import OverviewToggle
 from bioadapt.napari.patch_panel import PatchPanel
 from bioadapt.napari.project_panel import ProjectPanel
 from bioadapt.napari.score_panel import ScorePanel
@@ -31,6 +32,8 @@ class AdaptWidget(QWidget):
         self.project_panel = ProjectPanel(self.session)
         self.score_panel = ScorePanel(self.session)
         self.patch_panel = PatchPanel(self.session, napari_viewer)
+        self.overview = OverviewToggle(self.session, napari_viewer,
+                                       lambda: (self.patch_panel.shown or {}).get("image_id"))
         self.tune_panel = TunePanel(self.session)
         self.versions_panel = VersionsPanel(self.session)
         self.status = QLabel("connect to a bioadapt service (`bioadapt serve` prints the URL, token and workspace)")
@@ -39,7 +42,7 @@ class AdaptWidget(QWidget):
 
         self.tabs = QTabWidget()
         self.tabs.addTab(_stacked(self.connect_panel, self.project_panel), "Project")
-        self.tabs.addTab(_stacked(self.score_panel, self.patch_panel), "Label")
+        self.tabs.addTab(_stacked(self.score_panel, self.overview, self.patch_panel), "Label")
         self.tabs.addTab(_stacked(self.tune_panel, self.versions_panel), "Tune")
         layout = QVBoxLayout(self)
         layout.addWidget(self.tabs, 1)

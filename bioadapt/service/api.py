@@ -1,5 +1,6 @@
 """What each service function does, independent of Hypha: projects owned by their creator, images confined to
-allowed roots, patches scored and models tuned by Ray jobs, arrays kept in Zarr under each project's folder.
+allowed roots, arrays kept in Zarr under each project's folder. Quick calls are answered here; every long
+operation is a task (``service/tasks/``) run as a job on Ray actors leased from the service's model pool.
 
 Every public method takes the caller first and the validated arguments (``schemas``) second, and is blocking:
 the Hypha layer runs it in a thread pool.
@@ -9,10 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import shutil
 import threading
-import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -22,21 +21,24 @@ from typing import Any
 
 import numpy as np
 
+from bioadapt.data import ImageRef, LabelledRegion
 from bioadapt.data.stores import check_reachable, scheme_of
 from bioadapt.errors import AccessDenied, BioadaptError
 from bioadapt.service import schemas as s
 from bioadapt.service.db import make_engine
-from bioadapt.service.execution import (FineTuneRequest, ImageRef, LabelledRegion, ScoreRequest,
-                                        create_uncertainty_store, run_on_worker)
-from bioadapt.service.jobs import JobRunner, JobStore, fine_tune_job, run_score
+from bioadapt.service.execution import DEFAULT_ACTOR_IDLE_S, ModelPool, ModelSpec, describe, pool_size, run_once
+from bioadapt.service.jobs import Job, JobRunner, Jobs
 from bioadapt.service.limits import JobQuota, Limits
+from bioadapt.service.opened import OpenedCache
 from bioadapt.service.paths import PathGuard
 from bioadapt.service.store import ProjectStore
+from bioadapt.service.tasks import evaluate, export, fine_tune, predict, score
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PATCH_PIXELS = 2048 * 2048
-MAX_RETURNED_EXPORT_BYTES = 64 * 2**20
+MAX_RETURNED_BYTES = 64 * 2**20
+PATCH_LOCKS = 64  # submissions to one patch are serialised; patches share these locks by their id
 DELETE_WAIT_S = 30  # how long delete_project waits for the project's cancelled jobs to stop
 
 
@@ -50,47 +52,104 @@ class BioadaptService:
     def __init__(self, data_dir: str | Path, *, database_url: str | None = None,
                  allow_paths: Sequence[str | Path] = (), public: bool = False,
                  max_patch_pixels: int = DEFAULT_MAX_PATCH_PIXELS, gpu_fraction: float = 0.5,
-                 device: str = "auto", limits: Limits | None = None):
+                 device: str = "auto", actor_idle_s: float = DEFAULT_ACTOR_IDLE_S, limits: Limits | None = None):
         self.data_dir = Path(data_dir).expanduser().resolve()
         (self.data_dir / "projects").mkdir(parents=True, exist_ok=True)
         self.engine = make_engine(self.data_dir / "bioadapt.sqlite", database_url)
         self.store = ProjectStore(self.engine)
-        self.jobs = JobStore(engine=self.engine)
+        self.jobs = Jobs(engine=self.engine)
         self.interrupted = self.jobs.mark_interrupted()
         self.guard = PathGuard(allow_paths, private=self.data_dir)
         self.public = public
         self.max_patch_pixels = max_patch_pixels
         self.gpu_fraction = gpu_fraction
         self.device = device
-        self.runners: dict[str, JobRunner] = {}
+        self.pool = ModelPool(gpu_fraction, idle_s=actor_idle_s)
+        self.opened = OpenedCache()
+        self._patch_locks = [threading.Lock() for _ in range(PATCH_LOCKS)]
+        self.draw_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)  # one draw per project
         self.limits = limits or Limits.from_env()
         self.job_quota = JobQuota(self.limits.jobs, self._running_jobs)
-        self._open: dict[tuple, Any] = {}
-        self._patch_locks: defaultdict[tuple[str, int], threading.Lock] = defaultdict(threading.Lock)
-        self._draw_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 
-    # -- access ---------------------------------------------------------------------------------------
-    def _project(self, caller: Caller, project_id: str) -> dict[str, Any]:
-        """The caller's project; another user's answers exactly as a missing one (ids must not be probed)."""
+    def close(self, wait_s: float = 10) -> None:
+        """Cancel the running jobs (waiting up to ``wait_s``) and stop the idle model actors."""
+        self.jobs.cancel_all(wait_s=wait_s)
+        self.pool.close()
+
+    # -- what the tasks use ---------------------------------------------------------------------------
+    def owned_project(self, caller: Caller, project_id: str) -> dict[str, Any]:
         project = self.store.project(project_id)
         if project is None or project["owner"] != caller.id:
             raise BioadaptError(f"no project {project_id!r}; list_projects shows yours")
         return project
 
-    def _may_create(self, caller: Caller) -> None:
-        if caller.anonymous and not self.public:
-            raise AccessDenied("anonymous callers cannot create projects or load models on this service: connect "
-                               "with a token")
-
-    def _options(self, project: dict[str, Any]) -> dict[str, Any]:
-        return {**project["model_options"], "device": self.device}
-
-    def _weights(self, project: dict[str, Any], number: int | None) -> tuple[dict[str, Any], str | None]:
+    def version(self, project: dict[str, Any], number: int | None) -> dict[str, Any]:
+        """A model version of the project (the latest with None)."""
         version = self.store.version(project["id"], number)
         if version is None:
             known = [v["number"] for v in self.store.versions(project["id"])]
             raise BioadaptError(f"project {project['id']!r} has no model version {number}; it has {known}")
-        return version, version["path"]
+        return version
+
+    def model_spec(self, project: dict[str, Any], version: dict[str, Any]) -> ModelSpec:
+        return ModelSpec(project["model_source"], {**project["model_options"], "device": self.device},
+                         version["path"])
+
+    def pool_size(self, requested: int | None) -> int:
+        return pool_size(requested, self.gpu_fraction)
+
+    def image_row(self, project: dict[str, Any], image_id: str) -> dict[str, Any]:
+        image = self.store.image(project["id"], image_id)
+        if image is None:
+            raise BioadaptError(f"project {project['id']!r} has no image {image_id!r}; get_project lists them")
+        return image
+
+    @staticmethod
+    def image_ref(row: dict[str, Any]) -> ImageRef:
+        return ImageRef(row["uri"], row["axes"], tuple(row["channels"]) if row["channels"] else None,
+                        row.get("storage_options") or {})
+
+    def opened_image(self, row: dict[str, Any]) -> Any:
+        return self.opened.get(("image", row["project_id"], row["id"]), self.image_ref(row).open)
+
+    def _opened_store(self, kind: str, row: dict[str, Any]) -> Any:
+        from bioadapt.data import LabelStore, UncertaintyStore
+
+        opener = UncertaintyStore.open if kind == "uncertainty" else LabelStore.open
+        return self.opened.get((kind, row["project_id"], row[kind]), lambda: opener(row[kind]))
+
+    @staticmethod
+    def sampling_mask(image: Any, row: dict[str, Any]) -> Any:
+        from bioadapt.data.sampling import resolve_mask
+
+        return resolve_mask(image, row["mask"])
+
+    def regions(self, project: dict[str, Any], split: str) -> list[LabelledRegion]:
+        """The project's annotated patches of one split (train, holdout), oldest annotation first."""
+        rows = {row["id"]: row for row in self.store.images(project["id"])}
+        return [LabelledRegion(self.image_ref(rows[p["image_id"]]), rows[p["image_id"]]["labels"],
+                               tuple(p["origin"]), tuple(p["shape"]))
+                for p in self.store.patches(project["id"], status="annotated", split=split, order="annotated")]
+
+    def start_job(self, kind: str, work: Callable[[JobRunner], Any], caller: Caller, project: dict[str, Any],
+                  progress: Callable[[dict], Any] | None) -> JobRunner:
+        """Start a task's job, within the caller's limit of jobs running at once."""
+        with self.job_quota.reserve(caller.id):
+            return self.jobs.start(kind, work, project_id=project["id"], owner=caller.id, progress=progress)
+
+    def _running_jobs(self, user: str) -> int:
+        return sum(1 for runner in self.jobs.running() if runner.job.owner == user)
+
+    def job_folder(self, project: dict[str, Any], job_id: str) -> Path:
+        folder = Path(project["folder"]) / "jobs" / job_id
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    # -- access ---------------------------------------------------------------------------------------
+    def _may_create(self, caller: Caller) -> None:
+        if caller.anonymous and not self.public:
+            raise AccessDenied("anonymous callers cannot create projects or load models on this service: connect "
+                               "with a token")
 
     # -- models ---------------------------------------------------------------------------------------
     def load_model(self, caller: Caller, args: s.LoadModel) -> dict[str, Any]:
@@ -104,7 +163,7 @@ class BioadaptService:
             check_reachable(source)  # else the worker's error talks of the zoo's id map, not of the address
         options = {k: v for k, v in {"dropout_p": args.dropout_p, "mc_scope": args.mc_scope,
                                      "output_activation": args.output_activation}.items() if v is not None}
-        info = run_on_worker(source, {**options, "device": "cpu"}, None, "describe")
+        info = run_once(ModelSpec(source, {**options, "device": "cpu"}), describe)
         return {"source": source, "options": options, "info": info}
 
     def list_models(self, caller: Caller, args: s.ListModels) -> list[dict[str, Any]]:
@@ -135,7 +194,7 @@ class BioadaptService:
                  "patches": self.store.counts(p["id"])} for p in self.store.projects(caller.id)]
 
     def get_project(self, caller: Caller, args: s.GetProject) -> dict[str, Any]:
-        project = self._project(caller, args.project_id)
+        project = self.owned_project(caller, args.project_id)
         return {"id": project["id"], "name": project["name"], "description": project["description"],
                 "owner": project["owner"], "created": project["created"], "folder": project["folder"],
                 "model": {"source": project["model_source"], "options": project["model_options"],
@@ -146,26 +205,23 @@ class BioadaptService:
 
     def delete_project(self, caller: Caller, args: s.DeleteProject) -> dict[str, Any]:
         """Cancel the project's jobs and wait (a while) for them to stop writing into its folder, then remove
-        its records (jobs included) and its folder."""
-        project = self._project(caller, args.project_id)
-        runners = [self.runners[job.id] for job in self.jobs.list(project_id=project["id"]) if job.id in self.runners]
-        for runner in runners:
-            runner.cancel()
-        deadline = time.monotonic() + DELETE_WAIT_S
-        for runner in runners:
-            runner.thread.join(max(0.0, deadline - time.monotonic()))
-            self.runners.pop(runner.job.id, None)
+        its records (jobs included), its folder and the idle actors holding its model versions."""
+        project = self.owned_project(caller, args.project_id)
+        specs = [self.model_spec(project, version) for version in self.store.versions(project["id"])]
+        self.jobs.cancel_all(project["id"], wait_s=DELETE_WAIT_S)
+        self.pool.drop(specs)  # its jobs gave their actors back: none would serve this project again
         self._delete(project)
         return {"deleted": project["id"]}
 
     def _delete(self, project: dict[str, Any]) -> None:
         self.store.delete_project(project["id"])
+        self.opened.forget_project(project["id"])
         shutil.rmtree(project["folder"], ignore_errors=True)
 
     # -- images ---------------------------------------------------------------------------------------
     def add_image(self, caller: Caller, args: s.AddImage) -> dict[str, Any]:
-        project = self._project(caller, args.project_id)
-        spec = s.ImageSpec(uri=args.uri, axes=args.axes, channels=args.channels, mask=args.mask)
+        project = self.owned_project(caller, args.project_id)
+        spec = s.ImageSpec(**args.model_dump(include=set(s.ImageSpec.model_fields)))
         image, spec = self._checked_image(spec, project["model_info"])
         return _public_image(self._store_image(project, image, spec))
 
@@ -174,7 +230,7 @@ class BioadaptService:
 
         uri = self.guard.uri(spec.uri)
         try:
-            image = open_image(uri, spec.axes, spec.channels)
+            image = open_image(uri, spec.axes, spec.channels, storage_options=spec.storage_options or None)
             image.check_decodes()
         except BioadaptError:
             raise
@@ -192,111 +248,51 @@ class BioadaptService:
         return image, spec.model_copy(update={"uri": uri})
 
     def _store_image(self, project: dict[str, Any], image: Any, spec: s.ImageSpec) -> dict[str, Any]:
-        from bioadapt.data import LabelStore
+        from bioadapt.data import LabelStore, UncertaintyStore
 
         image_id = uuid.uuid4().hex[:12]
         folder = Path(project["folder"]) / "images" / image_id
         folder.mkdir(parents=True)
         labels = LabelStore.create(folder / "labels.ome.zarr", like=image, name="corrections")
         predictions = LabelStore.create(folder / "predictions.ome.zarr", like=image, name="model")
-        uncertainty = create_uncertainty_store(folder / "uncertainty.zarr", image)
+        uncertainty = UncertaintyStore.create(folder / "uncertainty.ome.zarr", like=image)
+        self.opened.get(("image", project["id"], image_id), lambda: image)  # opened once: remote metadata is slow
         return self.store.add_image(project["id"], {
             "id": image_id, "uri": spec.uri, "axes": spec.axes, "channels": spec.channels, "mask": spec.mask,
             "shape": list(image.shape), "spatial_axes": image.spatial_axes, "labels": str(labels.path),
-            "predictions": str(predictions.path), "uncertainty": uncertainty})
+            "predictions": str(predictions.path), "uncertainty": str(uncertainty.path),
+            "storage_options": spec.storage_options or {}})
 
-    def _opened(self, key: tuple, open_it: Callable[[], Any]) -> Any:
-        """Opened images and stores are kept (metadata parsed once); pixels are always read fresh."""
-        if key not in self._open:
-            self._open[key] = open_it()
-        return self._open[key]
+    def get_overview(self, caller: Caller, args: s.GetOverview) -> dict[str, Any]:
+        project = self.owned_project(caller, args.project_id)
+        row = self.image_row(project, args.image_id)
+        uncertainty = self._opened_store("uncertainty", row)
+        level, values = uncertainty.overview(args.max_pixels)
+        image = self.opened_image(row)
+        fitting = [lv.index for lv in image.levels
+                   if math.prod(image.spatial_shape_of(lv.index)) * image.n_channels <= args.max_pixels]
+        answer = {"image_id": row["id"], "shape": list(image.spatial_shape), "spatial_axes": image.spatial_axes,
+                  "uncertainty": values, "uncertainty_factors": list(uncertainty.factors(level)),
+                  "image": None, "image_factors": None,
+                  "scored_fraction": float(np.isfinite(values).mean()) if values.size else 0.0}
+        if fitting:
+            answer["image"] = image.read_level(fitting[0], max_pixels=args.max_pixels)
+            answer["image_factors"] = list(image.levels[fitting[0]].factors)
+        return answer
 
-    def _opened_image(self, row: dict[str, Any]) -> Any:
-        return self._opened(("image", row["uri"], row["axes"], str(row["channels"])), _ref(row).open)
-
-    def _opened_labels(self, path: str) -> Any:
-        from bioadapt.data import LabelStore
-
-        return self._opened(("labels", path), lambda: LabelStore.open(path))
-
-    def _image(self, project: dict[str, Any], image_id: str) -> dict[str, Any]:
-        image = self.store.image(project["id"], image_id)
-        if image is None:
-            raise BioadaptError(f"project {project['id']!r} has no image {image_id!r}; get_project lists them")
-        return image
-
-    # -- scoring --------------------------------------------------------------------------------------
+    # -- scoring and selection ------------------------------------------------------------------------
     def score(self, caller: Caller, args: s.Score, progress: Callable[[dict], Any] | None = None) -> dict[str, Any]:
-        project = self._project(caller, args.project_id)
-        version, weights = self._weights(project, args.version)
-        images = ([self._image(project, args.image_id)] if args.image_id else self.store.images(project["id"]))
-        if not images:
-            raise BioadaptError(f"project {project['id']!r} has no images; add one with add_image")
-        with self.job_quota.reserve(caller.id):  # before the draw: a refused call leaves no patch behind
-            with self._draw_locks[project["id"]]:  # one draw per project at a time here; add_drawn checks replicas
-                plan = self._draw(project, images, args)
-            return self._score_job(caller, project, version, weights, args, plan, progress)
+        return score.submit(self, caller, args, progress)
 
-    def _score_job(self, caller: Caller, project: dict[str, Any], version: dict[str, Any], weights: str | None,
-                   args: s.Score, plan: list, progress: Callable[[dict], Any] | None) -> dict[str, Any]:
-        total = sum(len(todo) for _, todo in plan)
-        if total == 0:
-            raise BioadaptError("no new patch fits: the image (or its mask) is covered by earlier patches or too "
-                                "small for this patch shape")
-        options = self._options(project)
-
-        def work(runner: JobRunner) -> dict[str, Any]:
-            done, ranked = 0, []
-            for row, todo in plan:
-                request = ScoreRequest(image=_ref(row), patch_shape=tuple(args.patch_shape), passes=args.mc_passes,
-                                       acquisition=args.acquisition, seed=args.seed, predictions=row["predictions"],
-                                       uncertainty=row["uncertainty"], mask=row["mask"])
-                ranked += run_score(runner, project["model_source"], options, request, todo, actors=args.actors,
-                                    gpu_fraction=self.gpu_fraction, weights=weights, done_before=done, total=total,
-                                    on_shard=lambda results: self.store.record_scores(
-                                        project["id"], results, args.acquisition, version["number"]))
-                done += len(todo)
-                if runner.cancelled.is_set():
-                    break
-            ranked.sort(key=lambda r: -r["score"])
-            return {"scored": len(ranked), "version": version["number"], "acquisition": args.acquisition,
-                    "top": ranked[:20]}
-
-        runner = self._start(JobRunner(self.jobs, "score", work, project_id=project["id"], owner=caller.id,
-                                       progress=progress))
-        return {"job_id": runner.job.id, "patches": total}
-
-    def _draw(self, project: dict[str, Any], images: list[dict[str, Any]], args: s.Score) -> list:
-        """New windows for every image (all checked before any is stored), stored in one transaction; earlier
-        pending patches to re-score with them: [(image row, [(patch id, origin)])]."""
-        from bioadapt.data import PatchWindow, sample_patches
-
-        seen = self.store.last_patch_id(project["id"])
-        drawn = []  # (image row, new windows, earlier patches to re-score)
-        share = [args.n_patches // len(images) + (i < args.n_patches % len(images)) for i in range(len(images))]
-        for row, n in zip(images, share):
-            image = self._opened_image(row)
-            if len(args.patch_shape) != len(image.spatial_axes):
-                raise BioadaptError(f"patch_shape {args.patch_shape} has {len(args.patch_shape)} dimensions; the "
-                                    f"image has spatial axes {image.spatial_axes!r}")
-            if math.prod(args.patch_shape) > self.max_patch_pixels:
-                raise BioadaptError(f"patches of {args.patch_shape} exceed {self.max_patch_pixels} pixels; use "
-                                    "smaller patches")
-            earlier = self.store.patches(project["id"], image_id=row["id"], order="id")
-            avoid = [PatchWindow(tuple(p["origin"]), tuple(p["shape"])) for p in earlier]
-            windows = sample_patches(image, n, args.patch_shape, mask=_mask(image, row["mask"]),
-                                     seed=args.seed + len(earlier), avoid=avoid) if n else []
-            todo = [(p["id"], p["origin"]) for p in earlier
-                    if args.rescore_pending and p["status"] == "pending" and p["shape"] == args.patch_shape]
-            drawn.append((row, windows, todo))
-        added = self.store.add_drawn(project["id"], {row["id"]: [(w.origin, w.shape) for w in windows]
-                                                     for row, windows, _ in drawn}, seen=seen)
-        return [(row, todo + [(i, list(w.origin)) for i, w in zip(added[row["id"]], windows) if i is not None])
-                for row, windows, todo in drawn]
+    def select_patches(self, caller: Caller, args: s.SelectPatches) -> dict[str, Any]:
+        project = self.owned_project(caller, args.project_id)
+        name, strategy, key = score.strategy_of(args, project["model_info"])
+        picked = score.select_pending(self, project["id"], strategy.selection, key, args.select, seed=args.seed)
+        return {"strategy": name, "selection": strategy.selection, "selected": picked}
 
     # -- patches --------------------------------------------------------------------------------------
     def list_patches(self, caller: Caller, args: s.ListPatches) -> list[dict[str, Any]]:
-        project = self._project(caller, args.project_id)
+        project = self.owned_project(caller, args.project_id)
         return self.store.patches(project["id"], order=args.order, status=args.status, image_id=args.image_id,
                                   limit=args.limit, offset=args.offset)
 
@@ -307,88 +303,55 @@ class BioadaptService:
         return patch
 
     def get_patch(self, caller: Caller, args: s.GetPatch) -> dict[str, Any]:
-        import zarr
-
-        project = self._project(caller, args.project_id)
+        project = self.owned_project(caller, args.project_id)
         patch = self._patch(project, args.patch_id)
         if math.prod(patch["shape"]) > self.max_patch_pixels:
             raise BioadaptError(f"patch {patch['id']} has {math.prod(patch['shape'])} pixels, over the transfer "
                                 f"limit of {self.max_patch_pixels}; read it from the Zarr stores instead")
-        row = self._image(project, patch["image_id"])
+        row = self.image_row(project, patch["image_id"])
         origin, shape = patch["origin"], patch["shape"]
-        window = tuple(slice(o, o + n) for o, n in zip(origin, shape))
-        answer = {**patch, "image": self._opened_image(row).read(origin, shape),
-                  "predicted_labels": self._opened_labels(row["predictions"]).read(origin, shape),
-                  "uncertainty": np.asarray(self._opened(("uncertainty", row["uncertainty"]), lambda: zarr.open_array(
-                      row["uncertainty"], mode="r"))[window])}
+        answer = {**patch, "image": self.opened_image(row).read(origin, shape),
+                  "predicted_labels": self._opened_store("predictions", row).read(origin, shape),
+                  "uncertainty": self._opened_store("uncertainty", row).read(origin, shape)}
         if patch["status"] == "annotated":
-            answer["labels"] = self._opened_labels(row["labels"]).read(origin, shape)
+            answer["labels"] = self._opened_store("labels", row).read(origin, shape)
         return answer
 
     def submit_labels(self, caller: Caller, args: s.SubmitLabels) -> dict[str, Any]:
-        project = self._project(caller, args.project_id)
+        project = self.owned_project(caller, args.project_id)
         patch = self._patch(project, args.patch_id)
         labels = _labels(args.labels, patch["shape"])
-        row = self._image(project, patch["image_id"])
-        with self._patch_locks[(project["id"], patch["id"])]:
-            self._opened_labels(row["labels"]).write(patch["origin"], labels, author=caller.id)
+        row = self.image_row(project, patch["image_id"])
+        with self._patch_locks[patch["id"] % PATCH_LOCKS]:
+            self._opened_store("labels", row).write(patch["origin"], labels, author=caller.id)
             return self.store.mark_annotated(project["id"], patch["id"], caller.id, project["holdout_fraction"])
 
     def skip_patch(self, caller: Caller, args: s.SkipPatch) -> dict[str, Any]:
-        project = self._project(caller, args.project_id)
+        project = self.owned_project(caller, args.project_id)
         patch = self._patch(project, args.patch_id)
         if patch["status"] == "annotated":
             raise BioadaptError(f"patch {patch['id']} is already annotated; it cannot be skipped")
         return self.store.set_status(project["id"], patch["id"], "skipped")
 
-    def _regions(self, project: dict[str, Any], split: str) -> list[LabelledRegion]:
-        rows = {row["id"]: row for row in self.store.images(project["id"])}
-        return [LabelledRegion(_ref(rows[p["image_id"]]), rows[p["image_id"]]["labels"], tuple(p["origin"]),
-                               tuple(p["shape"]))
-                for p in self.store.patches(project["id"], status="annotated", split=split, order="annotated")]
-
-    # -- fine-tuning ----------------------------------------------------------------------------------
+    # -- the other tasks ------------------------------------------------------------------------------
     def fine_tune(self, caller: Caller, args: s.FineTune, progress: Callable[[dict], Any] | None = None
                   ) -> dict[str, Any]:
-        project = self._project(caller, args.project_id)
-        params = {**s.tuning_params(project["model_info"].get("kind", "bioimageio"), args.params),
-                  "epochs": args.epochs, "learning_rate": args.learning_rate, "batch_size": args.batch_size}
-        base, weights = self._weights(project, args.base_version)
-        regions = self._regions(project, "train")
-        if not regions:
-            raise BioadaptError("no annotated training patches yet: submit labels for some patches first (a share "
-                                "of them is held out for evaluation)")
-        folder = Path(project["folder"]) / "versions"
-        target = folder / f"{uuid.uuid4().hex[:12]}.pt"
+        return fine_tune.submit(self, caller, args, progress)
 
-        def record(outcome: dict[str, Any], job_id: str) -> dict[str, Any]:
-            if outcome["version"] is None:
-                return outcome
-            number = self.store.version(project["id"])["number"] + 1
-            self.store.add_version(project["id"], number, base["number"], outcome["version"], params,
-                                   {"training": outcome["result"], "patches": len(regions)}, job_id)
-            return {**outcome, "version": number, "parent": base["number"], "path": outcome["version"]}
+    def evaluate(self, caller: Caller, args: s.Evaluate, progress: Callable[[dict], Any] | None = None
+                 ) -> dict[str, Any]:
+        return evaluate.submit(self, caller, args, progress)
 
-        with self.job_quota.reserve(caller.id):
-            runner = self._start(fine_tune_job(
-                self.jobs, project["model_source"], self._options(project), FineTuneRequest(tuple(regions), params),
-                folder, weights=weights, target=target, project_id=project["id"], owner=caller.id, on_result=record,
-                progress=progress))
-        return {"job_id": runner.job.id, "patches": len(regions), "base_version": base["number"]}
+    def predict(self, caller: Caller, args: s.Predict, progress: Callable[[dict], Any] | None = None
+                ) -> dict[str, Any]:
+        return predict.submit(self, caller, args, progress)
+
+    def export_model(self, caller: Caller, args: s.ExportModel, progress: Callable[[dict], Any] | None = None
+                     ) -> dict[str, Any]:
+        return export.submit(self, caller, args, progress)
 
     # -- jobs -----------------------------------------------------------------------------------------
-    def _start(self, runner: JobRunner) -> JobRunner:
-        """Keep a started job's runner (for cancel and the per-user limit); forget those that ended."""
-        for job_id, other in list(self.runners.items()):
-            if not other.thread.is_alive():
-                self.runners.pop(job_id, None)
-        self.runners[runner.job.id] = runner
-        return runner
-
-    def _running_jobs(self, user: str) -> int:
-        return sum(1 for r in list(self.runners.values()) if r.job.owner == user and r.thread.is_alive())
-
-    def _job(self, caller: Caller, job_id: str):
+    def _job(self, caller: Caller, job_id: str) -> Job:
         try:
             job = self.jobs.get(job_id)
         except BioadaptError:
@@ -402,10 +365,10 @@ class BioadaptService:
 
     def list_jobs(self, caller: Caller, args: s.ListJobs) -> list[dict[str, Any]]:
         if args.project_id is not None:
-            self._project(caller, args.project_id)
+            self.owned_project(caller, args.project_id)
         return [self._public_job(job) for job in self.jobs.list(project_id=args.project_id, owner=caller.id)]
 
-    def _public_job(self, job: Any) -> dict[str, Any]:
+    def _public_job(self, job: Job) -> dict[str, Any]:
         answer = job.to_dict()
         if answer["error"]:  # a worker's cause may name files in the data folder
             answer["error"] = self.guard.redact(answer["error"])
@@ -415,85 +378,23 @@ class BioadaptService:
         """Ask a job to stop; ``cancel_requested`` only when it was still running here (a finished job, or one a
         restart interrupted, has nothing to cancel)."""
         job = self._job(caller, args.job_id)
-        runner = self.runners.get(job.id)
-        requested = runner is not None and runner.thread.is_alive() and job.state in ("queued", "running")
-        if requested:
-            runner.cancel()
+        requested = job.state in ("queued", "running") and self.jobs.cancel(job.id)
         return {"job_id": job.id, "state": job.state, "cancel_requested": requested}
 
-    # -- evaluation, prediction, export ---------------------------------------------------------------
-    def evaluate(self, caller: Caller, args: s.Evaluate) -> dict[str, Any]:
-        project = self._project(caller, args.project_id)
-        numbers = args.versions or sorted({0, self.store.version(project["id"])["number"]})
-        regions = self._regions(project, "holdout")
-        if not regions:
-            raise BioadaptError("no held-out annotated patches: annotate more patches (a share of them, "
-                                f"holdout_fraction={project['holdout_fraction']}, is kept for evaluation)")
-        weights_of = {number: self._weights(project, number)[1] for number in numbers}  # all checked first
-        results = {}
-        for number, weights in weights_of.items():
-            metrics = run_on_worker(project["model_source"], self._options(project), weights, "evaluate", regions)
-            self.store.update_version_metrics(project["id"], number, {"holdout": metrics})
-            results[str(number)] = metrics
-        return {"versions": results, "holdout_patches": len(regions)}
-
-    def predict(self, caller: Caller, args: s.Predict) -> dict[str, Any]:
-        project = self._project(caller, args.project_id)
-        row = self._image(project, args.image_id)
-        _, weights = self._weights(project, args.version)
-        if len(args.origin) != len(row["spatial_axes"]) or len(args.shape) != len(row["spatial_axes"]):
-            raise BioadaptError(f"origin and shape need one value per spatial axis {row['spatial_axes']!r}")
-        if args.return_array and math.prod(args.shape) > self.max_patch_pixels:
-            raise BioadaptError(f"a region of {args.shape} is over the transfer limit of {self.max_patch_pixels} "
-                                "pixels; leave return_array off to write it to the project's prediction store")
-        from bioadapt.data.windows import check_window
-
-        check_window(args.origin, args.shape, self._opened_image(row).spatial_shape, axes=row["spatial_axes"],
-                     where=f"image {row['id']}")
-        out = None if args.return_array else row["predictions"]
-        result = run_on_worker(project["model_source"], self._options(project), weights, "predict", _ref(row),
-                               tuple(args.origin), tuple(args.shape), out)
-        return {"labels": result, "origin": args.origin, "shape": args.shape} if args.return_array else result
-
-    def export_model(self, caller: Caller, args: s.ExportModel) -> dict[str, Any]:
-        project = self._project(caller, args.project_id)
-        version, weights = self._weights(project, args.version)
-        regions = self._regions(project, "train") or self._regions(project, "holdout")
-        if not regions:
-            raise BioadaptError("export needs one annotated patch for the package's test tensors: annotate a patch")
-        images = {i["id"]: i for i in self.store.images(project["id"])}
-        trained = [{"image": images[p["image_id"]]["uri"], "origin": p["origin"], "shape": p["shape"]}
-                   for p in self.store.patches(project["id"], status="annotated", order="annotated")]
-        name = args.name or re.sub(r"[^A-Za-z0-9_+\- ()]+", "-", f"{project['name']} (bioadapt v{version['number']})")
-        metadata = {"name": name, "authors": args.authors or [caller.id], "license": args.license,
-                    "description": args.description or f"{project['model_info'].get('name', 'model')} fine-tuned "
-                    f"with bioadapt on {len(trained)} corrected patches (project {project['name']!r}, version "
-                    f"{version['number']})."}
-        folder = Path(project["folder"]) / "exports"
-        folder.mkdir(parents=True, exist_ok=True)
-        out = folder / f"v{version['number']}-{time.strftime('%Y%m%d-%H%M%S')}.zip"
-        record = {"params": version["params"], "result": version["metrics"].get("training", {})} \
-            if version["number"] else None
-        training = {"regions": trained, "metrics": version["metrics"].get("holdout", {})}
-        path = Path(run_on_worker(project["model_source"], self._options(project), weights, "export", str(out),
-                                  metadata, training, regions[0], record))
-        answer = {"path": str(path), "version": version["number"], "size": path.stat().st_size}
-        if args.return_bytes:
-            if answer["size"] > MAX_RETURNED_EXPORT_BYTES:
-                raise BioadaptError(f"the package has {answer['size']} bytes, over {MAX_RETURNED_EXPORT_BYTES}; "
-                                    f"fetch it from {path}")
-            answer["bytes"] = path.read_bytes()
-        return answer
-
-
-def _ref(row: dict[str, Any]) -> ImageRef:
-    return ImageRef(row["uri"], row["axes"], tuple(row["channels"]) if row["channels"] else None)
-
-
-def _mask(image: Any, mask: str | None) -> Any:
-    from bioadapt.data.sampling import resolve_mask
-
-    return resolve_mask(image, mask)
+    def job_output(self, caller: Caller, args: s.JobOutput) -> Any:
+        job = self._job(caller, args.job_id)
+        outputs = (job.result or {}).get("outputs", {}) if isinstance(job.result, dict) else {}
+        if args.name not in outputs:
+            raise BioadaptError(f"job {job.id} ({job.kind}, {job.state}) has no output {args.name!r}; it has "
+                                f"{sorted(outputs)}")
+        path = Path(outputs[args.name])
+        if not path.is_file():
+            raise BioadaptError(f"the output {args.name!r} of job {job.id} is gone (its project was deleted?)")
+        size = path.stat().st_size
+        if size > MAX_RETURNED_BYTES:
+            raise BioadaptError(f"the output {args.name!r} has {size} bytes, over {MAX_RETURNED_BYTES}; fetch it "
+                                f"from {path}")
+        return np.load(path, allow_pickle=False) if path.suffix == ".npy" else path.read_bytes()
 
 
 def _labels(labels: Any, shape: Sequence[int]) -> np.ndarray:
@@ -512,4 +413,5 @@ def _public_model(model: dict[str, Any]) -> dict[str, Any]:
 
 
 def _public_image(row: dict[str, Any]) -> dict[str, Any]:
+    """An image as callers see it: never its storage options (they may hold credentials)."""
     return {k: row[k] for k in ("id", "uri", "axes", "channels", "mask", "shape", "spatial_axes", "created")}

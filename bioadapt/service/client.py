@@ -1,24 +1,28 @@
-"""The Python client: ``connect(server_url, token, workspace)`` gives the service's functions as typed methods,
-``wait(job_id)`` with a progress bar, errors as BioadaptError / AccessDenied, a fresh service handle when the old
-one expired (the service restarted), and a fresh connection when the websocket itself is gone (the embedded Hypha
-server restarted with the service)."""
+"""The Python client: ``connect(server_url, token, workspace)`` gives the service's functions as methods made from
+the service's schemas (same names, parameters and defaults; only the arguments the caller gives are sent, so the
+service's, or the adapter's, defaults apply to the rest), ``wait(job)`` with a progress bar for every job,
+errors as BioadaptError / AccessDenied, a fresh service handle when the old one expired (the service restarted),
+and a fresh connection when the websocket itself is gone (the embedded Hypha server restarted with the
+service)."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import time
 from collections.abc import Callable
 from typing import Any, get_args
 
-import numpy as np
-
 from bioadapt.errors import AccessDenied, BioadaptError
-from bioadapt.service.schemas import Acquisition
+from bioadapt.service import schemas
 
 SERVICE_ID = "bioadapt"
-ACQUISITIONS: tuple[str, ...] = get_args(Acquisition)  # what score(acquisition=...) takes
+ACQUISITIONS: tuple[str, ...] = get_args(schemas.Acquisition)  # what score(acquisition=...) takes
+STRATEGIES: tuple[str, ...] = get_args(schemas.StrategyName)  # what score(strategy=...) takes
+DEFAULT_RANDOM_PATCHES = schemas.DEFAULT_RANDOM_PATCHES  # what score draws in random mode without n_patches
 FINISHED = ("done", "failed", "cancelled")
+_UNITS = {"score": "patch", "fine_tune": "epoch", "evaluate": "patch", "predict": "tile"}
 RECONNECT_TIMEOUT_S = 120  # how long a call waits for a restarted server before it gives up
 # errors that mean the handle is stale (the service restarted) and the call never ran: safe to re-fetch and retry;
 # a timeout is not among them (the call may have run, and score / fine_tune must not start twice)
@@ -101,6 +105,11 @@ class BioadaptClient:
 
     def _call(self, function: str, /, **kwargs: Any) -> Any:
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        for name, value in kwargs.items():
+            if getattr(getattr(value, "dtype", None), "kind", "") in ("O", "U", "S", "V", "M", "m"):
+                # hypha-rpc would send an object array's pointers, and the service could not even decode the call
+                raise BioadaptError(f"{function}: {name} must be a numpy integer array, got dtype {value.dtype}; "
+                                    f"cast it with {name}.astype(np.uint32)")
         if callable(kwargs.get("progress")):
             # hypha-rpc drops a plain function argument when the call returns (score / fine_tune return a job id
             # at once); one inside an object marked _rintf stays callable until the service disposes of it
@@ -130,100 +139,14 @@ class BioadaptClient:
                 raise
         raise BioadaptError(f"{function}: the service did not answer after re-connecting")
 
-    # -- models and projects --------------------------------------------------------------------------
-    def load_model(self, source: str, dropout_p: float = 0.05, mc_scope: str | None = None,
-                   output_activation: str | None = None) -> dict[str, Any]:
-        """Load a bioimage.io package or cellpose:<name or path>; returns {id, source, info}."""
-        return self._call("load_model", source=source, dropout_p=dropout_p, mc_scope=mc_scope,
-                          output_activation=output_activation)
-
-    def list_models(self) -> list[dict[str, Any]]:
-        return self._call("list_models")
-
-    def create_project(self, name: str, model: str, images: list[dict[str, Any]] | None = None,
-                       description: str = "", holdout_fraction: float = 0.25) -> dict[str, Any]:
-        """images: [{"uri": ..., "axes": None, "channels": None, "mask": None | "auto" | label name}]."""
-        return self._call("create_project", name=name, model=model, images=images or [], description=description,
-                          holdout_fraction=holdout_fraction)
-
-    def list_projects(self) -> list[dict[str, Any]]:
-        return self._call("list_projects")
-
-    def get_project(self, project_id: str) -> dict[str, Any]:
-        return self._call("get_project", project_id=project_id)
-
-    def delete_project(self, project_id: str) -> dict[str, Any]:
-        return self._call("delete_project", project_id=project_id)
-
-    def add_image(self, project_id: str, uri: str, axes: str | None = None, channels: list[int] | None = None,
-                  mask: str | None = None) -> dict[str, Any]:
-        return self._call("add_image", project_id=project_id, uri=uri, axes=axes, channels=channels, mask=mask)
-
-    # -- the loop -------------------------------------------------------------------------------------
-    def score(self, project_id: str, n_patches: int = 64, patch_shape: list[int] | tuple[int, ...] = (256, 256),
-              mc_passes: int = 16, acquisition: str = "bald", image_id: str | None = None,
-              version: int | None = None, seed: int = 0, rescore_pending: bool = False, actors: int | None = None,
-              progress: Callable[[dict], Any] | None = None) -> dict[str, Any]:
-        """Start scoring new patches; returns {job_id, patches}."""
-        return self._call("score", project_id=project_id, n_patches=n_patches, patch_shape=list(patch_shape),
-                          mc_passes=mc_passes, acquisition=acquisition, image_id=image_id, version=version, seed=seed,
-                          rescore_pending=rescore_pending, actors=actors, progress=progress)
-
-    def list_patches(self, project_id: str, order: str = "score", status: str | None = None,
-                     image_id: str | None = None, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
-        return self._call("list_patches", project_id=project_id, order=order, status=status, image_id=image_id,
-                          limit=limit, offset=offset)
-
-    def get_patch(self, project_id: str, patch_id: int) -> dict[str, Any]:
-        """{image, predicted_labels, uncertainty, score, origin, shape, status, [labels]}."""
-        return self._call("get_patch", project_id=project_id, patch_id=patch_id)
-
-    def submit_labels(self, project_id: str, patch_id: int, labels: np.ndarray) -> dict[str, Any]:
-        if isinstance(labels, np.ndarray) and labels.dtype.kind in "OUSVMm":
-            # hypha-rpc would send an object array's pointers, and the service could not even decode the call
-            raise BioadaptError(f"labels must be a numpy integer array, got dtype {labels.dtype}; cast them with "
-                                "labels.astype(np.uint32)")
-        return self._call("submit_labels", project_id=project_id, patch_id=patch_id, labels=labels)
-
-    def skip_patch(self, project_id: str, patch_id: int) -> dict[str, Any]:
-        return self._call("skip_patch", project_id=project_id, patch_id=patch_id)
-
-    def fine_tune(self, project_id: str, epochs: int = 20, learning_rate: float = 1e-3, batch_size: int = 4,
-                  base_version: int | None = None, params: dict[str, Any] | None = None,
-                  progress: Callable[[dict], Any] | None = None) -> dict[str, Any]:
-        """Start fine-tuning on the annotated patches; returns {job_id, patches, base_version}."""
-        return self._call("fine_tune", project_id=project_id, epochs=epochs, learning_rate=learning_rate,
-                          batch_size=batch_size, base_version=base_version, params=params, progress=progress)
-
-    def job_status(self, job_id: str) -> dict[str, Any]:
-        return self._call("job_status", job_id=job_id)
-
-    def list_jobs(self, project_id: str | None = None) -> list[dict[str, Any]]:
-        return self._call("list_jobs", project_id=project_id)
-
-    def cancel_job(self, job_id: str) -> dict[str, Any]:
-        return self._call("cancel_job", job_id=job_id)
-
-    def evaluate(self, project_id: str, versions: list[int] | None = None) -> dict[str, Any]:
-        return self._call("evaluate", project_id=project_id, versions=versions)
-
-    def predict(self, project_id: str, image_id: str, origin: list[int], shape: list[int],
-                version: int | None = None, return_array: bool = False) -> dict[str, Any]:
-        return self._call("predict", project_id=project_id, image_id=image_id, origin=list(origin),
-                          shape=list(shape), version=version, return_array=return_array)
-
-    def export_model(self, project_id: str, version: int | None = None, name: str | None = None,
-                     description: str | None = None, authors: list[str] | None = None, license: str | None = None,
-                     return_bytes: bool = False) -> dict[str, Any]:
-        return self._call("export_model", project_id=project_id, version=version, name=name,
-                          description=description, authors=authors, license=license, return_bytes=return_bytes)
-
     # -- helpers --------------------------------------------------------------------------------------
-    def wait(self, job_id: str, progress: bool = True, poll_s: float = 0.5, timeout_s: float | None = None,
-             raise_on_failure: bool = True) -> dict[str, Any]:
-        """Poll a job until it finishes, with a tqdm bar (patches for scoring, epochs for fine-tuning)."""
+    def wait(self, job: str | dict[str, Any], progress: bool = True, poll_s: float = 0.5,
+             timeout_s: float | None = None, raise_on_failure: bool = True) -> dict[str, Any]:
+        """Poll a job (its id, what score / fine_tune / evaluate / predict / export_model answered, or its
+        record) until it finishes, with a tqdm bar; returns the job record, its ``result`` included."""
         from tqdm.auto import tqdm
 
+        job_id = (job.get("job_id") or job["id"]) if isinstance(job, dict) else job
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         bar = None
         try:
@@ -232,8 +155,7 @@ class BioadaptClient:
                 done, total = _progress_counts(job)
                 if progress and total:
                     if bar is None:
-                        bar = tqdm(total=total, desc=f"{job['kind']} {job_id}",
-                                   unit="patch" if job["kind"] == "score" else "epoch")
+                        bar = tqdm(total=total, desc=f"{job['kind']} {job_id}", unit=_UNITS.get(job["kind"], "step"))
                     bar.n = min(done, total)
                     postfix = {k: job["progress"][k] for k in ("patches_per_second", "loss", "validation")
                                if isinstance(job["progress"].get(k), (int, float))}
@@ -278,9 +200,61 @@ def _quietly_disconnect(server: Any) -> None:
 
 def _progress_counts(job: dict[str, Any]) -> tuple[int, int]:
     progress = job.get("progress") or {}
-    if job["kind"] == "score":
-        return int(progress.get("done", 0)), int(progress.get("total", 0))
-    return int(progress.get("epoch", 0)), int(progress.get("epochs", 0))
+    if job["kind"] == "fine_tune":
+        return int(progress.get("epoch", 0)), int(progress.get("epochs", 0))
+    return int(progress.get("done", 0)), int(progress.get("total", 0))
+
+
+def defaults(function: str) -> dict[str, Any]:
+    """The defaults the service applies to ``function``'s parameters a caller leaves out (None: decided later,
+    e.g. by the model's adapter)."""
+    return {name: field.get_default(call_default_factory=True)
+            for name, field in schemas.FUNCTIONS[function].model_fields.items() if not field.is_required()}
+
+
+def _signature(function: str) -> inspect.Signature:
+    """The method's signature from the function's schema: required parameters first, in schema order."""
+    fields = schemas.FUNCTIONS[function].model_fields
+    required = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=field.annotation)
+                for name, field in fields.items() if field.is_required()]
+    optional = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=field.annotation,
+                                  default=field.get_default(call_default_factory=True))
+                for name, field in fields.items() if not field.is_required()]
+    if function in schemas.JOB_FUNCTIONS:
+        optional.append(inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                          annotation=Callable[[dict], Any] | None))
+    self = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return inspect.Signature([self, *required, *optional], return_annotation=Any)
+
+
+def _doc(function: str) -> str:
+    model = schemas.FUNCTIONS[function]
+    lines = [inspect.cleandoc(model.__doc__ or function), ""]
+    for name, field in model.model_fields.items():
+        shown = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+        lines.append(f"{name} ({shown}){': ' + field.description if field.description else ''}")
+    if function in schemas.JOB_FUNCTIONS:
+        lines += ["progress: optional callback receiving the job's progress dicts", "",
+                  "Returns {job_id, ...} at once: svc.wait(answer) follows the job and returns it with its result."]
+    return "\n".join(lines)
+
+
+def _method(function: str) -> Callable[..., Any]:
+    signature = _signature(function)
+
+    def call(self: "BioadaptClient", *args: Any, **kwargs: Any) -> Any:
+        given = signature.bind(self, *args, **kwargs).arguments  # only what the caller gave: no defaults added
+        given.pop("self")
+        return self._call(function, **given)
+
+    call.__name__ = call.__qualname__ = function
+    call.__signature__ = signature
+    call.__doc__ = _doc(function)
+    return call
+
+
+for _function in schemas.FUNCTIONS:
+    setattr(BioadaptClient, _function, _method(_function))
 
 
 def _message(error: Exception) -> str:

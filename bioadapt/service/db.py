@@ -31,7 +31,8 @@ images = Table(
     Column("uri", Text, nullable=False), Column("axes", String), Column("channels", Text),
     Column("mask", Text), Column("shape", Text, nullable=False), Column("spatial_axes", String, nullable=False),
     Column("labels", Text, nullable=False), Column("predictions", Text, nullable=False),
-    Column("uncertainty", Text, nullable=False), Column("created", Float, nullable=False))
+    Column("uncertainty", Text, nullable=False), Column("storage_options", Text, default="{}"),
+    Column("created", Float, nullable=False))
 
 patches = Table(
     "patches", metadata,
@@ -39,7 +40,8 @@ patches = Table(
     Column("project_id", String, ForeignKey("projects.id", ondelete="CASCADE"), nullable=False, index=True),
     Column("image_id", String, nullable=False), Column("origin", Text, nullable=False),
     Column("shape", Text, nullable=False), Column("score", Float), Column("scores", Text, default="{}"),
-    Column("objects", Integer), Column("version", Integer), Column("status", String, nullable=False),
+    Column("objects", Integer), Column("features", Text), Column("selection_rank", Integer),
+    Column("version", Integer), Column("status", String, nullable=False),
     Column("split", String), Column("annotator", String), Column("created", Float, nullable=False),
     Column("scored", Float), Column("annotated", Float))
 

@@ -1,28 +1,35 @@
-"""The Ray side: model actors that load their adapter once, read their own patches from Zarr, score them,
-write predictions and uncertainty maps, and fine-tune; how many there are and what resources they take.
+"""The Ray side, and only that: a generic model actor that holds one loaded model and runs any task's worker body
+on it, a pool that keeps those actors warm for the next image or task while the weights stay the same, one call
+on an actor with progress, cancel and retry, and the cluster's resources.
 
-The driver only sends coordinates and paths: pixels move between Zarr and the actors, never through the driver.
+What the actors run lives with each task (``service/tasks/``); the driver only sends coordinates and paths:
+pixels move between Zarr and the actors, never through the service.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import os
 import re
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from bioadapt.errors import BioadaptError
 
+if TYPE_CHECKING:
+    from bioadapt.service.jobs import JobRunner
+
 log = logging.getLogger(__name__)
+DEFAULT_ACTOR_IDLE_S = 60.0  # how long an idle model actor stays loaded for the next job on the same model
+EVICT_AFTER_S = 30.0  # a new actor pending this long while the cluster is full makes an idle one go
 
 # torch threads (and Ray CPUs) per model actor or task. One: on the 2 busy cores we measured, a fine-tuning
 # step took 137 ms with one thread and 1.5 s with two (benchmarks/bench_threads.py, results/threads*.json);
@@ -31,258 +38,64 @@ WORKER_THREADS = 1
 
 
 @dataclass(frozen=True)
-class ImageRef:
-    """What a worker needs to open an image itself."""
+class ModelSpec:
+    """Which model an actor holds: a source (path, URL, zoo id, cellpose:<name>, or a package's bytes), the
+    adapter's options, and the weights of a model version loaded over the source's (None: the source's own)."""
 
-    uri: str
-    axes: str | None = None
-    channels: tuple[int, ...] | None = None
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    source: str | bytes
+    options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    weights: str | None = None
 
-    def open(self):
-        from bioadapt.data import open_image
+    @property
+    def key(self) -> tuple[str, str, str | None]:
+        source = self.source if isinstance(self.source, str) else "sha1:" + hashlib.sha1(self.source).hexdigest()
+        return source, json.dumps(self.options, sort_keys=True, default=str), self.weights
+
+
+def load_model(spec: ModelSpec) -> tuple[Any, tempfile.TemporaryDirectory | None]:
+    """The adapter for ``spec`` (and the temporary folder holding a package sent as bytes, to keep alive)."""
+    from bioadapt.adapters import load_adapter
+
+    source, folder = spec.source, None
+    if isinstance(source, bytes):  # a package sent once through the object store
+        folder = tempfile.TemporaryDirectory(prefix="bioadapt-model-")
+        path = Path(folder.name) / "model.zip"
+        path.write_bytes(source)
+        source = str(path)
+    try:
+        adapter = load_adapter(source, **{"threads": WORKER_THREADS, **spec.options})
+    except Exception as e:
+        raise BioadaptError(f"worker on {os.uname().nodename} cannot load model {source!r}: {e}") from e
+    if spec.weights is not None:
+        import torch
 
         try:
-            return open_image(self.uri, self.axes, list(self.channels) if self.channels else None,
-                              storage_options=self.storage_options or None)
+            state = torch.load(spec.weights, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise BioadaptError(f"worker on {os.uname().nodename} cannot open image {self.uri!r}: {e}. On a "
-                                "cluster, image URIs must be reachable from every worker (shared storage, s3://, "
-                                "http://)") from e
+            raise BioadaptError(f"worker on {os.uname().nodename} cannot read model weights {spec.weights!r}: {e}. "
+                                "On a cluster, the project folder must be on storage every worker reaches") from e
+        adapter.load_state_dict(state)
+    return adapter, folder
 
 
-@dataclass(frozen=True)
-class ScoreRequest:
-    image: ImageRef
-    patch_shape: tuple[int, ...]
-    passes: int = 16
-    acquisition: str = "bald"
-    reduce: str = "mean"  # see bioadapt.active.patch_score
-    seed: int = 0
-    predictions: str | None = None  # LabelStore path for the model's segmentation of each patch
-    uncertainty: str | None = None  # Zarr array path for the per-pixel acquisition map
-    mask: str | None = None  # the image's sampling mask (label image name or "auto"): scores count pixels inside it
-    features: bool = False  # also return the model's pooled features of each patch (for selection rules)
+def describe(adapter: Any) -> dict[str, Any]:
+    """A worker body: the model's ``describe()`` as plain data."""
+    return adapter.describe().to_dict()
 
 
-def patch_seed(seed: int, patch_id: int) -> int:
-    """One seed per patch for the random baseline, so its scores do not depend on how patches are sharded."""
-    return (seed * 1_000_003 + patch_id) % (2**31)
+class ModelActor:
+    """What a model actor runs (a plain class, so it is testable without Ray): the model loaded once, and any
+    task's worker body ``body(adapter, *args, stop=Event, progress=callable)`` run on it."""
 
-
-def score_patches(adapter: Any, request: ScoreRequest, patches: Sequence[tuple[int, Sequence[int]]],
-                  stop: threading.Event | None = None) -> list[dict[str, Any]]:
-    """Score (patch id, origin) pairs: read, MC passes, acquisition map, patch score, segmentation, writes."""
-    from bioadapt.active import ACQUISITIONS, patch_score
-    from bioadapt.data.sampling import resolve_mask
-
-    if request.acquisition not in ACQUISITIONS:
-        raise BioadaptError(f"unknown acquisition {request.acquisition!r}; known: {sorted(ACQUISITIONS)}")
-    image = request.image.open()
-    sampling_mask = resolve_mask(image, request.mask)
-    predictions = _open_predictions(request.predictions)
-    uncertainty = _open_uncertainty(request.uncertainty)
-    activation = adapter.describe().activation
-    function = ACQUISITIONS[request.acquisition]
-    results = []
-    for patch_id, origin in patches:
-        if stop is not None and stop.is_set():
-            break
-        started = time.perf_counter()
-        pixels = image.read(origin, request.patch_shape, dtype="float32")
-        if not np.isfinite(pixels).all():
-            raise BioadaptError(f"patch {patch_id} at {list(origin)} of {request.image.uri} holds NaN or infinite "
-                                "pixels; fill them (or exclude that region with a sampling mask) before scoring")
-        # one MC seed for the whole round: every patch sees the same dropout masks (common random numbers),
-        # so score differences come from the patches, not from the masks each happened to draw
-        samples = adapter.mc_proba(pixels[None], passes=request.passes, seed=request.seed)[:, 0]
-        score_map = function(samples, activation=activation,
-                             **({"seed": patch_seed(request.seed, patch_id)} if request.acquisition == "random"
-                                else {}))
-        labels = adapter.segment(pixels[None])[0]
-        if predictions is not None:
-            predictions.write(origin, labels.astype(np.uint32), author="bioadapt-model")
-        if uncertainty is not None:
-            uncertainty[tuple(slice(o, o + s) for o, s in zip(origin, request.patch_shape))] = score_map
-        inside = None if sampling_mask is None else sampling_mask.window(origin, request.patch_shape)
-        if inside is not None and not inside.any():  # a window that only grazes the mask
-            inside = None
-        result = {"patch_id": int(patch_id), "origin": [int(o) for o in origin],
-                  "score": patch_score(score_map, inside, reduce=request.reduce, labels=labels),
-                  "objects": int(len(np.unique(labels)) - 1)}
-        if request.features:
-            result["features"] = [float(v) for v in adapter.patch_features(pixels[None])[0]]
-        results.append(result | {"seconds": round(time.perf_counter() - started, 4)})
-    return results
-
-
-def _open_predictions(path: str | None):
-    if path is None:
-        return None
-    from bioadapt.data import LabelStore
-
-    return LabelStore.open(path)
-
-
-def _open_uncertainty(path: str | None):
-    if path is None:
-        return None
-    import zarr
-
-    return zarr.open_array(path, mode="r+")
-
-
-def create_uncertainty_store(path: str | Path, image: Any, chunks: Sequence[int] | None = None) -> str:
-    """A float32 Zarr array on the image's spatial grid for per-pixel acquisition maps; empty chunks are not
-    written, so it grows with what was scored."""
-    import zarr
-
-    shape = image.spatial_shape
-    chunks = tuple(chunks or [min(256, s) for s in shape])
-    zarr.create_array(str(path), shape=shape, chunks=chunks, dtype="float32", fill_value=np.nan,
-                      config={"write_empty_chunks": False}, overwrite=True)
-    return str(path)
-
-
-@dataclass(frozen=True)
-class LabelledRegion:
-    """An annotated patch a worker reads itself: image, label store and window."""
-
-    image: ImageRef
-    label_store: str
-    origin: tuple[int, ...]
-    shape: tuple[int, ...]
-
-    def read(self) -> tuple[np.ndarray, np.ndarray]:
-        from bioadapt.data import LabelStore
-
-        pixels = self.image.open().read(self.origin, self.shape, dtype="float32")
-        return pixels, LabelStore.open(self.label_store).read(self.origin, self.shape).astype(np.int64)
-
-
-@dataclass(frozen=True)
-class FineTuneRequest:
-    regions: tuple[LabelledRegion, ...]  # the corrected patches, read by the worker
-    params: dict[str, Any] = field(default_factory=dict)
-
-
-def training_samples(request: FineTuneRequest) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [region.read() for region in request.regions]
-
-
-def segments_instances(info: dict[str, Any]) -> bool:
-    """Whether ``segment`` gives instances (Cellpose; sigmoid with foreground [+ boundaries]) or classes."""
-    return info["output_kind"] == "cellpose" or (info["output_kind"] == "sigmoid" and info["n_classes"] <= 2)
-
-
-class ModelWorker:
-    """What a model actor runs (a plain class, so it is testable without Ray)."""
-
-    def __init__(self, source: str | bytes, options: dict[str, Any] | None = None, weights: str | None = None):
-        from bioadapt.adapters import load_adapter
-
-        self._tmp = None
-        if isinstance(source, bytes):  # a package sent once through the object store
-            self._tmp = tempfile.TemporaryDirectory(prefix="bioadapt-model-")
-            path = Path(self._tmp.name) / "model.zip"
-            path.write_bytes(source)
-            source = str(path)
-        try:
-            self.adapter = load_adapter(source, **{"threads": WORKER_THREADS, **(options or {})})
-        except Exception as e:
-            raise BioadaptError(f"worker on {os.uname().nodename} cannot load model {source!r}: {e}") from e
-        if weights is not None:
-            self.load_weights(weights)
+    def __init__(self, spec: ModelSpec):
+        self.adapter, self._folder = load_model(spec)
         self._stop = threading.Event()
         self._progress: dict[str, Any] = {}
 
-    def load_weights(self, path: str) -> None:
-        """Replace the model's weights by a saved version (a state dict written by ``fine_tune``)."""
-        import torch
-
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise BioadaptError(f"worker on {os.uname().nodename} cannot read model weights {path!r}: {e}. On a "
-                                "cluster, the project folder must be on storage every worker reaches") from e
-        self.adapter.load_state_dict(state)
-
-    def describe(self) -> dict[str, Any]:
-        return self.adapter.describe().to_dict()
-
-    def score(self, request: ScoreRequest, patches: Sequence[tuple[int, Sequence[int]]]) -> list[dict[str, Any]]:
-        self._stop.clear()
-        return score_patches(self.adapter, request, patches, self._stop)
-
-    def fine_tune(self, request: FineTuneRequest) -> dict[str, Any]:
-        """Train on the corrected regions; returns the result and the new weights as bytes."""
-        import io
-
-        import torch
-
+    def run(self, body: Callable[..., Any], *args: Any) -> Any:
         self._stop.clear()
         self._progress = {}
-        result = self.adapter.fine_tune(training_samples(request), request.params,
-                                        progress=self._progress.update, stop=self._stop.is_set)
-        buffer = io.BytesIO()
-        torch.save(self.adapter.state_dict(), buffer)
-        return {"result": result.to_dict(), "weights": buffer.getvalue()}
-
-    def evaluate(self, regions: Sequence[LabelledRegion]) -> dict[str, Any]:
-        """The model's segmentation of each region against its labels: F1 / AP at IoU 0.5 pooled over the
-        regions for instance models, mean Dice for semantic ones."""
-        from bioadapt.active.metrics import dice, match_instances, summarize_matches
-
-        if not regions:
-            raise BioadaptError("nothing to evaluate: no held-out annotated patches yet; annotate more patches")
-        instances = segments_instances(self.describe())
-        matches, dices = [], []
-        for region in regions:
-            pixels, truth = region.read()
-            predicted = self.adapter.segment(pixels[None])[0]
-            if instances:
-                matches.append(match_instances(predicted, truth, 0.5))
-            else:
-                dices.append(dice(predicted, truth))
-        if instances:
-            summary = summarize_matches(matches)
-            return {"metric": "f1@0.5", "f1": summary["f1"], "ap": summary["ap"], "tp": summary["tp"],
-                    "fp": summary["fp"], "fn": summary["fn"], "patches": len(regions)}
-        return {"metric": "dice", "dice": float(np.mean(dices)), "patches": len(regions)}
-
-    def predict(self, image: ImageRef, origin: Sequence[int], shape: Sequence[int], out: str | None = None,
-                tile: int = 512) -> np.ndarray | dict[str, Any]:
-        """Segment a region tile by tile; labels go to the label store ``out`` (returned: where) or, without
-        ``out``, come back as an array."""
-        from bioadapt.data import LabelStore
-
-        opened = image.open()
-        store = LabelStore.open(out) if out else None
-        labels = None if store else np.zeros(tuple(shape), np.int32)
-        tiles = 0
-        for tile_origin in np.ndindex(*[max(1, -(-s // tile)) for s in shape]):
-            start = [o + t * tile for o, t in zip(origin, tile_origin)]
-            size = [min(tile, o + s - a) for o, s, a in zip(origin, shape, start)]
-            predicted = self.adapter.segment(opened.read(start, size, dtype="float32")[None])[0]
-            if store is not None:  # ids are per tile: objects cut by a tile border keep two ids
-                store.write(start, predicted.astype(np.uint32), author="bioadapt-model")
-            else:
-                labels[tuple(slice(a - o, a - o + z) for a, o, z in zip(start, origin, size))] = predicted
-            tiles += 1
-        return {"labels": out, "origin": list(origin), "shape": list(shape), "tiles": tiles} if store else labels
-
-    def export(self, out: str, metadata: dict[str, Any], training: dict[str, Any],
-               test_region: LabelledRegion | None = None, fine_tune_record: dict[str, Any] | None = None) -> str:
-        """Write the model (with its current weights) as a bioimage.io package that passes the model test;
-        ``fine_tune_record`` ({"params", "result"}) documents the training of weights loaded from a file."""
-        from bioadapt.exporters import export_bioimageio
-
-        if fine_tune_record:
-            self.adapter.record_training(fine_tune_record.get("params", {}), fine_tune_record.get("result", {}))
-        training = dict(training)
-        if test_region is not None:
-            training["test_input"] = test_region.read()[0]
-        return str(export_bioimageio(self.adapter, out, training=training, **metadata))
+        return body(self.adapter, *args, stop=self._stop, progress=self._progress.update)
 
     def progress(self) -> dict[str, Any]:
         return dict(self._progress)
@@ -336,7 +149,7 @@ def _threads(options: dict[str, Any] | None) -> int:
 
 
 def pool_size(requested: int | None, gpu_fraction: float = 0.5) -> int:
-    """Actors a scoring job gets: what the cluster holds (GPUs / fraction, else CPUs), capped by the job."""
+    """Actors a job gets: what the cluster holds (GPUs / fraction, else CPUs), capped by the job."""
     import ray
 
     resources = ray.cluster_resources()
@@ -345,18 +158,199 @@ def pool_size(requested: int | None, gpu_fraction: float = 0.5) -> int:
     return max(1, min(fits, requested or fits))
 
 
-def make_actor(source: str | bytes, options: dict[str, Any] | None, kind: str = "score", gpu_fraction: float = 0.5,
-               weights: str | None = None):
+def make_actor(spec: ModelSpec, kind: str = "score", gpu_fraction: float = 0.5) -> Any:
     """A model actor (threaded, so stop() and progress() answer while it works); restarted by Ray up to twice
     when its process dies."""
-    return _remote(ModelWorker, max_concurrency=2, max_restarts=2, max_task_retries=0).options(
-        **actor_options(kind, gpu_fraction, _threads(options))).remote(source, options, weights)
+    return _remote(ModelActor, max_concurrency=2, max_restarts=2, max_task_retries=0).options(
+        **actor_options(kind, gpu_fraction, _threads(spec.options))).remote(spec)
 
 
+class ModelPool:
+    """Model actors kept warm between jobs: a job leases actors for a model (``ModelSpec``) and gives them back;
+    the next job on the same model and weights (another image, another task of the project) gets them without
+    loading the model again. Idle actors go after ``idle_s`` seconds, or at once when a new actor waits for room."""
 
-def _worker_call(source: str | bytes, options: dict[str, Any] | None, weights: str | None, method: str,
-                 *args: Any) -> Any:
-    return getattr(ModelWorker(source, options, weights), method)(*args)
+    def __init__(self, gpu_fraction: float = 0.5, idle_s: float = DEFAULT_ACTOR_IDLE_S,
+                 evict_after_s: float = EVICT_AFTER_S):
+        self.gpu_fraction = gpu_fraction
+        self.idle_s = idle_s
+        self.evict_after_s = evict_after_s
+        self.started = 0  # actors started so far: each loaded its model once
+        self._idle: list[tuple[tuple, Any, float]] = []  # (key, actor, idle since), oldest first
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        threading.Thread(target=self._reap, name="bioadapt-actor-reaper", daemon=True).start()
+
+    def _key(self, spec: ModelSpec, kind: str) -> tuple:
+        return spec.key, json.dumps(actor_options(kind, self.gpu_fraction), sort_keys=True)
+
+    def idle(self) -> int:
+        with self._lock:
+            return len(self._idle)
+
+    def _take(self, key: tuple, n: int) -> list[Any]:
+        with self._lock:
+            mine = [entry for entry in self._idle if entry[0] == key][-n:] if n > 0 else []
+            for entry in mine:
+                self._idle.remove(entry)
+        return [actor for _, actor, _ in mine]
+
+    def lease(self, spec: ModelSpec, n: int = 1, *, kind: str = "score",
+              cancelled: threading.Event | None = None) -> list[Any]:
+        """``n`` actors holding ``spec``'s model, ready to run; fewer (maybe none) only when ``cancelled`` is set
+        while they start. Idle actors of other models are stopped when the new ones need their room."""
+        import ray
+
+        key = self._key(spec, kind)
+        ready = self._take(key, n)
+        self._make_room(kind, n - len(ready))
+        new = [make_actor(spec, kind, self.gpu_fraction) for _ in range(n - len(ready))]
+        with self._lock:
+            self.started += len(new)
+        pending = {actor.ping.remote(): actor for actor in new}
+        waiting_since = time.monotonic()
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0.5)
+                for ref in done:
+                    ray.get(ref)
+                    ready.append(pending.pop(ref))
+                if not pending:
+                    break
+                if cancelled is not None and cancelled.is_set():
+                    for actor in pending.values():
+                        ray.kill(actor)
+                    return ready
+                for actor in self._take(key, len(pending)):  # a job on the same model just finished
+                    ray.kill(pending.pop(next(iter(pending))))
+                    ready.append(actor)
+                if time.monotonic() - waiting_since > self.evict_after_s and self._room(kind) < len(pending):
+                    self._evict(count=1)  # room was misjudged (another job gave actors back meanwhile)
+                    waiting_since = time.monotonic()
+        except ray.exceptions.RayActorError as e:
+            for actor in [*ready, *pending.values()]:
+                ray.kill(actor)
+            raise BioadaptError(f"model actors could not start: {remote_cause(e)}") from e
+        return ready
+
+    def _make_room(self, kind: str, count: int) -> None:
+        """Stop idle actors (longest idle first) until the cluster has room for ``count`` new ones of ``kind``."""
+        import ray
+
+        if count <= 0 or not self.idle():
+            return
+        room = self._room(kind)
+        while room < count and self._evict(count=1):
+            room += 1  # an idle actor holds what a new one needs (its resources return a moment after the kill)
+
+    def _room(self, kind: str) -> int:
+        """How many more actors of ``kind`` the cluster's free resources hold now."""
+        import ray
+
+        available = ray.available_resources()
+        need = actor_options(kind, self.gpu_fraction)  # Ray's option names; its resources are "CPU" and "GPU"
+        resource = {"num_cpus": "CPU", "num_gpus": "GPU"}
+        return min(int(available.get(resource[name], 0) / amount) for name, amount in need.items() if amount)
+
+    def release(self, spec: ModelSpec, actors: list[Any], *, kind: str = "score", healthy: bool = True) -> None:
+        """Give leased actors back (idle, for the next job on the same model); unhealthy ones are stopped."""
+        import ray
+
+        key = self._key(spec, kind)
+        for actor in actors:
+            if healthy and not self._closed.is_set():
+                with self._lock:
+                    self._idle.append((key, actor, time.monotonic()))
+            else:
+                ray.kill(actor)
+
+    def _evict(self, count: int | None = None, older_than_s: float = 0.0) -> int:
+        now = time.monotonic()
+        with self._lock:
+            old = [entry for entry in self._idle if now - entry[2] >= older_than_s][:count]
+            for entry in old:
+                self._idle.remove(entry)
+        if not old:
+            return 0
+        import ray
+
+        for _, actor, _ in old:
+            ray.kill(actor)
+        return len(old)
+
+    def _reap(self) -> None:
+        while not self._closed.wait(1.0):
+            try:
+                self._evict(older_than_s=self.idle_s)
+            except Exception:  # Ray shut down under us: nothing left to stop
+                log.debug("reaping idle actors failed", exc_info=True)
+
+    def drop(self, specs: list[ModelSpec]) -> int:
+        """Stop the idle actors holding one of ``specs`` (a deleted project's versions)."""
+        keys = {spec.key for spec in specs}
+        with self._lock:
+            gone = [entry for entry in self._idle if entry[0][0] in keys]
+            for entry in gone:
+                self._idle.remove(entry)
+        if gone:
+            import ray
+
+            for _, actor, _ in gone:
+                ray.kill(actor)
+        return len(gone)
+
+    def close(self) -> None:
+        """Stop every idle actor; actors given back later are stopped too."""
+        self._closed.set()
+        self._evict()
+
+
+def run_body(runner: "JobRunner", actor: Any, body: Callable[..., Any], *args: Any, what: str,
+             retries: int = 2, poll_s: float = 0.5) -> Any:
+    """Run ``body`` on ``actor`` for a job: its progress goes to the job's record, cancelling the job stops it,
+    and a call lost with its actor's process is retried (Ray restarts the actor) up to ``retries`` times."""
+    import ray
+
+    attempts = 0
+    while True:
+        ref = actor.run.remote(body, *args)
+        try:
+            while not ray.wait([ref], timeout=poll_s)[0]:
+                if runner.cancelled.is_set():
+                    actor.stop.remote()
+                runner.report(**ray.get(actor.progress.remote()))
+            result = ray.get(ref)
+            runner.report(**ray.get(actor.progress.remote()))  # the last report, also when the call took < poll_s
+            return result
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            attempts += 1
+            if attempts > retries or not wait_until_alive(actor):
+                raise BioadaptError(f"{what} failed: the model actor died {attempts} time(s); last cause: "
+                                    f"{remote_cause(e)}") from e
+            runner.report(retries=attempts)
+        except ray.exceptions.RayTaskError as e:
+            raise BioadaptError(f"{what} failed: {remote_cause(e)}") from e
+
+
+def wait_until_alive(actor: Any, timeout_s: float = 120) -> bool:
+    """True once a restarted actor answers; False when it is gone for good (restarts used up)."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ping.remote(), timeout=timeout_s)
+            return True
+        except ray.exceptions.ActorDiedError:
+            return False
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+            time.sleep(0.5)
+    return False
+
+
+def _run_once(spec: ModelSpec, body: Callable[..., Any], *args: Any) -> Any:
+    adapter, _folder = load_model(spec)
+    return body(adapter, *args)
 
 
 @functools.cache
@@ -367,17 +361,16 @@ def _remote(target: Any, **options: Any) -> Any:
     return ray.remote(**options)(target)
 
 
-def run_on_worker(source: str | bytes, options: dict[str, Any] | None, weights: str | None, method: str,
-                  *args: Any, timeout: float | None = None) -> Any:
-    """One short piece of model work (describe, evaluate, predict, export) as a Ray task: the model is loaded
-    in a worker process, never in the service's. Errors come back as BioadaptError with the worker's cause."""
+def run_once(spec: ModelSpec, body: Callable[..., Any], *args: Any, timeout_s: float | None = None) -> Any:
+    """``body(adapter, *args)`` in a Ray task of its own (the model is loaded in a worker process, never in the
+    service's), for short checks such as ``describe``. Errors come back as BioadaptError with the worker's cause."""
     import ray
 
-    task = _remote(_worker_call, max_retries=0).options(**actor_options("task", threads=_threads(options)))
+    task = _remote(_run_once, max_retries=0).options(**actor_options("task", threads=_threads(spec.options)))
     try:
-        return ray.get(task.remote(source, options, weights, method, *args), timeout=timeout)
+        return ray.get(task.remote(spec, body, *args), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError as e:
-        raise BioadaptError(f"{method} took longer than {timeout} s on the Ray worker") from e
+        raise BioadaptError(f"the model took longer than {timeout_s} s on the Ray worker") from e
     except ray.exceptions.RayError as e:
         raise BioadaptError(remote_cause(e)) from e
 

@@ -25,8 +25,9 @@ from bioadapt.service.limits import CallGate, Limits
 log = logging.getLogger(__name__)
 SERVICE_ID = "bioadapt"
 # functions that may take long: they run in their own pool and count against a user's slow-call limit
-SLOW_FUNCTIONS = frozenset({"load_model", "create_project", "add_image", "score", "get_patch", "fine_tune",
-                            "evaluate", "predict", "export_model", "delete_project"})
+SLOW_FUNCTIONS = frozenset({"load_model", "create_project", "add_image", "score", "select_patches", "get_patch",
+                            "get_overview", "job_output", "fine_tune", "evaluate", "predict", "export_model",
+                            "delete_project"})
 
 
 def caller_of(context: dict[str, Any] | None) -> Caller:
@@ -41,7 +42,7 @@ def _arguments(name: str, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]
     if args and len(args) == 1 and isinstance(args[0], dict) and not kwargs:
         return dict(args[0])
     fields = list(schemas.FUNCTIONS[name].model_fields)
-    if name in schemas.WITH_PROGRESS:
+    if name in schemas.JOB_FUNCTIONS:
         fields.append("progress")
     if len(args) > len(fields):
         raise BioadaptError(f"{name} takes at most {len(fields)} positional arguments ({', '.join(fields)}), "
@@ -103,7 +104,7 @@ def build_service(api: BioadaptService, *, public: bool = False, pools: CallPool
             try:
                 caller = caller_of(context)
                 values = _arguments(name, args, kwargs)
-                progress = values.pop("progress", None) if name in schemas.WITH_PROGRESS else None
+                progress = values.pop("progress", None) if name in schemas.JOB_FUNCTIONS else None
                 try:
                     validated = model.model_validate(values)
                 except ValidationError as e:

@@ -1,5 +1,8 @@
 """The arguments of every service function as pydantic models: they give each function its JSON schema (for
-ImJoy, napari and LLM agents) and validate every call (Hypha publishes schemas but does not check calls)."""
+ImJoy, napari and LLM agents), validate every call (Hypha publishes schemas but does not check calls), and are
+the one place that declares each function's parameters and defaults: the Python client's methods are made from
+them, and a parameter the caller leaves out keeps the default declared here (or, for fine-tuning, the adapter's
+own)."""
 
 from __future__ import annotations
 
@@ -7,14 +10,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from bioadapt.active import ACQUISITIONS, DEFAULT_STRATEGY, STRATEGIES
 from bioadapt.errors import BioadaptError
-
-from bioadapt.active import ACQUISITIONS, STRATEGIES
 
 Acquisition = Literal[tuple(ACQUISITIONS)]  # per-pixel maps, by their names in bioadapt.active
 StrategyName = Literal[tuple(STRATEGIES)]  # acquisition + patch score + selection over the pool (bioadapt.active)
-PatchOrder = Literal["score", "id", "created", "annotated"]
+PatchOrder = Literal["selection", "score", "id", "created", "annotated"]
 PatchStatus = Literal["pending", "annotated", "skipped"]
+DEFAULT_RANDOM_PATCHES = 64
+MAX_PATCHES = 100_000
+FEATURELESS_STRATEGY = "bald"  # the default strategy for models without patch features (Cellpose)
 MAX_INT = 2**53  # ids, offsets, seeds, coordinates: what a database integer and a JavaScript number both hold
 
 
@@ -70,6 +75,9 @@ class ImageSpec(Args):
         None, description="channels to feed the model (default: all)")
     mask: Id | None = Field(None, description="sampling mask: 'auto' (foreground of the coarsest level) or the name "
                                               "of a label image inside the OME-Zarr (e.g. 'tissue')")
+    storage_options: dict[str, Any] | None = Field(
+        None, description="fsspec options to reach a remote image, e.g. {'key': ..., 'secret': ..., 'client_kwargs': "
+                          "{'endpoint_url': ...}} for s3://; kept with the project, never shown back")
 
 
 class CreateProject(Args):
@@ -102,29 +110,63 @@ class DeleteProject(ProjectRef):
     """Delete a project with its labels, predictions, model versions and exports."""
 
 
-class AddImage(ProjectRef, ImageSpec):
+class AddImage(ImageSpec, ProjectRef):
     """Add an image to a project."""
 
 
 class Score(ProjectRef):
-    """Draw new patches (random, inside the mask, not overlapping earlier ones) and score them with MC dropout on
-    Ray actors; returns a job id (poll job_status, or pass a progress callback)."""
+    """Score patches with MC dropout on Ray actors, then pick the ones to annotate from the whole pool of pending
+    patches (list_patches gives them first); returns a job id (wait for it, or pass a progress callback).
+    mode 'random': new patches drawn at random inside the mask, not overlapping earlier ones. mode 'grid': every
+    tile inside the mask (a whole slide), with an uncertainty overview of the image (get_overview)."""
 
-    n_patches: int = Field(64, ge=1, le=100_000)
+    n_patches: int | None = Field(None, ge=1, le=MAX_PATCHES, description=f"random: how many patches (default "
+                                  f"{DEFAULT_RANDOM_PATCHES}); grid: at most this many tiles (default: every tile)")
     patch_shape: Shape = Field(default_factory=lambda: [256, 256], min_length=2, max_length=3)
     mc_passes: int = Field(16, ge=2, le=256)
-    acquisition: Acquisition = "bald"
-    image_id: Id | None = Field(None, description="default: patches spread over every image of the project")
+    strategy: StrategyName | None = Field(None, description="how patches are scored and the ones to annotate "
+                                          "picked: a name of bioadapt.active.STRATEGIES (acquisition map, patch "
+                                          f"score, selection over the pool); default {DEFAULT_STRATEGY!r}, or "
+                                          f"{FEATURELESS_STRATEGY!r} for models that give no patch features")
+    acquisition: Acquisition | None = Field(None, description="another acquisition map than the strategy's")
+    image_id: Id | None = Field(None, description="default: every image of the project")
     version: Count | None = Field(None, description="model version (default: the latest)")
     seed: Count = 0
-    rescore_pending: bool = Field(False, description="also re-score earlier patches still waiting for labels")
+    rescore_pending: bool = Field(False, description="random: also re-score earlier patches still waiting for "
+                                                     "labels (grid mode re-scores pending tiles always)")
     actors: int | None = Field(None, ge=1, le=1024, description="at most this many model actors")
+    mode: Literal["random", "grid"] = "random"
+    stride: Shape | None = Field(None, min_length=2, max_length=3, description="grid: tile step (default: the "
+                                                                               "patch shape)")
+    select: int = Field(32, ge=1, le=MAX_PATCHES, description="how many patches to pick for annotation")
+
+
+class SelectPatches(ProjectRef):
+    """Pick the patches to annotate again from every pending scored patch of the project (no new scoring);
+    list_patches gives them first."""
+
+    strategy: StrategyName | None = Field(None, description="a name of bioadapt.active.STRATEGIES (default: as "
+                                                             "for score)")
+    select: int = Field(32, ge=1, le=MAX_PATCHES)
+    acquisition: Acquisition | None = Field(None, description="rank by this acquisition's scores (default: the "
+                                                              "strategy's)")
+    seed: Count = 0
+
+
+class GetOverview(ProjectRef):
+    """An image's uncertainty overview (a coarse level of its uncertainty OME-Zarr: mean acquisition per pixel,
+    NaN where nothing was scored) and the image's own level of about the same size, with the level-0 pixels per
+    overview pixel, to lay both over the whole image."""
+
+    image_id: Id
+    max_pixels: int = Field(1024 * 1024, ge=1, le=16 * 1024 * 1024)
 
 
 class ListPatches(ProjectRef):
-    """Patches of a project, the most uncertain first by default."""
+    """Patches of a project: by default the ones picked for annotation first (in their order), then the rest by
+    score."""
 
-    order: PatchOrder = "score"
+    order: PatchOrder = "selection"
     status: PatchStatus | None = None
     image_id: Id | None = None
     limit: int = Field(50, ge=1, le=10_000)
@@ -200,15 +242,17 @@ def validation_message(name: str, error: ValidationError, prefix: str = "") -> s
 
 class FineTune(ProjectRef):
     """Fine-tune on every annotated training patch on a Ray actor; returns a job id. A new model version
-    appears when the job is done; cancel keeps the previous versions untouched."""
+    appears when the job is done; cancel keeps the previous versions untouched. Parameters left out keep the
+    adapter's own defaults (e.g. Cellpose's train_seg learning rate and weight decay)."""
 
-    epochs: int = Field(20, ge=1, le=10_000)
-    learning_rate: float = Field(1e-3, gt=0, le=1)
-    batch_size: int = Field(4, ge=1, le=1024)
+    epochs: int | None = Field(None, ge=1, le=10_000, description="default: the adapter's")
+    learning_rate: float | None = Field(None, gt=0, le=1, description="default: the adapter's")
+    batch_size: int | None = Field(None, ge=1, le=1024, description="default: the adapter's")
     base_version: Count | None = Field(None, description="version to start from (default: the latest)")
     params: dict[str, Any] = Field(default_factory=dict, description="more fine-tuning parameters, by the "
-                                   "project's model kind: " + "; ".join(f"{kind}: {', '.join(model.model_fields)}"
-                                                                        for kind, model in TUNING.items()))
+                                   "project's model kind (unset ones keep the adapter's defaults): "
+                                   + "; ".join(f"{kind}: {', '.join(model.model_fields)}"
+                                               for kind, model in TUNING.items()))
 
 
 class JobRef(Args):
@@ -223,6 +267,13 @@ class CancelJob(JobRef):
     """Ask a running job to stop (within a couple of seconds)."""
 
 
+class JobOutput(JobRef):
+    """A file a finished job made (its result lists them under 'outputs'): an array (predict's labels) or bytes
+    (export's package)."""
+
+    name: Id
+
+
 class ListJobs(Args):
     """Your jobs, optionally of one project."""
 
@@ -231,43 +282,45 @@ class ListJobs(Args):
 
 class Evaluate(ProjectRef):
     """Compare model versions on the held-out annotated patches: F1 and AP at IoU 0.5 for instance models, Dice
-    for semantic ones."""
+    for semantic ones; returns a job id (the metrics are its result)."""
 
     versions: list[Count] | None = Field(None, max_length=100, description="default: the first and the latest "
                                                                           "version")
 
 
 class Predict(ProjectRef):
-    """Segment a region of a project image with a model version: written to the image's prediction store, or
-    returned as an array when small and return_array is set."""
+    """Segment a region of a project image with a model version; returns a job id. The labels go to the image's
+    prediction store, or, with return_array (small regions), to the job's output 'labels' (job_output)."""
 
     image_id: Id
     origin: Origin
     shape: Shape
     version: Count | None = None
-    return_array: bool = Field(False, description="return labels instead of writing them (small regions only)")
+    return_array: bool = Field(False, description="keep the labels as the job's output instead of writing them "
+                                                   "(small regions only)")
 
 
 class ExportModel(ProjectRef):
-    """Export a model version as a bioimage.io package (format 0.5) that passes bioimageio.core's test."""
+    """Export a model version as a bioimage.io package (format 0.5) that passes bioimageio.core's test; returns a
+    job id. The package is the job's output 'package' (job_output), and stays in the project's folder."""
 
     version: Count | None = Field(None, description="default: the latest")
     name: Name | None = None
     description: Text | None = None
     authors: list[Name] = Field(default_factory=list, max_length=100)
     license: Name | None = None
-    return_bytes: bool = Field(False, description="also return the .zip bytes (small packages only)")
 
 
 FUNCTIONS: dict[str, type[Args]] = {
     "load_model": LoadModel, "list_models": ListModels, "create_project": CreateProject,
     "list_projects": ListProjects, "get_project": GetProject, "delete_project": DeleteProject,
-    "add_image": AddImage, "score": Score, "list_patches": ListPatches, "get_patch": GetPatch,
-    "submit_labels": SubmitLabels, "skip_patch": SkipPatch, "fine_tune": FineTune, "job_status": JobStatus,
-    "list_jobs": ListJobs, "cancel_job": CancelJob, "evaluate": Evaluate, "predict": Predict,
-    "export_model": ExportModel,
+    "add_image": AddImage, "score": Score, "select_patches": SelectPatches, "list_patches": ListPatches,
+    "get_patch": GetPatch, "get_overview": GetOverview, "submit_labels": SubmitLabels, "skip_patch": SkipPatch,
+    "fine_tune": FineTune, "job_status": JobStatus, "list_jobs": ListJobs, "cancel_job": CancelJob,
+    "job_output": JobOutput, "evaluate": Evaluate, "predict": Predict, "export_model": ExportModel,
 }
-WITH_PROGRESS = ("score", "fine_tune")
+#: Functions that start a job (they return {"job_id", ...} at once and take an optional progress callback).
+JOB_FUNCTIONS = ("score", "fine_tune", "evaluate", "predict", "export_model")
 
 
 def function_schema(name: str) -> dict[str, Any]:
@@ -276,7 +329,7 @@ def function_schema(name: str) -> dict[str, Any]:
     parameters = model.model_json_schema()
     parameters.pop("title", None)
     description = parameters.pop("description", (model.__doc__ or "").strip())
-    if name in WITH_PROGRESS:
+    if name in JOB_FUNCTIONS:
         parameters.setdefault("properties", {})["progress"] = {
             "description": "optional callback receiving progress dicts while the job runs: an object "
                            "{_rintf: true, on_progress: function} (a bare function is dropped when the call "

@@ -45,6 +45,7 @@ class ServeOptions:
     port: int | None = None
     num_cpus: int | None = None
     device: str = "auto"
+    actor_idle_s: float | None = None  # how long idle model actors stay loaded (None: the service's default)
     user: str | None = None  # who the printed token is for (embedded server)
     limits: Limits | None = None  # per-user calls and jobs at once (default: Limits.from_env())
     remote_timeout: float | None = None  # read timeout of http(s) / s3 images, seconds (default 30)
@@ -109,9 +110,10 @@ async def _serve(options: ServeOptions, stop: asyncio.Event) -> None:
         server_url, service_token, workspace = options.server_url, options.token, options.workspace
     try:
         resources = await asyncio.to_thread(start_ray, options.ray_address, options.num_cpus)
+        tuning = {} if options.actor_idle_s is None else {"actor_idle_s": options.actor_idle_s}
         api = await asyncio.to_thread(BioadaptService, data_dir, database_url=options.database_url,
                                       allow_paths=options.allow_paths, public=options.public, device=options.device,
-                                      limits=options.limits)
+                                      limits=options.limits, **tuning)
         config: dict[str, Any] = {"server_url": server_url}
         if service_token:
             config["token"] = service_token
@@ -152,12 +154,11 @@ def _finish(api: Any, pools: Any, timeout_s: float) -> None:
     """Cancel the jobs and let them and the calls in flight end (up to ``timeout_s``) before Ray goes down: a
     thread still inside Ray while it shuts down can abort the process."""
     deadline = time.monotonic() + timeout_s
-    runners = list(api.runners.values())
+    runners = api.jobs.running()
     for runner in runners:
         runner.cancel()
     calls_ended = pools.close(timeout_s)
-    for runner in runners:
-        runner.thread.join(max(0.0, deadline - time.monotonic()))
+    api.close(wait_s=max(0.0, deadline - time.monotonic()))  # the jobs end, then the idle actors stop
     if not calls_ended or any(r.thread.is_alive() for r in runners):
         log.warning("bioadapt serve: calls or jobs still running after %s s; stopping anyway", timeout_s)
 

@@ -21,7 +21,7 @@ from bioadapt.service import db
 PATCH_STATES = ("pending", "annotated", "skipped")
 Window = tuple[Sequence[int], Sequence[int]]  # (origin, shape)
 JSON_COLUMNS = {"options", "info", "model_options", "model_info", "channels", "shape", "origin", "scores", "metrics",
-                "params"}
+                "params", "storage_options", "features"}
 
 
 def _row(row: Any) -> dict[str, Any]:
@@ -168,9 +168,21 @@ class ProjectStore:
                 if scores is None:
                     continue  # the project was deleted while it was being scored
                 scores = {**json.loads(scores), acquisition: result["score"]}
+                features = {"features": json.dumps(result["features"])} if "features" in result else {}
                 conn.execute(db.patches.update().where(where).values(
                     score=result["score"], scores=json.dumps(scores), objects=result.get("objects"),
-                    version=version, scored=now))
+                    version=version, scored=now, **features))  # a score without features keeps earlier ones
+
+    def set_selection(self, project_id: str, patch_ids: Sequence[int]) -> None:
+        """The patches picked for annotation, in order (earlier picks of the project are forgotten)."""
+        with self.engine.begin() as conn:
+            conn.execute(db.patches.update().where(db.patches.c.project_id == project_id,
+                                                   db.patches.c.selection_rank.is_not(None))
+                         .values(selection_rank=None))
+            for rank, patch_id in enumerate(patch_ids, start=1):
+                conn.execute(db.patches.update().where(db.patches.c.project_id == project_id,
+                                                       db.patches.c.id == int(patch_id))
+                             .values(selection_rank=rank))
 
     def patches(self, project_id: str, *, order: str = "score", status: str | None = None,
                 image_id: str | None = None, split: str | None = None, limit: int | None = None,
@@ -182,7 +194,9 @@ class ProjectStore:
             query = query.where(db.patches.c.image_id == image_id)
         if split is not None:
             query = query.where(db.patches.c.split == split)
-        ordering = {"score": (db.patches.c.score.is_(None), db.patches.c.score.desc(), db.patches.c.id),
+        by_score = (db.patches.c.score.is_(None), db.patches.c.score.desc(), db.patches.c.id)
+        ordering = {"selection": (db.patches.c.selection_rank.is_(None), db.patches.c.selection_rank, *by_score),
+                    "score": by_score,
                     "id": (db.patches.c.id,), "created": (db.patches.c.created, db.patches.c.id),
                     "annotated": (db.patches.c.annotated, db.patches.c.id)}[order]
         query = query.order_by(*ordering).offset(offset)

@@ -2,11 +2,13 @@
 // is one call of the "bioadapt" service; this file only wires the page to those calls.
 import { connect, errorMessage, fromNdarray, runJob, toNdarray } from "./rpc.js";
 import { PatchView, labelColor } from "./patch-view.js";
+import { OverviewView } from "./overview.js";
 
 const $ = (id) => document.getElementById(id);
 const STORAGE = { serverUrl: "bioadapt.server_url", workspace: "bioadapt.workspace" };
 const state = { service: null, server: null, project: null, patches: [], patch: null, busy: new Set() };
 const view = new PatchView($("patch-canvas"));
+const overview = new OverviewView($("overview-canvas"));
 
 // -- messages -------------------------------------------------------------------------------------------------
 function say(text, { error = false } = {}) {
@@ -118,7 +120,24 @@ async function openProject(projectId) {
   for (const item of $("projects").children) item.classList.toggle("selected", item.dataset.projectId === projectId);
   closePatch();
   await loadPatches();
+  await loadOverview();
 }
+
+/** The uncertainty overview of the open patch's image (else the project's first image). */
+async function loadOverview() {
+  const imageId = state.patch?.imageId ?? state.project.images[0]?.id;
+  if (!imageId) return;
+  const answer = await state.service.get_overview({ project_id: state.project.id, image_id: imageId });
+  overview.show(answer);
+  overview.setPatches(state.patches, state.patch?.id);
+  $("overview-status").textContent = `${(100 * answer.scored_fraction).toFixed(1)}% scored · ` +
+    `${answer.shape.join(" × ")} px, shown at 1/${Math.round(answer.uncertainty_factors.at(-1))}`;
+}
+
+$("show-overview").addEventListener("change", () => {
+  overview.showUncertainty = $("show-overview").checked;
+  overview.render();
+});
 
 /** Fetch the project and show its summary (versions, patch counts). */
 async function showProject(projectId) {
@@ -139,9 +158,10 @@ $("score-form").addEventListener("submit", (event) => {
   event.preventDefault();
   const size = Number($("patch-size").value), dims = state.project.images[0]?.spatial_axes?.length || 2;
   const args = {
-    project_id: state.project.id, n_patches: Number($("n-patches").value), mc_passes: Number($("mc-passes").value),
+    project_id: state.project.id, mode: $("mode").value, mc_passes: Number($("mc-passes").value),
     acquisition: $("acquisition").value, patch_shape: Array(dims).fill(size),
   };
+  if (args.mode === "random") args.n_patches = Number($("n-patches").value);
   act($("score"), "Scoring", async () => {
     $("score-progress").value = 0;
     const job = await runJob(state.service, (progress) => state.service.score({ ...args, progress }), (info) => {
@@ -158,6 +178,7 @@ $("score-form").addEventListener("submit", (event) => {
     $("score-status").textContent = `done: ${job.result.scored} patches scored (${job.result.acquisition}, model ` +
       `version ${job.result.version})`;
     await refreshCounts();
+    await loadOverview();
   });
 });
 
@@ -177,12 +198,15 @@ async function loadPatches() {
     list.append(item);
   }
   if (!state.patches.length) list.innerHTML = `<li class="muted">no patches yet: score some</li>`;
+  overview.setPatches(state.patches, state.patch?.id);
 }
 
 async function openPatch(patchId) {
   const got = await state.service.get_patch({ project_id: state.project.id, patch_id: patchId });
   const labels = fromNdarray(got.labels ?? got.predicted_labels);
-  state.patch = { id: got.id, status: got.status, shape: got.shape, origin: got.origin, score: got.score };
+  const shownImage = state.patch?.imageId ?? state.project.images[0]?.id;
+  state.patch = { id: got.id, status: got.status, shape: got.shape, origin: got.origin, score: got.score,
+    imageId: got.image_id };
   view.show({ image: fromNdarray(got.image), labels, uncertainty: fromNdarray(got.uncertainty) });
   $("patch-canvas").classList.remove("empty");
   $("placeholder").hidden = true;
@@ -196,6 +220,8 @@ async function openPatch(patchId) {
   for (const item of $("patches").children) item.classList.toggle("selected", Number(item.dataset.patchId) === got.id);
   showPatchInfo(got.labels ? "your labels" : "the model's labels");
   updateButtons();
+  if (got.image_id !== shownImage) await loadOverview();
+  else overview.setPatches(state.patches, got.id);
 }
 
 function showPatchInfo(source) {
@@ -298,8 +324,9 @@ function plotLoss(losses) {
 
 $("tune-form").addEventListener("submit", (event) => {
   event.preventDefault();
-  const args = { project_id: state.project.id, epochs: Number($("epochs").value),
-    learning_rate: Number($("learning-rate").value) };
+  const args = { project_id: state.project.id }; // fields left empty keep the model's own defaults
+  if ($("epochs").value) args.epochs = Number($("epochs").value);
+  if ($("learning-rate").value) args.learning_rate = Number($("learning-rate").value);
   act($("fine-tune"), "Fine-tuning", async () => {
     const losses = [];
     plotLoss(losses);
@@ -326,8 +353,12 @@ $("tune-form").addEventListener("submit", (event) => {
 // -- export ---------------------------------------------------------------------------------------------------
 $("export").addEventListener("click", () => act($("export"), "Exporting", async () => {
   $("download").hidden = true;
-  const answer = await state.service.export_model({ project_id: state.project.id, return_bytes: true });
-  const bytes = answer.bytes instanceof Uint8Array ? answer.bytes : new Uint8Array(answer.bytes);
+  const job = await runJob(state.service, (progress) => state.service.export_model({
+    project_id: state.project.id, progress }), (info) => { $("export-status").textContent = info.stage || info.state; });
+  if (job.state !== "done") throw new Error(`the export job ${job.state}: ${job.error || ""}`);
+  const answer = job.result;
+  const got = await state.service.job_output({ job_id: job.id, name: "package" });
+  const bytes = got instanceof Uint8Array ? got : new Uint8Array(got);
   const link = $("download");
   if (link.href.startsWith("blob:")) URL.revokeObjectURL(link.href);
   link.href = URL.createObjectURL(new Blob([bytes], { type: "application/zip" }));

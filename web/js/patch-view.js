@@ -16,12 +16,12 @@ function hsvToRgb(h, s, v) {
 }
 
 /** Heat-map colour for t in [0, 1]: red to yellow (its opacity grows with t, so calm pixels stay untouched). */
-function heat(t) {
+export function heat(t) {
   return [255, Math.round(230 * t), 0];
 }
 
 /** The [low, high] percentiles of a plane, for the contrast stretch. */
-function percentiles(values, low = 0.005, high = 0.995) {
+export function percentiles(values, low = 0.005, high = 0.995) {
   const sorted = Float64Array.from(values).filter((v) => Number.isFinite(v)).sort();
   if (!sorted.length) return [0, 1];
   const at = (q) => sorted[Math.min(sorted.length - 1, Math.floor(q * (sorted.length - 1)))];

@@ -1,0 +1,87 @@
+"""Evaluation: model versions compared on the held-out annotated patches, each version on an actor holding its
+weights: F1 and AP at IoU 0.5 pooled over the patches for instance models, mean Dice for semantic ones. The
+metrics are stored with each version."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bioadapt.data import LabelledRegion
+from bioadapt.errors import BioadaptError
+from bioadapt.service import schemas as s
+
+if TYPE_CHECKING:
+    from bioadapt.service.api import BioadaptService, Caller
+    from bioadapt.service.jobs import JobRunner
+
+
+def evaluate_regions(adapter: Any, regions: Sequence[LabelledRegion], *, stop: threading.Event | None = None,
+                     progress: Callable[..., None] | None = None) -> dict[str, Any]:
+    """The worker body: the model's segmentation of each region against its labels."""
+    from bioadapt.active.metrics import dice, match_instances, summarize_matches
+
+    if not regions:
+        raise BioadaptError("nothing to evaluate: no held-out annotated patches yet; annotate more patches")
+    instances = adapter.describe().instances  # the adapter's own targets say (affinities give instances too)
+    matches, dices = [], []
+    for done, region in enumerate(regions, start=1):
+        if stop is not None and stop.is_set():
+            break
+        pixels, truth = region.read()
+        predicted = adapter.segment(pixels[None])[0]
+        if instances:
+            matches.append(match_instances(predicted, truth, 0.5))
+        else:
+            dices.append(dice(predicted, truth))
+        if progress is not None:
+            progress(done=done, total=len(regions))
+    if instances:
+        summary = summarize_matches(matches)
+        return {"metric": "f1@0.5", "f1": summary["f1"], "ap": summary["ap"], "tp": summary["tp"],
+                "fp": summary["fp"], "fn": summary["fn"], "patches": len(matches)}
+    return {"metric": "dice", "dice": float(np.mean(dices)) if dices else None, "patches": len(dices)}
+
+
+def submit(service: "BioadaptService", caller: "Caller", args: s.Evaluate,
+           progress: Callable[[dict], Any] | None = None) -> dict[str, Any]:
+    project = service.owned_project(caller, args.project_id)
+    numbers = args.versions or sorted({0, service.version(project, None)["number"]})
+    versions = [service.version(project, number) for number in numbers]  # every one checked first
+    regions = service.regions(project, "holdout")
+    if not regions:
+        raise BioadaptError("no held-out annotated patches: annotate more patches (a share of them, "
+                            f"holdout_fraction={project['holdout_fraction']}, is kept for evaluation)")
+    runner = service.start_job("evaluate", lambda job: _evaluate(service, job, project, versions, regions), caller,
+                               project, progress)
+    return {"job_id": runner.job.id, "versions": numbers, "patches": len(regions)}
+
+
+def _evaluate(service: "BioadaptService", runner: "JobRunner", project: dict[str, Any],
+              versions: list[dict[str, Any]], regions: list[LabelledRegion]) -> dict[str, Any]:
+    from bioadapt.service.execution import run_body
+
+    results = {}
+    for index, version in enumerate(versions):
+        if runner.cancelled.is_set():
+            break
+        runner.report(version=version["number"], versions_done=index, versions=len(versions))
+        spec = service.model_spec(project, version)
+        actors = service.pool.lease(spec, 1, cancelled=runner.cancelled)
+        if not actors:
+            break
+        healthy = False
+        try:
+            metrics = run_body(runner, actors[0], evaluate_regions, regions, what="evaluation")
+            healthy = True
+        finally:
+            service.pool.release(spec, actors, healthy=healthy)
+        if runner.cancelled.is_set():
+            break
+        service.store.update_version_metrics(project["id"], version["number"], {"holdout": metrics})
+        results[str(version["number"])] = metrics
+    runner.report(versions_done=len(results))
+    return {"versions": results, "holdout_patches": len(regions)}

@@ -1,0 +1,89 @@
+"""Fine-tuning: the model trained on the project's annotated training patches on one actor (a whole GPU when
+there is one), with live progress (epoch, loss) and a clean stop on cancel; the new weights become a new model
+version, the earlier versions are never touched. Only the parameters the caller set are sent: the rest keep the
+adapter's own defaults."""
+
+from __future__ import annotations
+
+import io
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bioadapt.data import LabelledRegion
+from bioadapt.errors import BioadaptError
+from bioadapt.service import schemas as s
+
+if TYPE_CHECKING:
+    from bioadapt.service.api import BioadaptService, Caller
+    from bioadapt.service.jobs import JobRunner
+
+
+
+@dataclass(frozen=True)
+class FineTuneRequest:
+    regions: tuple[LabelledRegion, ...]  # the corrected patches, read by the worker
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def fine_tune_on(adapter: Any, request: FineTuneRequest, *, stop: threading.Event,
+                 progress: Callable[..., None]) -> dict[str, Any]:
+    """The worker body: train on the corrected regions; returns the training's result and the new weights."""
+    import torch
+
+    samples = [region.read() for region in request.regions]
+    result = adapter.fine_tune(samples, request.params, progress=lambda info: progress(**info), stop=stop.is_set)
+    buffer = io.BytesIO()
+    torch.save(adapter.state_dict(), buffer)
+    return {"result": result.to_dict(), "weights": buffer.getvalue()}
+
+
+def params_of(args: s.FineTune, kind: str) -> dict[str, Any]:
+    """The adapter's parameters: ``args.params`` (checked against the schema of the model ``kind``) and the named
+    ones the caller gave, nothing else: what the caller left out keeps the adapter's own default."""
+    named = {name: getattr(args, name) for name in s.TUNED_BY_FINE_TUNE if getattr(args, name) is not None}
+    return {**s.tuning_params(kind, args.params), **named}
+
+
+def submit(service: "BioadaptService", caller: "Caller", args: s.FineTune,
+           progress: Callable[[dict], Any] | None = None) -> dict[str, Any]:
+    project = service.owned_project(caller, args.project_id)
+    params = params_of(args, project["model_info"].get("kind", "bioimageio"))  # refused before anything else
+    base = service.version(project, args.base_version)
+    regions = service.regions(project, "train")
+    if not regions:
+        raise BioadaptError("no annotated training patches yet: submit labels for some patches first (a share "
+                            "of them is held out for evaluation)")
+    runner = service.start_job("fine_tune", lambda job: _fine_tune(service, job, project, base, regions, params),
+                               caller, project, progress)
+    return {"job_id": runner.job.id, "patches": len(regions), "base_version": base["number"]}
+
+
+def _fine_tune(service: "BioadaptService", runner: "JobRunner", project: dict[str, Any], base: dict[str, Any],
+               regions: list[LabelledRegion], params: dict[str, Any]) -> dict[str, Any]:
+    from bioadapt.service.execution import run_body
+
+    spec = service.model_spec(project, base)
+    actors = service.pool.lease(spec, 1, kind="fine_tune", cancelled=runner.cancelled)
+    if not actors:
+        return {"result": None, "version": None}
+    try:
+        outcome = run_body(runner, actors[0], fine_tune_on, FineTuneRequest(tuple(regions), params),
+                           what="fine-tuning")
+    finally:
+        service.pool.release(spec, actors, kind="fine_tune", healthy=False)  # its weights are not the spec's now
+    if runner.cancelled.is_set():
+        return {"result": outcome["result"], "version": None}
+    folder = Path(project["folder"]) / "versions"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{uuid.uuid4().hex[:12]}.pt"
+    partial = path.with_suffix(".partial")
+    partial.write_bytes(outcome["weights"])
+    partial.rename(path)
+    number = service.store.version(project["id"])["number"] + 1
+    service.store.add_version(project["id"], number, base["number"], str(path), params,
+                              {"training": outcome["result"], "patches": len(regions)}, runner.job.id)
+    return {"result": outcome["result"], "version": number, "parent": base["number"], "path": str(path)}

@@ -1,0 +1,257 @@
+"""The service's tasks in one process (no Hypha): a real BioadaptService on the test session's Ray, called as the
+Hypha layer calls it. Model actors are loaded once per model and weights, whole images are scored in grid mode
+with their uncertainty overview, the patches to label are picked over the whole pool, protected S3 images are
+scored with their credentials, and nothing the service keeps about a job or a project outlives it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from model_factory import unet_package
+from service_helpers import ray_cpus_free, wait_until
+
+from bioadapt.data import UncertaintyStore, open_image, sample_patches
+from bioadapt.data.synthetic import write_synthetic_ome_zarr
+from bioadapt.data.uncertainty import nan_downsample
+from bioadapt.errors import BioadaptError
+from bioadapt.service import schemas as s
+from bioadapt.service.api import BioadaptService, Caller
+from bioadapt.service.tasks.fine_tune import params_of
+
+ray = pytest.importorskip("ray")
+
+ALICE = Caller("alice")
+PATCH = [64, 64]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task-inputs")
+    write_synthetic_ome_zarr(root / "a.ome.zarr", (384, 384), "crowded", seed=0)
+    write_synthetic_ome_zarr(root / "b.ome.zarr", (256, 256), "crowded", seed=1)
+    # a slide-like image: cells only inside a tissue mask (labels/tissue), four resolution levels
+    write_synthetic_ome_zarr(root / "slide.ome.zarr", (1024, 1024), "crowded", seed=2, tissue_fraction=0.4)
+    model = unet_package(root / "model.zip", features=4, weights=("pytorch_state_dict",))
+    return {"root": root, "model": model}
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster, inputs, tmp_path_factory):
+    wait_until(ray_cpus_free, 60, "Ray idle before the task tests")
+    service = BioadaptService(tmp_path_factory.mktemp("task-data"), allow_paths=[inputs["root"]], device="cpu",
+                              actor_idle_s=30)
+    yield service
+    service.close()
+
+
+def _run(service: BioadaptService, function: str, timeout_s: float = 300, **arguments) -> dict:
+    """Start a task as the Hypha layer does (validated arguments) and wait for its job."""
+    started = getattr(service, function)(ALICE, s.FUNCTIONS[function].model_validate(arguments))
+    deadline = time.monotonic() + timeout_s
+    while (job := service.jobs.get(started["job_id"])).state not in ("done", "failed", "cancelled"):
+        assert time.monotonic() < deadline, f"{function} still {job.state} after {timeout_s} s"
+        time.sleep(0.2)
+    assert job.state == "done", job.error
+    return job.to_dict()
+
+
+def _project(service: BioadaptService, inputs: dict, *images: str, **image_options) -> dict:
+    model = service.load_model(ALICE, s.LoadModel(source=str(inputs["model"])))
+    specs = [{"uri": str(inputs["root"] / name), **image_options} for name in images]
+    return service.create_project(ALICE, s.CreateProject(name="tasks", model=model["id"], images=specs))
+
+
+def _annotate(service: BioadaptService, project: dict, count: int) -> None:
+    for patch in service.list_patches(ALICE, s.ListPatches(project_id=project["id"], limit=count)):
+        row = next(i for i in project["images"] if i["id"] == patch["image_id"])
+        truth = zarr.open_group(row["uri"], mode="r")["labels/ground_truth/0"]
+        (y, x), (h, w) = patch["origin"], patch["shape"]
+        service.submit_labels(ALICE, s.SubmitLabels(project_id=project["id"], patch_id=patch["id"],
+                                                    labels=np.asarray(truth[y:y + h, x:x + w], np.uint32)))
+
+
+def test_one_model_load_serves_every_image_and_task_of_a_version(service, inputs):
+    """The actor that scored the first image scores the second, then evaluates and predicts: one model load."""
+    before = service.pool.started
+    project = _project(service, inputs, "a.ome.zarr", "b.ome.zarr")
+    job = _run(service, "score", project_id=project["id"], n_patches=8, patch_shape=PATCH, mc_passes=2, actors=1)
+    assert job["result"]["scored"] == 8
+    scored_images = {p["image_id"] for p in service.list_patches(ALICE, s.ListPatches(project_id=project["id"]))}
+    assert scored_images == {image["id"] for image in project["images"]}  # both images, one actor
+    _annotate(service, project, 4)
+    assert _run(service, "evaluate", project_id=project["id"])["result"]["holdout_patches"] == 1
+    image = project["images"][0]
+    predicted = _run(service, "predict", project_id=project["id"], image_id=image["id"], origin=[0, 0],
+                     shape=[100, 100], return_array=True)
+    labels = service.job_output(ALICE, s.JobOutput(job_id=predicted["id"], name="labels"))
+    assert labels.shape == (100, 100)
+    assert service.pool.started - before == 1, "the model was loaded more than once for one version"
+    assert service.jobs.running() == []  # finished jobs are forgotten
+    # a new version is another model: its actor loads once, then serves its tasks too
+    tuned = _run(service, "fine_tune", project_id=project["id"], epochs=1)
+    assert tuned["result"]["version"] == 1
+    started = service.pool.started
+    _run(service, "predict", project_id=project["id"], image_id=image["id"], origin=[0, 0], shape=[64, 64])
+    _run(service, "score", project_id=project["id"], n_patches=2, patch_shape=PATCH, mc_passes=2, actors=1)
+    assert service.pool.started - started == 1
+
+
+def test_fine_tuning_sends_only_the_parameters_the_caller_set(service, inputs):
+    assert params_of(s.FineTune(project_id="p"), "cellpose") == {}
+    assert params_of(s.FineTune(project_id="p", epochs=3, params={"weight_decay": 0.1}), "bioimageio") == {
+        "epochs": 3, "weight_decay": 0.1}
+    with pytest.raises(BioadaptError, match=r"params\.bsize"):  # a Cellpose parameter, not a bioimage.io one
+        params_of(s.FineTune(project_id="p", params={"bsize": 256}), "bioimageio")
+    project = _project(service, inputs, "b.ome.zarr")
+    _run(service, "score", project_id=project["id"], n_patches=4, patch_shape=PATCH, mc_passes=2, actors=1)
+    _annotate(service, project, 4)
+    _run(service, "fine_tune", project_id=project["id"], epochs=1)
+    version = service.get_project(ALICE, s.GetProject(project_id=project["id"]))["versions"][-1]
+    assert version["params"] == {"epochs": 1}  # learning rate and batch size: the adapter's own defaults
+
+
+def test_grid_mode_scores_every_tile_inside_the_mask_and_writes_the_overview(service, inputs):
+    project = _project(service, inputs, "slide.ome.zarr", mask="tissue")
+    row = project["images"][0]
+    image = open_image(row["uri"])
+    expected = sample_patches(image, None, PATCH, mask="tissue", mode="grid", stride=[96, 96])
+    events: list[dict] = []
+    started = service.score(ALICE, s.Score(project_id=project["id"], mode="grid", patch_shape=PATCH,
+                                           stride=[96, 96], mc_passes=2, select=8, strategy="bald_diverse"),
+                           progress=events.append)
+    assert started["patches"] is None  # grid: the tiles are counted in the job
+    while (job := service.jobs.get(started["job_id"])).state not in ("done", "failed", "cancelled"):
+        time.sleep(0.2)
+    assert job.state == "done", job.error
+    assert job.result["scored"] == len(expected) > 20 and job.progress["total"] == len(expected)
+    assert any(e.get("done", 0) < len(expected) for e in events)  # results streamed shard by shard
+    patches = service.list_patches(ALICE, s.ListPatches(project_id=project["id"], order="id", limit=10_000))
+    assert sorted(tuple(p["origin"]) for p in patches) == sorted(w.origin for w in expected)
+
+    # the uncertainty store is a multiscale OME-Zarr image aligned with the slide
+    folder = Path(project["folder"]) / "images" / row["id"] / "uncertainty.ome.zarr"
+    stored = open_image(folder)
+    assert stored.axes == "yx" and stored.spatial_shape == image.spatial_shape and len(stored.levels) >= 2
+    assert stored.levels[1].factors == (2.0, 2.0)
+    uncertainty = UncertaintyStore.open(folder)
+    full = uncertainty.read((0, 0), uncertainty.shape)
+    scored = np.zeros(full.shape, bool)
+    for window in expected:
+        scored[window.slices] = True
+    assert np.array_equal(np.isfinite(full), scored)  # a map under every tile, NaN elsewhere
+    np.testing.assert_allclose(uncertainty.read((0, 0), uncertainty.level_shape(1), level=1),
+                               nan_downsample(full, "yx"), rtol=1e-6)
+    overview = service.get_overview(ALICE, s.GetOverview(project_id=project["id"], image_id=row["id"],
+                                                         max_pixels=512 * 512))
+    assert overview["uncertainty"].shape == (512, 512) and overview["uncertainty_factors"] == [2.0, 2.0]
+    assert overview["image"].shape == (1, 512, 512) and overview["image_factors"] == [2.0, 2.0]
+    assert 0 < overview["scored_fraction"] < 1
+
+    # the 8 picked for labelling come first, in order: uncertain patches spread over the model's features
+    listed = service.list_patches(ALICE, s.ListPatches(project_id=project["id"], limit=10_000))
+    assert [p["selection_rank"] for p in listed[:8]] == list(range(1, 9))
+    assert all(p["selection_rank"] is None for p in listed[8:])
+    assert len({p["id"] for p in listed[:8]}) == 8
+    assert all(len(p["features"]) == 2 * 4 for p in listed)
+    # top-k over the same pool, no rescoring: the highest scores of the whole pool
+    picked = service.select_patches(ALICE, s.SelectPatches(project_id=project["id"], strategy="bald",
+                                                           select=8))["selected"]
+    assert picked == [p["id"] for p in sorted(patches, key=lambda p: (-p["score"], p["id"]))[:8]]
+    listed = service.list_patches(ALICE, s.ListPatches(project_id=project["id"], limit=8))
+    assert [p["id"] for p in listed] == picked
+
+    # scoring the grid again re-scores the same tiles: no new patches
+    again = _run(service, "score", project_id=project["id"], mode="grid", patch_shape=PATCH, stride=[96, 96],
+                 mc_passes=2, seed=1, strategy="bald")
+    assert again["result"]["scored"] == len(expected)
+    assert len(service.list_patches(ALICE, s.ListPatches(project_id=project["id"], limit=10_000))) == len(expected)
+
+
+def test_scoring_computes_what_the_default_strategy_needs_and_picks_by_its_rule(service, inputs):
+    """The service's default is bioadapt.active's DEFAULT_STRATEGY: the workers return the model's features of each
+    patch with its score, and the picks are that strategy's selection over the pool, labelled patches excluded."""
+    from bioadapt.active import DEFAULT_STRATEGY, STRATEGIES, select
+
+    strategy = STRATEGIES[DEFAULT_STRATEGY]
+    assert strategy.needs_features  # else this test would not show that features reach the selection
+    project = _project(service, inputs, "a.ome.zarr")
+    job = _run(service, "score", project_id=project["id"], n_patches=12, patch_shape=PATCH, mc_passes=2, select=4,
+               actors=1)
+    assert (job["result"]["strategy"], job["result"]["selection"]) == (DEFAULT_STRATEGY, strategy.selection)
+    rows = service.store.patches(project["id"], status="pending", order="id")
+    assert len(rows) == 12 and all(len(row["features"]) == 2 * 4 for row in rows)  # the U-Net's 4 last maps
+
+    def expected(k: int, labelled: list[dict]) -> list[int]:
+        pending = service.store.patches(project["id"], status="pending", order="id")
+        pool = pending + labelled
+        picks = select(strategy.selection, k, [row["scores"].get(strategy.acquisition) or 0.0 for row in pool],
+                       np.array([row["features"] for row in pool]), labelled=range(len(pending), len(pool)), seed=0)
+        return [pool[i]["id"] for i in picks]
+
+    listed = service.list_patches(ALICE, s.ListPatches(project_id=project["id"], limit=4))
+    assert [p["id"] for p in listed] == expected(4, [])
+    _annotate(service, project, 2)  # the first two picks
+    annotated = service.store.patches(project["id"], status="annotated", order="id")
+    picked = service.select_patches(ALICE, s.SelectPatches(project_id=project["id"], select=4))
+    assert picked["strategy"] == DEFAULT_STRATEGY and picked["selected"] == expected(4, annotated)
+    assert not {p["id"] for p in annotated} & set(picked["selected"])
+
+    # an object-level strategy keeps its scores apart from the per-pixel mean's
+    _run(service, "score", project_id=project["id"], n_patches=1, patch_shape=PATCH, mc_passes=2, actors=1,
+         strategy="object_bald", rescore_pending=True)
+    rows = service.store.patches(project["id"], status="pending", order="id")
+    assert all({"bald", "bald:object_mean"} <= set(row["scores"]) for row in rows[:10])
+
+
+def test_a_model_without_patch_features_defaults_to_a_strategy_that_reads_none():
+    from bioadapt.service.tasks.score import strategy_of
+
+    cellpose = {"name": "Cellpose 4 (cpsam)", "patch_features": False}
+    assert strategy_of(s.Score(project_id="p"), cellpose)[0] == s.FEATURELESS_STRATEGY
+    assert strategy_of(s.Score(project_id="p"), {"patch_features": True})[0] == "typical_bald"
+    with pytest.raises(BioadaptError, match=r"'typical_bald' picks by the model's features.*Cellpose 4"):
+        strategy_of(s.Score(project_id="p", strategy="typical_bald"), cellpose)
+    name, strategy, key = strategy_of(s.Score(project_id="p", strategy="object_bald", acquisition="random"), cellpose)
+    assert (name, strategy.acquisition, strategy.reduce, key) == ("object_bald", "random", "object_mean",
+                                                                  "random:object_mean")
+
+
+def test_a_protected_bucket_image_is_scored_with_its_credentials(service, inputs, protected_s3, tmp_path):
+    _, options, client = protected_s3
+    client.create_bucket(Bucket="slides")
+    local = inputs["root"] / "b.ome.zarr"
+    for path in local.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), "slides", f"b.ome.zarr/{path.relative_to(local).as_posix()}")
+    uri = "s3://slides/b.ome.zarr"
+    model = service.load_model(ALICE, s.LoadModel(source=str(inputs["model"])))
+    with pytest.raises(BioadaptError, match="s3://slides/b.ome.zarr.*Forbidden"):  # no credentials: shut
+        service.create_project(ALICE, s.CreateProject(name="s3", model=model["id"], images=[
+            {"uri": uri, "storage_options": {"client_kwargs": options["client_kwargs"], "anon": True}}]))
+    project = service.create_project(ALICE, s.CreateProject(name="s3", model=model["id"], images=[
+        {"uri": uri, "storage_options": options}]))
+    assert "storage_options" not in project["images"][0]  # never shown back: they hold the secret
+    job = _run(service, "score", project_id=project["id"], n_patches=4, patch_shape=PATCH, mc_passes=2, actors=1)
+    assert job["result"]["scored"] == 4  # the actors opened the protected image with the project's credentials
+    top = service.list_patches(ALICE, s.ListPatches(project_id=project["id"], limit=1))[0]
+    patch = service.get_patch(ALICE, s.GetPatch(project_id=project["id"], patch_id=top["id"]))
+    (y, x), (h, w) = top["origin"], top["shape"]
+    truth_image = zarr.open_group(str(local), mode="r")["0"]
+    np.testing.assert_array_equal(patch["image"][0], truth_image[0, y:y + h, x:x + w])
+    assert np.isfinite(patch["uncertainty"]).all()
+
+
+def test_a_deleted_project_leaves_nothing_opened_behind(service, inputs):
+    project = _project(service, inputs, "b.ome.zarr")
+    _run(service, "score", project_id=project["id"], n_patches=2, patch_shape=PATCH, mc_passes=2, actors=1)
+    top = service.list_patches(ALICE, s.ListPatches(project_id=project["id"], limit=1))[0]
+    service.get_patch(ALICE, s.GetPatch(project_id=project["id"], patch_id=top["id"]))
+    assert any(key[1] == project["id"] for key in service.opened.keys())
+    service.delete_project(ALICE, s.DeleteProject(project_id=project["id"]))
+    assert not any(key[1] == project["id"] for key in service.opened.keys())
+    assert len(service.opened) <= service.opened.capacity
+    assert service.jobs.running() == []
