@@ -1,4 +1,4 @@
-"""DESIGN.md's layer rule: data and active never pull in torch-heavy code (or Ray, Hypha, Cellpose)."""
+"""docs/design.md's layer rule: data and active never pull in torch-heavy code (or Ray, Hypha, Cellpose)."""
 
 import subprocess
 import sys
