@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-calls-per-user", type=int, help="calls of one user running at once, the rest wait "
                        "(default 8, or $BIOADAPT_MAX_CALLS_PER_USER); of those at most 2 slow ones "
                        "($BIOADAPT_MAX_SLOW_CALLS_PER_USER)")
-    serve.add_argument("--max-jobs-per-user", type=int, help="jobs (score, fine_tune, evaluate, predict, export) of one user running at "
-                       "once, more are refused (default 4, or $BIOADAPT_MAX_JOBS_PER_USER)")
+    serve.add_argument("--max-jobs-per-user", type=int, help="jobs (score, fine_tune, evaluate, predict, export) "
+                       "of one user running at once, more are refused (default 4, or $BIOADAPT_MAX_JOBS_PER_USER)")
     serve.add_argument("--remote-timeout", type=float, help="seconds an http(s) or s3 image store may take to "
                        "answer a read (default 30, or $BIOADAPT_REMOTE_TIMEOUT_S)")
     serve.add_argument("--port", type=int,
