@@ -220,15 +220,19 @@ class BioimageioAdapter(Adapter):
             return stacked_passes(self.mc, network, torch.from_numpy(batch), len(passes), rows, seed).numpy()
 
         def head(batch: np.ndarray, passes: Sequence[int] | None) -> np.ndarray:
-            x = torch.from_numpy(batch).to(self.device)
-            if self._head is None:
-                self._head = HeadSplit(self.module, x[:1], select=_first_output)
-            rows = self._rows_per_call(batch[:1])
-            features = torch.cat([self._head.features(self.module, x[i:i + rows]) for i in range(0, len(x), rows)])
+            features = self._head_features(batch)
             raw = self._head.passes(features, CommonMasks(seed, self.dropout_p, self.dropout_kind), len(passes))
             return raw.cpu().numpy()
 
         return head if scope == "head" else full
+
+    def _head_features(self, batch: np.ndarray) -> torch.Tensor:
+        """What the output layer reads for network inputs ``batch``, in calls sized by the memory budget."""
+        x = torch.from_numpy(batch).to(self.device)
+        if self._head is None:
+            self._head = HeadSplit(self.module, x[:1], select=_first_output)
+        rows = self._rows_per_call(batch[:1])
+        return torch.cat([self._head.features(self.module, x[i:i + rows]) for i in range(0, len(x), rows)])
 
     def _network(self, x: torch.Tensor) -> torch.Tensor:
         """The module with gradients, for training: canonical (N, C, *spatial) in, canonical out."""
@@ -288,12 +292,7 @@ class BioimageioAdapter(Adapter):
         x, _ = check_images(x, info)
 
         def features(batch: np.ndarray, passes: Sequence[int] | None) -> np.ndarray:
-            tensor = torch.from_numpy(batch).to(self.device)
-            if self._head is None:
-                self._head = HeadSplit(self.module, tensor[:1], select=_first_output)
-            rows = self._rows_per_call(batch[:1])
-            return torch.cat([self._head.features(self.module, tensor[i:i + rows]).float()
-                              for i in range(0, len(tensor), rows)]).cpu().numpy()
+            return self._head_features(batch).float().cpu().numpy()
 
         with torch.no_grad():
             maps = self.tiling.predict(x, features, [], max_voxels=self._max_voxels(),
