@@ -12,19 +12,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bioadapt.active.selection import standardised
-from bioadapt.errors import BioadaptError
+from bioadapt.active.selection import checked_pool
 
 
 def select_coreset(features: np.ndarray, k: int, *, labelled: Sequence[int] = ()) -> list[int]:
     """``k`` new indices by greedy k-center on the standardised ``features`` (n, d); without labels the first
     pick is the patch closest to the pool's mean (the most central one), so the result is deterministic."""
-    features = standardised(features)
+    features, labelled, k = checked_pool(features, k, labelled)
     n = len(features)
-    labelled = sorted({int(i) for i in labelled})
-    if any(not 0 <= i < n for i in labelled):
-        raise BioadaptError(f"labelled indices must lie in [0, {n}), got {labelled}")
-    k = min(max(0, k), n - len(labelled))
     chosen: list[int] = []
     if k == 0:
         return chosen

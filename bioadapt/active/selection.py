@@ -62,6 +62,17 @@ def standardised(descriptors: np.ndarray) -> np.ndarray:
     return (descriptors - descriptors.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
 
 
+def checked_pool(features: np.ndarray, k: int, labelled: Sequence[int]) -> tuple[np.ndarray, list[int], int]:
+    """Standardised ``features`` (n, d), the sorted distinct ``labelled`` indices (checked to lie in the pool) and
+    ``k`` clipped to the unlabelled patches left."""
+    features = standardised(features)
+    n = len(features)
+    labelled = sorted({int(i) for i in labelled})
+    if any(not 0 <= i < n for i in labelled):
+        raise BioadaptError(f"labelled indices must lie in [0, {n}), got {labelled}")
+    return features, labelled, min(max(0, k), n - len(labelled))
+
+
 def weighted_kmeans(points: np.ndarray, weights: np.ndarray, k: int, rng: np.random.Generator,
                     iterations: int = 25) -> np.ndarray:
     """Lloyd's k-means with k-means++ seeding, every point counted with its weight; returns cluster ids."""

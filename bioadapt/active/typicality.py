@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bioadapt.active.selection import standardised, weighted_kmeans
+from bioadapt.active.selection import checked_pool, weighted_kmeans
 from bioadapt.errors import BioadaptError
 
 NEIGHBOURS = 20  # TypiClust's K for the density estimate
@@ -44,12 +44,8 @@ def select_typical(features: np.ndarray, k: int, *, labelled: Sequence[int] = ()
     the standardised ``features`` (n, d), the clusters with the fewest labels first, then the largest (clusters
     of fewer than 5 patches only when no other is left); in each, the patch of highest typicality within its
     cluster (times its score rank in (0, 1] when ``scores`` are given)."""
-    features = standardised(features)
+    features, labelled, k = checked_pool(features, k, labelled)
     n = len(features)
-    labelled = sorted({int(i) for i in labelled})
-    if any(not 0 <= i < n for i in labelled):
-        raise BioadaptError(f"labelled indices must lie in [0, {n}), got {labelled}")
-    k = min(max(0, k), n - len(labelled))
     if k == 0:
         return []
     weight = np.ones(n) if scores is None else _rank_weight(scores, n)
