@@ -119,6 +119,19 @@ def test_channel_masks_zero_whole_feature_channels_on_the_right_axis():
     assert torch.equal(y[0], y[2])
 
 
+def test_element_masks_kept_for_the_round_equal_fresh_ones_and_stay_within_the_budget():
+    x = torch.ones(2, 8, 16, 16)  # a row of 2,048 elements: one pass's mask
+    kept = CommonMasks(seed=5, p=0.3, kind="element", cache_bytes=3 * 2048)
+    first = kept.apply(x, (1, 0), [0, 1])
+    again = kept.apply(x, (1, 0), [0, 1])  # the next patch of the round: served from the cache
+    fresh = CommonMasks(seed=5, p=0.3, kind="element", cache_bytes=0).apply(x, (1, 0), [0, 1])
+    assert torch.equal(first, again) and torch.equal(first, fresh)
+    assert kept.cached_bytes == 2 * 2048
+    beyond = kept.apply(x, (2, 0), [0, 1])  # two more masks: one fits the budget, the other is drawn each time
+    assert kept.cached_bytes == 3 * 2048
+    assert torch.equal(beyond, CommonMasks(seed=5, p=0.3, kind="element", cache_bytes=0).apply(x, (2, 0), [0, 1]))
+
+
 def test_masks_depend_on_seed_layer_and_pass_only():
     x = torch.ones(4, 32, 8, 8)
     a = CommonMasks(seed=1, p=0.3).apply(x, (2, 0), [0, 1, 2, 3])
