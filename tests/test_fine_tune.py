@@ -116,3 +116,27 @@ def test_split_keeps_one_held_out_patch_when_possible():
     train, val = split_indices(8, 0.25, 0)
     assert len(train) == 6 and len(val) == 2 and sorted(train + val) == list(range(8))
     assert split_indices(8, 0.0, 0)[1] == []
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_a_cosine_schedule_settles_the_weights_by_the_last_epoch(nuclei_model, schedule):
+    model = load_adapter(nuclei_model, device="cpu")
+    snapshots = [torch.cat([p.detach().flatten().clone() for p in model.module.parameters()])]
+
+    def keep(_: dict) -> None:
+        snapshots.append(torch.cat([p.detach().flatten().clone() for p in model.module.parameters()]))
+
+    model.fine_tune(cell_patches("crowded", 8, seed=2), {"epochs": 20, "learning_rate": 3e-3, "batch_size": 4,
+                                                          "val_fraction": 0.0, "lr_schedule": schedule},
+                    progress=keep)
+    first, last = (float((snapshots[i + 1] - snapshots[i]).norm()) for i in (0, -2))
+    if schedule == "cosine":  # the last epoch's 2 steps run at < 1 % of the starting rate
+        assert last < 0.05 * first, (first, last)
+    else:
+        assert last > 0.2 * first, (first, last)
+
+
+def test_an_unknown_schedule_is_refused_naming_the_choices(nuclei_model):
+    model = load_adapter(nuclei_model, device="cpu")
+    with pytest.raises(BioadaptError, match="lr_schedule='step'.*cosine"):
+        model.fine_tune(cell_patches("crowded", 2, seed=2), {"epochs": 1, "lr_schedule": "step"})

@@ -75,6 +75,8 @@ def fit(module: nn.Module, forward: Forward, inputs: torch.Tensor, targets: torc
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay)
     steps_per_epoch = math.ceil(len(train_idx) / params.batch_size)
+    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs * steps_per_epoch)
+                if params.lr_schedule == "cosine" else None)
 
     def validate() -> float | None:
         if not val_idx:
@@ -104,6 +106,8 @@ def fit(module: nn.Module, forward: Forward, inputs: torch.Tensor, targets: torc
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
             losses.append(float(loss.detach()))
         if stopped and not losses:
             epoch -= 1

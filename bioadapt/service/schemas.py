@@ -200,6 +200,8 @@ class BioimageioTuning(Args):
     val_fraction: float | None = Field(None, ge=0, lt=1)
     augment: bool | None = None
     freeze_batchnorm: bool | None = None
+    lr_schedule: Literal["cosine", "constant"] | None = Field(
+        None, description="cosine: the learning rate falls to 0 over the run (default); constant: it stays")
     seed: Count | None = None
 
 
