@@ -72,7 +72,7 @@ def test_200_patches_on_two_actors_equal_the_in_process_scores(setup, pool, monk
     job = _score_job(Jobs(tmp_path / "jobs.sqlite"), pool, spec, request, patches, 2,
                      shard_size=32).wait(300)
     monkeypatch.undo()
-    assert job.state == "done", job.error
+    assert job.state == "done", (job.error, job.progress)
     assert job.progress["done"] == job.progress["total"] == 200 and job.progress["patches_per_second"] > 0
     ranked = job.result
     assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)

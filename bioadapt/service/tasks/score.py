@@ -290,12 +290,16 @@ def score_shards(runner: "JobRunner", actors: list[Any], request: ScoreRequest, 
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
     try:
+        def hand_out(actor: Any) -> None:
+            if pending and not runner.cancelled.is_set():
+                shard = pending.pop(0)
+                in_flight[actor.run.remote(score_patches, request, shards[shard])] = (shard, actor)
+
         while (pending or in_flight) and not runner.cancelled.is_set():
             busy = {actor for _, actor in in_flight.values()}
             for actor in actors:
-                if pending and actor not in busy:
-                    shard = pending.pop(0)
-                    in_flight[actor.run.remote(score_patches, request, shards[shard])] = (shard, actor)
+                if actor not in busy:
+                    hand_out(actor)
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
             for ref in ready:
                 shard, actor = in_flight.pop(ref)
@@ -314,6 +318,7 @@ def score_shards(runner: "JobRunner", actors: list[Any], request: ScoreRequest, 
                     continue
                 except ray.exceptions.RayTaskError as e:
                     raise BioadaptError(f"scoring failed: {remote_cause(e)}") from e
+                hand_out(actor)  # the actor computes its next shard while this one is committed
                 results.extend(shard_results)
                 if on_shard is not None:
                     on_shard(shard_results)
