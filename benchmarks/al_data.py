@@ -3,7 +3,8 @@ reads it) with its candidate patch windows and ground truth, and a separate test
 
 - ``synthetic``: the demo's domain shift. The base U-Net is trained on synthetic 'nuclei'; the pool is a
   1024 x 1024 synthetic 'crowded' image cut into a grid of 64 x 64 patches (256, not overlapping, as the service
-  draws them); the test image is another 'crowded' image, 384 x 384.
+  draws them); the test image is another 'crowded' image, 768 x 768 (hundreds of cells, so that F1 moves little
+  with the luck of a few objects).
 - ``dsb2018``: a real fluorescence nuclei image with manual annotation (benchmarks/data/dsb2018_nuclei,
   2018 Data Science Bowl, CC0). The pool is its upper half (256 x 512): 64 x 64 windows every 16 pixels (377;
   one image holds too few disjoint patches for a pool of hundreds, so candidates overlap); the test image is
@@ -64,7 +65,7 @@ def load_dataset(name: str, workdir: Path) -> Dataset:
     if name == "synthetic":
         pool = synthetic_cells((1024, 1024), "crowded", seed=11)
         pool_image, pool_truth = pool.image, pool.labels
-        test = synthetic_cells((384, 384), "crowded", seed=12)
+        test = synthetic_cells((768, 768), "crowded", seed=12)
         test_image, test_truth = test.image.astype(np.float32), test.labels
     elif name == "dsb2018":
         image, labels = dsb2018_arrays()

@@ -4,9 +4,9 @@ For each data set (benchmarks/al_data.py: the synthetic domain shift and a real 
 the demo's base U-Net scores the whole pool through the service's scoring worker (``score_patches``: MC
 dropout with one mask seed per round, the acquisition map, the mask-aware patch score, the model's pooled
 features); a strategy picks k patches (``bioadapt.active.select``), the simulated annotator answers them from
-the ground truth, and the base model is fine-tuned on them (``Adapter.fine_tune``) for a fixed number of
-optimiser steps, the same for every budget, shown to lie on the training loss's plateau at the largest budget
-(``plateau``). F1 at IoU 0.5 on a separate test image measures the result.
+the ground truth, and the base model is fine-tuned on them (``Adapter.fine_tune``, cosine learning-rate schedule) for a
+fixed number of optimiser steps, the same for every budget, shown to be enough at the largest budget (``plateau``:
+runs of increasing length, whose final loss and test F1 stop improving). F1 at IoU 0.5 on a separate test image measures the result.
 
 - one-shot: the base model's scores pick all k patches at once;
 - multi-round (``--multi-round``): pick 2, tune, re-score the pool with the tuned model, pick up to 4, tune
@@ -41,7 +41,7 @@ from al_data import DATASETS, PATCH, base_model, load_dataset, test_f1  # noqa: 
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "al_efficiency"
-TUNE = {"learning_rate": 3e-3, "batch_size": 4, "val_fraction": 0.0}
+TUNE = {"learning_rate": 3e-3, "batch_size": 4, "val_fraction": 0.0, "lr_schedule": "cosine"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="budgets to run first (then the others, smallest first)")
     parser.add_argument("--steps", type=int, default=300, help="optimiser steps of every fine-tuning")
     parser.add_argument("--passes", type=int, default=16, help="MC-dropout passes when scoring")
-    parser.add_argument("--plateau-steps", type=int, default=1800)
+    parser.add_argument("--plateau-steps", default="150,300,600,1200", help="lengths of the plateau's runs")
     parser.add_argument("--learning-rate", type=float, default=TUNE["learning_rate"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads of this process")
     parser.add_argument("--workdir", default=None, help="keeps the base model between runs (default: temporary)")
@@ -192,24 +192,24 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
 
 
 def plateau(args: argparse.Namespace, workdir: Path) -> None:
-    """Training loss and test F1 along one long fine-tuning on the largest budget (random picks, seed 0)."""
+    """Final training loss and test F1 of fine-tunings of increasing length on the largest budget (random picks,
+    3 seeds). Under the cosine schedule a run's middle is not a shorter run, so each length is its own run."""
     bench = Bench(args, workdir)
     budget = max(int(b) for b in args.budgets.split(","))
-    picks = [int(i) for i in np.random.default_rng(1000).permutation(len(bench.dataset.windows))[:budget]]
-    curve = []
-    steps_per_epoch = math.ceil(budget / TUNE["batch_size"])
-    every = max(1, round(48 / steps_per_epoch))
-
-    def progress(info: dict) -> None:
-        row = {"step": info["epoch"] * steps_per_epoch, "loss": info["loss"]}
-        if info["epoch"] % every == 0:
-            row["f1"] = test_f1(bench.worker.adapter, bench.dataset)
-            print(f"step {row['step']:>5} loss {row['loss']:.4f} F1 {row['f1']:.3f}", flush=True)
-        curve.append(row)
-
-    tuned = bench.tune(picks, 0, args.plateau_steps, progress=progress)
-    result = {"dataset": args.dataset, "budget": budget, "steps_per_epoch": steps_per_epoch, "curve": curve,
-              "base_f1": bench.base_f1, "benchmark_steps": args.steps, "learning_rate": args.learning_rate, **tuned,
+    lengths = sorted(int(n) for n in args.plateau_steps.split(","))
+    rows = []
+    for seed in (0, 1, 2):
+        picks = [int(i) for i in np.random.default_rng(1000 + seed).permutation(len(bench.dataset.windows))[:budget]]
+        for steps in lengths:
+            tuned = bench.tune(picks, seed, steps)
+            rows.append({"seed": seed, "f1": test_f1(bench.worker.adapter, bench.dataset), **tuned})
+            print(f"seed {seed} {tuned['steps']:>5} steps: loss {tuned['final_loss']:.4f} F1 {rows[-1]['f1']:.3f} "
+                  f"({tuned['seconds']:.0f} s)", flush=True)
+    summary = [{"steps": n, **{f"{key}_{stat}": float(fn([r[key] for r in rows if r["steps"] == n]))
+                               for key in ("f1", "final_loss") for stat, fn in (("mean", np.mean), ("std", np.std))}}
+               for n in sorted({r["steps"] for r in rows})]
+    result = {"dataset": args.dataset, "budget": budget, "runs": rows, "summary": summary, "base_f1": bench.base_f1,
+              "benchmark_steps": args.steps, "learning_rate": args.learning_rate, "schedule": TUNE["lr_schedule"],
               "command": "python benchmarks/al_efficiency.py " + " ".join(sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M")}
     out = Path(f"{args.out}_plateau_{args.dataset}_lr{args.learning_rate:g}.json")
@@ -315,7 +315,7 @@ def report(args: argparse.Namespace) -> None:
 
 
 def plot_plateaus(paths: list[Path], out: Path) -> None:
-    """Training loss and test F1 along each long fine-tuning on the largest budget."""
+    """Final training loss and test F1 against the length of the fine-tuning, on the largest budget."""
     if not paths:
         return
     import matplotlib
@@ -326,16 +326,18 @@ def plot_plateaus(paths: list[Path], out: Path) -> None:
     figure, (loss_axis, f1_axis) = plt.subplots(1, 2, figsize=(11, 4))
     for path in paths:
         run = json.loads(path.read_text())
-        label = f"{run['dataset']}, k={run['budget']}, lr {run.get('learning_rate', TUNE['learning_rate']):g}"
-        loss_axis.plot([r["step"] for r in run["curve"]], [r["loss"] for r in run["curve"]], label=label)
-        scored = [r for r in run["curve"] if "f1" in r]
-        f1_axis.plot([r["step"] for r in scored], [r["f1"] for r in scored], marker="o", label=label)
-    for axis, name in ((loss_axis, "training loss (epoch mean)"), (f1_axis, "F1 at IoU 0.5 (test image)")):
+        label = f"{run['dataset']}, k={run['budget']}, lr {run['learning_rate']:g}"
+        steps = [r["steps"] for r in run["summary"]]
+        for axis, key in ((loss_axis, "final_loss"), (f1_axis, "f1")):
+            axis.errorbar(steps, [r[f"{key}_mean"] for r in run["summary"]],
+                          yerr=[r[f"{key}_std"] for r in run["summary"]], marker="o", capsize=3, label=label)
+    for axis, name in ((loss_axis, "final training loss (last epoch)"), (f1_axis, "F1 at IoU 0.5 (test image)")):
         axis.axvline(run["benchmark_steps"], color="grey", linestyle="--")
-        axis.set_xlabel("optimiser steps")
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("optimiser steps of the fine-tuning (cosine schedule)")
         axis.set_ylabel(name)
         axis.legend(fontsize=7)
-    figure.suptitle("fine-tuning on the largest budget; dashed: the steps every benchmark fine-tuning runs")
+    figure.suptitle("largest budget, random picks, mean ± std over 3 seeds; dashed: the benchmark's steps")
     figure.tight_layout()
     figure.savefig(out, dpi=110)
     plt.close(figure)

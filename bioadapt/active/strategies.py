@@ -6,8 +6,8 @@ in its workers and selects over the whole pool. ``select`` takes the pool's scor
 already labelled, and returns the new picks, best first.
 
 The default, ``typical_bald`` (typical patches first, as TypiClust found best at small budgets, weighted by
-BALD), was chosen from the literature; benchmarks/al_efficiency.py did not show it beating random selection
-(benchmarks/results/al_efficiency.md), so it is a default to measure further, not a proven one.
+BALD), was chosen from the literature; benchmarks/al_efficiency.py shows it below random selection on a real
+image (benchmarks/results/al_efficiency.md), so it is a default to measure further, not a proven one.
 """
 
 from __future__ import annotations
