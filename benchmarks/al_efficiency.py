@@ -4,9 +4,10 @@ For each data set (benchmarks/al_data.py: the synthetic domain shift and a real 
 the demo's base U-Net scores the whole pool through the service's scoring worker (``score_patches``: MC
 dropout with one mask seed per round, the acquisition map, the mask-aware patch score, the model's pooled
 features); a strategy picks k patches (``bioadapt.active.select``), the simulated annotator answers them from
-the ground truth, and the base model is fine-tuned on them (``Adapter.fine_tune``, cosine learning-rate schedule) for a
-fixed number of optimiser steps, the same for every budget, shown to be enough at the largest budget (``plateau``:
-runs of increasing length, whose final loss and test F1 stop improving). F1 at IoU 0.5 on a separate test image measures the result.
+the ground truth, and the base model is fine-tuned on them (``Adapter.fine_tune``, cosine learning-rate
+schedule) for a fixed number of optimiser steps, the same for every budget; ``plateau`` runs fine-tunings of
+increasing length at the largest budget to show whether that number is enough (final loss and test F1 stop
+improving). F1 at IoU 0.5 on a separate test image measures the result.
 
 - one-shot: the base model's scores pick all k patches at once;
 - multi-round (``--multi-round``): pick 2, tune, re-score the pool with the tuned model, pick up to 4, tune

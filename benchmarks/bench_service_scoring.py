@@ -184,9 +184,10 @@ def throughput(args: argparse.Namespace, root: Path) -> dict:
     windows = sample_patches(open_image(image), args.patches, shape, mode="grid", stride=(128, 128), seed=0)
     print(f"throughput: {len(windows)} patches of {shape} from a {side} x {side} image, T = {args.passes}, "
           f"U-Net features {args.features}")
-    step = max(1, len(windows) // args.local_patches)
-    local = in_process_rates(model, image, windows[::step][:args.local_patches], args.passes)
-    print(f"  in-process (1 thread, {len(windows[::step][:args.local_patches])} of the patches): mc+acq {local['mc_acq']:.2f} patches/s, worker compute {local['worker']:.2f}")
+    timed = windows[::max(1, len(windows) // args.local_patches)][:args.local_patches]
+    local = in_process_rates(model, image, timed, args.passes)
+    print(f"  in-process (1 thread, {len(timed)} of the patches): mc+acq {local['mc_acq']:.2f} patches/s, "
+          f"worker compute {local['worker']:.2f}")
     service, svc = start_service(root, root)
     try:
         project = svc.create_project("throughput", str(model), [{"uri": str(image)}])["id"]
@@ -204,7 +205,7 @@ def throughput(args: argparse.Namespace, root: Path) -> dict:
         "patches": len(windows), "patch": shape, "passes": args.passes, "unet_features": args.features,
         "strategy": args.strategy,
         "in_process_1_thread_per_s": {k: round(v, 3) for k, v in local.items()},
-        "in_process_patches": len(windows[::step][:args.local_patches]),
+        "in_process_patches": len(timed),
         "service": {"200_patches_first_job": small, "1_actor": runs[1], "2_actors": runs[2]},
         "two_actors_over_in_process_mc_acq": round(runs[2]["scoring_per_s"] / local["mc_acq"], 2),
         "two_actors_end_to_end_over_in_process_mc_acq": round(runs[2]["end_to_end_per_s"] / local["mc_acq"], 2),
