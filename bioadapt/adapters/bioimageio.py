@@ -32,7 +32,8 @@ from bioadapt.adapters.bioimageio_layout import Layout
 from bioadapt.adapters.bioimageio_tiling import CoreTiling, Forward, Plan, Prepared
 from bioadapt.adapters.bioimageio_weights import (TRAINABLE_FORMATS, choose_format, held_network,
                                                   load_core_adapter, torchscript_as_state_dict)
-from bioadapt.adapters.dropout import CommonMasks, DropoutKind, HeadSplit, MCDropout, is_scripted, stacked_passes
+from bioadapt.adapters.dropout import (CommonMasks, DropoutKind, HeadSplit, MCDropout, is_scripted, round_masks,
+                                       stacked_passes)
 from bioadapt.adapters.segmentation import labels_from_probabilities
 from bioadapt.adapters.shapes import activation_bytes, default_memory_budget
 from bioadapt.adapters.sources import load_model_description
@@ -105,6 +106,7 @@ class BioimageioAdapter(Adapter):
             affinity_offsets, descr.config.model_dump() if hasattr(descr.config, "model_dump") else descr.config,
             descr.name)
         self._head: HeadSplit | None = None
+        self._head_masks: CommonMasks | None = None  # the head scope's round masks (the full scope's live in mc)
         self._voxel_bytes: float | None = None
 
     # -- loading -----------------------------------------------------------------------------------------------
@@ -221,7 +223,8 @@ class BioimageioAdapter(Adapter):
 
         def head(batch: np.ndarray, passes: Sequence[int] | None) -> np.ndarray:
             features = self._head_features(batch)
-            raw = self._head.passes(features, CommonMasks(seed, self.dropout_p, self.dropout_kind), len(passes))
+            self._head_masks = round_masks(self._head_masks, seed, self.dropout_p, self.dropout_kind)
+            raw = self._head.passes(features, self._head_masks, len(passes))
             return raw.cpu().numpy()
 
         return head if scope == "head" else full

@@ -41,7 +41,8 @@ from bioadapt.adapters.allocator import tune_malloc
 from bioadapt.adapters.base import (Adapter, FineTuneResult, ModelInfo, Progress, Stop, check_images,
                                     check_samples, checked_params)
 from bioadapt.adapters.bioimageio import resolve_device
-from bioadapt.adapters.dropout import CommonMasks, DropoutKind, HeadSplit, MCDropout, mc_strategy, stacked_passes
+from bioadapt.adapters.dropout import (CommonMasks, DropoutKind, HeadSplit, MCDropout, mc_strategy, round_masks,
+                                       stacked_passes)
 from bioadapt.adapters.shapes import activation_bytes, crop_from, default_memory_budget, pad_to, valid_shape
 from bioadapt.errors import BioadaptError
 
@@ -218,6 +219,7 @@ class CellposeAdapter(Adapter):
         if device.type == "cpu":
             tune_malloc()
         self._head: HeadSplit | None = None
+        self._round_masks: CommonMasks | None = None  # the last MC round's masks, reused by its next patches
         self._bytes_per_row: dict[tuple[int, ...], int] = {}
         MCDropout(self.net, dropout_p, dropout_kind)  # warns now if nothing can be made stochastic
 
@@ -403,10 +405,12 @@ class CellposeAdapter(Adapter):
                 head = self._head_split(rows[:1])
                 features = torch.cat([head.features(self.net, rows[i:i + size].to(self.dtype))
                                       for i in range(0, len(rows), size)])
-                raw = head.passes(features, CommonMasks(seed, self.dropout_p, self.dropout_kind), passes).float()
+                self._round_masks = round_masks(self._round_masks, seed, self.dropout_p, self.dropout_kind)
+                raw = head.passes(features, self._round_masks, passes).float()
             else:  # hooks are attached per call: Cellpose 3's load_model re-creates submodules
-                mc = MCDropout(self.net, self.dropout_p, self.dropout_kind)
+                mc = MCDropout(self.net, self.dropout_p, self.dropout_kind, masks=self._round_masks)
                 raw = stacked_passes(mc, self._call, rows, passes, size, seed)  # rows are whole network inputs
+                self._round_masks = mc.last_round
         logits = assemble(raw)[:, 2]
         proba = self._to_original(self._two_classes(logits), x.shape[2:]).astype(np.float32)
         proba = proba.reshape(passes, len(x), 2, *x.shape[2:])

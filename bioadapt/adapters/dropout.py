@@ -163,6 +163,14 @@ class CommonMasks:
         return x * torch.stack([masks[t] for t in passes]).to(x.dtype)
 
 
+def round_masks(previous: CommonMasks | None, seed: int, p: float, kind: DropoutKind) -> CommonMasks:
+    """The masks of round ``seed``: ``previous`` if it was drawn for the same seed, p and kind (so its cached
+    element masks serve the round's next patches), else new ones."""
+    if previous is not None and (previous.seed, previous.p, previous.kind) == (int(seed), float(p), kind):
+        return previous
+    return CommonMasks(seed, p, kind)
+
+
 def mc_strategy(module: nn.Module) -> str:
     """What MC mode does for this module: "existing", "hooks" or "none" (see MCDropout)."""
     if dropout_layers(module):
@@ -179,7 +187,9 @@ class MCDropout:
     every forward call of the whole module is one new pass, shared by all rows of that call.
     """
 
-    def __init__(self, module: nn.Module, p: float = 0.05, kind: DropoutKind = "channel"):
+    def __init__(self, module: nn.Module, p: float = 0.05, kind: DropoutKind = "channel",
+                 masks: CommonMasks | None = None):
+        """``masks``: a round's masks from an earlier wrapper of the same network, reused when the seed matches."""
         if not 0 <= p < 1:
             raise BioadaptError(f"dropout_p must be in [0, 1), got {p}")
         self.module = module
@@ -190,7 +200,7 @@ class MCDropout:
         self.strategy = mc_strategy(module)
         self._axes = {} if is_scripted(module) else feature_axes(module)
         self._masks: CommonMasks | None = None
-        self._round: CommonMasks | None = None  # the last round's masks, kept for its next patches
+        self._round: CommonMasks | None = masks  # the last round's masks, kept for its next patches
         self._rows: list[int] | None = None
         self._calls = -1  # forward calls of the whole module inside enabled(): the pass index outside rows()
         self._invocations: dict[int, int] = {}  # per layer: how often it ran in the current forward call
@@ -204,6 +214,11 @@ class MCDropout:
     @property
     def patched_layers(self) -> int:
         return len(self._existing) if self.strategy == "existing" else len(self._activations)
+
+    @property
+    def last_round(self) -> CommonMasks | None:
+        """The masks of the last round ``enabled`` ran (to hand to the next wrapper of the same network)."""
+        return self._round
 
     @property
     def common_masks(self) -> bool:
@@ -246,8 +261,7 @@ class MCDropout:
         """MC mode with the masks of round ``seed``."""
         was_training = [m.training for m in self._existing]
         handles = []
-        if self._round is None or self._round.seed != int(seed):  # a round's masks are drawn once, then reused
-            self._round = CommonMasks(seed, self.p, self.kind)
+        self._round = round_masks(self._round, seed, self.p, self.kind)  # drawn once per round, then reused
         self._masks, self._calls, self._rows = self._round, -1, None
         try:
             if self.common_masks:
