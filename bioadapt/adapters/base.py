@@ -71,6 +71,11 @@ class FineTuneParams:
     lr_schedule: str = "cosine"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise BioadaptError(f"fine-tuning parameter lr_schedule={self.lr_schedule!r} is not known; choose one "
+                                f"of {LR_SCHEDULES}")
+
     @classmethod
     def from_any(cls, params: FineTuneParams | Mapping[str, Any] | None) -> FineTuneParams:
         return checked_params(cls, params, "fine-tuning")
@@ -89,9 +94,6 @@ def checked_params(cls: type, params: Any, what: str) -> Any:
     if unknown:
         raise BioadaptError(f"unknown {what} parameters {sorted(unknown)}; known: {sorted(known)}")
     out = cls(**params)
-    schedule = getattr(out, "lr_schedule", "constant")
-    if schedule not in LR_SCHEDULES:
-        raise BioadaptError(f"{what} parameter lr_schedule={schedule!r} is not known; choose one of {LR_SCHEDULES}")
     if out.epochs < 1 or out.batch_size < 1 or out.learning_rate <= 0 or not 0 <= out.val_fraction < 1:
         raise BioadaptError(f"{what} parameters out of range: {out} (epochs, batch_size >= 1, learning_rate > 0, "
                             "0 <= val_fraction < 1)")
