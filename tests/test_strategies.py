@@ -134,6 +134,18 @@ def test_an_uncertain_blob_the_model_found_no_object_in_still_counts():
     assert object_patch_score(score_map, np.zeros((32, 32), int)) == pytest.approx(0.5)
 
 
+def test_a_speck_where_a_few_passes_disagree_is_not_a_missed_object():
+    """Missed objects are object-sized: a 2 x 2 speck of high BALD (MC noise, which moves with the round's seed)
+    leaves a patch of right objects scored by those objects alone."""
+    labels = np.zeros((32, 32), int)
+    labels[4:12, 4:12] = 1
+    score_map = np.full((32, 32), 0.01, np.float32)
+    score_map[20:22, 20:22] = 0.9
+    assert object_patch_score(score_map, labels) == pytest.approx(0.01, abs=1e-3)
+    score_map[16:24, 16:24] = 0.9  # as large as the object beside it: a nucleus the model may have missed
+    assert object_patch_score(score_map, labels) == pytest.approx((0.01 + 0.9) / 2, abs=1e-2)
+
+
 def test_patch_scores_count_only_pixels_inside_the_mask():
     score_map = np.zeros((16, 16), np.float32)
     score_map[:, 8:] = 1.0  # outside the sampling mask (e.g. slide background or padding)
