@@ -61,7 +61,7 @@ def test_typical_and_uncertain_prefers_the_uncertain_patch_among_typical_ones_bu
     plain = select_typical(features, 1, seed=0)
     weighted = select_typical(features, 1, scores=scores, seed=0)
     assert weighted == [near[3]] and plain != weighted
-    assert not set(select(DEFAULT_SELECTION, 4, scores, features)) & {100, 101, 102, 103}
+    assert not set(select("typical_uncertain", 4, scores, features)) & {100, 101, 102, 103}
     assert select_top(scores, 4) == [100, 101, 102, 103]  # what plain top-k would have done
 
 

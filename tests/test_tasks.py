@@ -171,17 +171,20 @@ def test_grid_mode_scores_every_tile_inside_the_mask_and_writes_the_overview(ser
     assert len(service.list_patches(ALICE, s.ListPatches(project_id=project["id"], limit=10_000))) == len(expected)
 
 
-def test_scoring_computes_what_the_default_strategy_needs_and_picks_by_its_rule(service, inputs):
-    """The service's default is bioadapt.active's DEFAULT_STRATEGY: the workers return the model's features of each
-    patch with its score, and the picks are that strategy's selection over the pool, labelled patches excluded."""
+def test_scoring_computes_what_a_strategy_needs_and_picks_by_its_rule(service, inputs):
+    """A strategy that picks by features (typical_bald): the workers return the model's features of each patch
+    with its score, and the picks are that strategy's selection over the pool, labelled patches excluded. A call
+    that names no strategy scores with bioadapt.active's DEFAULT_STRATEGY (object-level BALD), whose scores are
+    kept apart from the per-pixel mean's."""
     from bioadapt.active import DEFAULT_STRATEGY, STRATEGIES, select
 
-    strategy = STRATEGIES[DEFAULT_STRATEGY]
+    name = "typical_bald"
+    strategy = STRATEGIES[name]
     assert strategy.needs_features  # else this test would not show that features reach the selection
     project = _project(service, inputs, "a.ome.zarr")
     job = _run(service, "score", project_id=project["id"], n_patches=12, patch_shape=PATCH, mc_passes=2, select=4,
-               actors=1)
-    assert (job["result"]["strategy"], job["result"]["selection"]) == (DEFAULT_STRATEGY, strategy.selection)
+               actors=1, strategy=name)
+    assert (job["result"]["strategy"], job["result"]["selection"]) == (name, strategy.selection)
     rows = service.store.patches(project["id"], status="pending", order="id")
     assert len(rows) == 12 and all(len(row["features"]) == 2 * 4 for row in rows)  # the U-Net's 4 last maps
 
@@ -196,13 +199,13 @@ def test_scoring_computes_what_the_default_strategy_needs_and_picks_by_its_rule(
     assert [p["id"] for p in listed] == expected(4, [])
     _annotate(service, project, 2)  # the first two picks
     annotated = service.store.patches(project["id"], status="annotated", order="id")
-    picked = service.select_patches(ALICE, s.SelectPatches(project_id=project["id"], select=4))
-    assert picked["strategy"] == DEFAULT_STRATEGY and picked["selected"] == expected(4, annotated)
+    picked = service.select_patches(ALICE, s.SelectPatches(project_id=project["id"], select=4, strategy=name))
+    assert picked["strategy"] == name and picked["selected"] == expected(4, annotated)
     assert not {p["id"] for p in annotated} & set(picked["selected"])
 
-    # an object-level strategy keeps its scores apart from the per-pixel mean's
-    _run(service, "score", project_id=project["id"], n_patches=1, patch_shape=PATCH, mc_passes=2, actors=1,
-         strategy="object_bald", rescore_pending=True)
+    default = _run(service, "score", project_id=project["id"], n_patches=1, patch_shape=PATCH, mc_passes=2,
+                   actors=1, rescore_pending=True)
+    assert (default["result"]["strategy"], STRATEGIES[DEFAULT_STRATEGY].reduce) == (DEFAULT_STRATEGY, "object_mean")
     rows = service.store.patches(project["id"], status="pending", order="id")
     assert all({"bald", "bald:object_mean"} <= set(row["scores"]) for row in rows[:10])
 
@@ -212,7 +215,7 @@ def test_a_model_without_patch_features_defaults_to_a_strategy_that_reads_none()
 
     cellpose = {"name": "Cellpose 4 (cpsam)", "patch_features": False}
     assert strategy_of(s.Score(project_id="p"), cellpose)[0] == s.FEATURELESS_STRATEGY
-    assert strategy_of(s.Score(project_id="p"), {"patch_features": True})[0] == "typical_bald"
+    assert strategy_of(s.Score(project_id="p"), {"patch_features": True})[0] == "object_bald"
     with pytest.raises(BioadaptError, match=r"'typical_bald' picks by the model's features.*Cellpose 4"):
         strategy_of(s.Score(project_id="p", strategy="typical_bald"), cellpose)
     name, strategy, key = strategy_of(s.Score(project_id="p", strategy="object_bald", acquisition="random"), cellpose)
