@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
                         row = {"dataset": name, "kind": kind, "p": rate, "score": key,
                                "spearman_between_seeds": round(spearman(first[key], second[key]), 3),
                                "top16_overlap": round(len(top_a & top_b) / 16, 3),
-                               "spearman_with_foreground": round(spearman(first[key], foreground), 3)}
+                               "spearman_with_foreground": round(spearman(first[key], foreground), 3),
+                               "date": time.strftime("%Y-%m-%d")}
                         rows.append(row)
                         print(json.dumps(row), flush=True)
                         with (RESULTS / "ranking.jsonl").open("a") as stream:  # kept as it comes: runs are long
@@ -118,10 +119,11 @@ def table(rows: list[dict], result: dict) -> str:
     lines = [f"Ranking stability (made by `{result['command'].strip()}`, {result['date']}, {result['minutes']} min)",
              "", "Spearman of pool scores between round seeds 0 and 1 / top-16 overlap / Spearman with the "
              "foreground fraction:", "",
-             "| data set | kind | p | score | Spearman seeds | top-16 overlap | Spearman foreground |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| date | data set | kind | p | score | Spearman seeds | top-16 overlap | Spearman foreground |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['dataset']} | {r['kind']} | {r['p']} | {r['score']} | {r['spearman_between_seeds']:.3f} "
+        lines.append(f"| {r.get('date', '2026-11-28')} | {r['dataset']} | {r['kind']} | {r['p']} | {r['score']} "
+                     f"| {r['spearman_between_seeds']:.3f} "
                      f"| {r['top16_overlap']:.2f} | {r['spearman_with_foreground']:.3f} |")
     return "\n".join(lines) + "\n"
 
