@@ -58,7 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--multi-round", default=DEFAULT_STRATEGY, help="strategies also run round by round")
     parser.add_argument("--first-budgets", type=lambda text: [int(b) for b in text.split(",") if b], default=[],
                         help="budgets to run first (then the others, smallest first)")
-    parser.add_argument("--steps", type=int, default=300, help="optimiser steps of every fine-tuning")
+    parser.add_argument("--steps", type=int, default=300, help="optimiser steps of every fine-tuning (the least, "
+                        "with --steps-per-label)")
+    parser.add_argument("--steps-per-label", type=int, default=0,
+                        help="steps grow with the budget: max(--steps, this x labelled patches); 0: fixed")
     parser.add_argument("--passes", type=int, default=16, help="MC-dropout passes when scoring")
     parser.add_argument("--plateau-steps", default="150,300,600,1200", help="lengths of the plateau's runs")
     parser.add_argument("--learning-rate", type=float, default=TUNE["learning_rate"])
@@ -126,6 +129,12 @@ class Bench:
                 "seconds": result.seconds, "final_loss": result.history[-1]["loss"]}
 
 
+def steps_for(args: argparse.Namespace, budget: int) -> int:
+    """Optimiser steps of a fine-tuning on ``budget`` patches: fixed, or growing with the budget so that larger
+    budgets are not under-trained (every patch is seen about as often)."""
+    return max(args.steps, args.steps_per_label * budget)
+
+
 def run(args: argparse.Namespace, workdir: Path) -> None:
     from bioadapt.active import STRATEGIES, select
 
@@ -136,7 +145,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     out = Path(f"{args.out}_{args.dataset}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"{args.dataset}: base F1 {bench.base_f1:.3f}; pool of {len(bench.dataset.windows)} patches; "
-          f"{args.steps} steps per fine-tuning", flush=True)
+          "steps per fine-tuning: " + ", ".join(f"k={b}: {steps_for(args, b)}" for b in budgets), flush=True)
 
     def record(seed: int, strategy: str, mode: str, budget: int, picks: list[int], tuned: dict) -> None:
         f1 = test_f1(bench.worker.adapter, bench.dataset)
@@ -168,7 +177,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
                     continue
                 scores, features = base_scores[(STRATEGIES[strategy].acquisition, STRATEGIES[strategy].reduce)]
                 picks = select(STRATEGIES[strategy].selection, budget, scores, features, seed=1000 + seed)
-                tuned = bench.tune(picks, seed, args.steps)
+                tuned = bench.tune(picks, seed, steps_for(args, budget))
                 record(seed, strategy, "one-shot", budget, picks, tuned)
                 if budget == budgets[0]:
                     first_round[strategy] = (picks, tuned, bench.worker.adapter.state_dict())
@@ -187,7 +196,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
                     scores, features = base_scores[(STRATEGIES[strategy].acquisition, STRATEGIES[strategy].reduce)]
                 labelled = labelled + select(STRATEGIES[strategy].selection, budget - len(labelled), scores,
                                              features, labelled=labelled, seed=1000 + seed)
-                tuned = bench.tune(labelled, seed, args.steps)
+                tuned = bench.tune(labelled, seed, steps_for(args, budget))
                 state = bench.worker.adapter.state_dict()
                 record(seed, strategy, "multi-round", budget, list(labelled), tuned)
 
@@ -213,7 +222,7 @@ def plateau(args: argparse.Namespace, workdir: Path) -> None:
               "benchmark_steps": args.steps, "learning_rate": args.learning_rate, "schedule": TUNE["lr_schedule"],
               "command": "python benchmarks/al_efficiency.py " + " ".join(sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M")}
-    out = Path(f"{args.out}_plateau_{args.dataset}_lr{args.learning_rate:g}.json")
+    out = Path(f"{args.out}_plateau_{args.dataset}_k{budget}_lr{args.learning_rate:g}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to {out}")
 
