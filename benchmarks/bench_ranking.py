@@ -122,7 +122,7 @@ def table(rows: list[dict], result: dict) -> str:
              "| date | data set | kind | p | score | Spearman seeds | top-16 overlap | Spearman foreground |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r.get('date', '2026-11-28')} | {r['dataset']} | {r['kind']} | {r['p']} | {r['score']} "
+        lines.append(f"| {r['date']} | {r['dataset']} | {r['kind']} | {r['p']} | {r['score']} "
                      f"| {r['spearman_between_seeds']:.3f} "
                      f"| {r['top16_overlap']:.2f} | {r['spearman_with_foreground']:.3f} |")
     return "\n".join(lines) + "\n"
