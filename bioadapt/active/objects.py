@@ -36,16 +36,16 @@ def object_regions(labels: Any, score_map: Any, *, missed_quantile: float = 0.9,
     cover at least ``min_missed_area`` pixels and half the median object area."""
     from scipy import ndimage
 
-    labels = _array(labels)
+    labels = _array(labels).astype(np.int64)
     score_map = _array(score_map).astype(np.float64)
     if labels.shape != score_map.shape:
         raise BioadaptError(f"labels of shape {labels.shape} do not match the score map's shape {score_map.shape}")
-    regions = ndimage.grey_dilation(labels.astype(np.int64), size=(3,) * labels.ndim)
+    regions = ndimage.grey_dilation(labels, size=(3,) * labels.ndim)
     regions = np.where(labels > 0, labels, regions)
     threshold = max(float(np.quantile(score_map, missed_quantile)), float(score_map.mean()))
     blobs, count = ndimage.label((score_map > threshold) & (regions == 0))
     if count:
-        object_areas = np.bincount(labels.astype(np.int64).ravel())[1:]
+        object_areas = np.bincount(labels.ravel())[1:]
         object_areas = object_areas[object_areas > 0]
         least = max(min_missed_area, 0.5 * float(np.median(object_areas)) if object_areas.size else 0.0)
         areas = np.bincount(blobs.ravel())
