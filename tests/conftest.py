@@ -220,3 +220,14 @@ def _no_data_folder_in_errors():
     yield
     leaks, _LEAKS[:] = list(_LEAKS), []
     assert not leaks, "errors that name the service's data folder:\n" + "\n".join(leaks)
+
+
+@pytest.fixture
+def mask_draws(monkeypatch) -> list:
+    """Records every dropout mask ``CommonMasks`` draws (its shape), to count what a round redraws."""
+    from bioadapt.adapters.dropout import CommonMasks
+
+    draws: list = []
+    keep = CommonMasks._keep
+    monkeypatch.setattr(CommonMasks, "_keep", lambda self, *a: draws.append(a[0]) or keep(self, *a))
+    return draws

@@ -164,23 +164,18 @@ def test_head_scope(packages, image2d):
 
 
 @pytest.mark.parametrize("scope", ["full", "head"])
-def test_a_rounds_masks_are_drawn_once_for_all_its_patches(packages, image2d, scope, monkeypatch):
+def test_a_rounds_masks_are_drawn_once_for_all_its_patches(packages, image2d, scope, mask_draws):
     """The service scores a round patch by patch: both scopes keep the round's masks between calls and draw
     new ones only for a new seed."""
-    from bioadapt.adapters.dropout import CommonMasks
-
-    draws = []
-    keep = CommonMasks._keep
-    monkeypatch.setattr(CommonMasks, "_keep", lambda self, *a: draws.append(a[1]) or keep(self, *a))
     model = load_adapter(packages["plain2d"], device="cpu", mc_scope=scope, dropout_p=0.3, dropout_kind="element")
     first = model.mc_proba(image2d[:1], passes=3, seed=7)
-    drawn = len(draws)
+    drawn = len(mask_draws)
     assert drawn > 0
     np.testing.assert_array_equal(model.mc_proba(image2d[:1], passes=3, seed=7), first)
     model.mc_proba(image2d[1:], passes=3, seed=7)
-    assert len(draws) == drawn
+    assert len(mask_draws) == drawn
     model.mc_proba(image2d[:1], passes=3, seed=8)
-    assert len(draws) == 2 * drawn
+    assert len(mask_draws) == 2 * drawn
 
 
 def test_torchscript_weights_predict_like_the_state_dict_and_use_their_dropout(packages, image2d):

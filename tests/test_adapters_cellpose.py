@@ -79,23 +79,18 @@ def test_mc_samples_vary_with_dropout_and_the_network_is_unchanged(weights, imag
 
 
 @pytest.mark.parametrize("scope", ["full", "head"])
-def test_a_rounds_masks_are_drawn_once_for_all_its_patches(weights, images, scope, monkeypatch):
+def test_a_rounds_masks_are_drawn_once_for_all_its_patches(weights, images, scope, mask_draws):
     """The service scores a round patch by patch: the adapter keeps the round's masks between calls (drawing
     element masks is a large share of a CPU pass) and draws new ones only for a new seed."""
-    from bioadapt.adapters.dropout import CommonMasks
-
-    draws = []
-    keep = CommonMasks._keep
-    monkeypatch.setattr(CommonMasks, "_keep", lambda self, *a: draws.append(a[1]) or keep(self, *a))
     model = load_adapter(f"cellpose:{weights}", device="cpu", dropout_p=0.2, mc_scope=scope, dropout_kind="element")
     first = model.mc_proba(images[0], passes=3, seed=7)
-    drawn = len(draws)
+    drawn = len(mask_draws)
     assert drawn > 0
     np.testing.assert_array_equal(model.mc_proba(images[0], passes=3, seed=7), first)
     model.mc_proba(images[1], passes=3, seed=7)
-    assert len(draws) == drawn
+    assert len(mask_draws) == drawn
     model.mc_proba(images[0], passes=3, seed=8)
-    assert len(draws) == 2 * drawn
+    assert len(mask_draws) == 2 * drawn
 
 
 def test_head_scope_differs_from_full_but_predicts_the_same(weights, images):
