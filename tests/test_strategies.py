@@ -65,6 +65,18 @@ def test_typical_and_uncertain_prefers_the_uncertain_patch_among_typical_ones_bu
     assert select_top(scores, 4) == [100, 101, 102, 103]  # what plain top-k would have done
 
 
+def test_top_then_typical_takes_the_most_uncertain_first_and_typical_uncertain_patches_once_labels_exist():
+    """A tuned model's uncertainty ran to rare near-empty windows on the real image; after the first round the
+    rule weighs uncertainty by typicality, so uncertain outliers wait."""
+    features = _pool()
+    scores = np.full(len(features), 0.1)
+    scores[100:] = 1.0  # outliers: the most uncertain of all
+    scores[5] = 0.9
+    assert select("top_then_typical", 2, scores, features) == [100, 101]  # no labels yet: plain top-k
+    later = select("top_then_typical", 3, scores, features, labelled=[100, 101])
+    assert not set(later) & {102, 103} and len(set(later)) == 3
+
+
 def select_top(scores, k):
     return select("top", k, scores)
 
