@@ -9,8 +9,11 @@ reads it) with its candidate patch windows and ground truth, and a separate test
   2018 Data Science Bowl, CC0). The pool is its upper half (256 x 512): 64 x 64 windows every 16 pixels (377;
   one image holds too few disjoint patches for a pool of hundreds, so candidates overlap); the test image is
   its lower half (256 x 512), which no pool window touches.
+- ``bbbc039``: a second real image, from another lab and microscope (benchmarks/data/bbbc039_nuclei, BBBC039,
+  U2OS nuclei, CC0; not among the DSB images): pool = upper half (260 x 696, 520 windows of 64 x 64 every 16
+  pixels), test = lower half.
 
-The base model is the same for both: the demo's U-Net trained on synthetic 'nuclei' (so the real image is a
+The base model is the same for all: the demo's U-Net trained on synthetic 'nuclei' (so the real image is a
 domain shift too).
 """
 
@@ -22,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 DATA = Path(__file__).parent / "data"
-DATASETS = ("synthetic", "dsb2018")
+DATASETS = ("synthetic", "dsb2018", "bbbc039")
 PATCH = 64
 
 
@@ -47,13 +50,12 @@ class Dataset:
         return np.array([float((self.truth[w.slices] > 0).mean()) for w in self.windows])
 
 
-def dsb2018_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """The vendored DSB 2018 image (1, 512, 512) float32 and its labels (512, 512) int64."""
+def vendored_arrays(folder: str) -> tuple[np.ndarray, np.ndarray]:
+    """A vendored annotated image (benchmarks/data/<folder>): (1, Y, X) float32 and its labels (Y, X) int64."""
     import tifffile
 
-    folder = DATA / "dsb2018_nuclei"
-    return (tifffile.imread(folder / "image.tif").astype(np.float32)[None],
-            tifffile.imread(folder / "labels.tif").astype(np.int64))
+    return (tifffile.imread(DATA / folder / "image.tif").astype(np.float32)[None],
+            tifffile.imread(DATA / folder / "labels.tif").astype(np.int64))
 
 
 def load_dataset(name: str, workdir: Path) -> Dataset:
@@ -67,10 +69,11 @@ def load_dataset(name: str, workdir: Path) -> Dataset:
         pool_image, pool_truth = pool.image, pool.labels
         test = synthetic_cells((768, 768), "crowded", seed=12)
         test_image, test_truth = test.image.astype(np.float32), test.labels
-    elif name == "dsb2018":
-        image, labels = dsb2018_arrays()
-        pool_image, pool_truth = image[:, :256], labels[:256]
-        test_image, test_truth = image[:, 256:], labels[256:]
+    elif name in ("dsb2018", "bbbc039"):  # the upper half is the pool, the lower half the test image
+        image, labels = vendored_arrays(f"{name}_nuclei")
+        half = labels.shape[0] // 2
+        pool_image, pool_truth = image[:, :half], labels[:half]
+        test_image, test_truth = image[:, half:], labels[half:]
     else:
         raise ValueError(f"unknown data set {name!r}; known: {DATASETS}")
     write_ome_zarr(pool_path, pool_image, "cyx", overwrite=True)
