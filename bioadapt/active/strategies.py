@@ -58,9 +58,8 @@ def _typical_cold_start(scores: np.ndarray, features: np.ndarray | None, k: int,
 def _top_then_typical(scores: np.ndarray, features: np.ndarray | None, k: int, labelled: list[int],
                       seed: int) -> list[int]:
     """The most uncertain patches while nothing is labelled; once labels exist, typical and uncertain ones."""
-    if not labelled:
-        return _top(scores, features, k, labelled, seed)
-    return select_typical(features, k, labelled=labelled, scores=scores, seed=seed)
+    rule = _typical_uncertain if labelled else _top
+    return rule(scores, features, k, labelled, seed)
 
 
 def _coreset(scores: np.ndarray, features: np.ndarray | None, k: int, labelled: list[int], seed: int) -> list[int]:
