@@ -57,3 +57,14 @@ def test_the_default_selection_picks_patches_with_nuclei(scored):
     scores, features, truth, _ = scored
     picks = select(DEFAULT_SELECTION, 3, scores, features, seed=0)
     assert len(picks) == 3 and all(truth[i].max() > 0 for i in picks)
+
+
+@pytest.mark.xfail(strict=True, reason="known limit: once labels exist the default weighs scores by typicality, "
+                   "and in a pool of 12 windows (a quarter of them empty) its clusters are a few windows each, so "
+                   "empty background windows come back (the benchmark's pools, round by round to 16 labels: 1-2 "
+                   "nearly empty picks of 16 on DSB 2018, none on BBBC039)")
+def test_the_default_selection_still_picks_nuclei_once_some_windows_are_labelled(scored):
+    scores, features, truth, _ = scored
+    first = select(DEFAULT_SELECTION, 3, scores, features, seed=0)
+    later = select(DEFAULT_SELECTION, 3, scores, features, labelled=first[:1], seed=0)
+    assert all(truth[i].max() > 0 for i in later)
