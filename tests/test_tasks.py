@@ -203,8 +203,15 @@ def test_scoring_computes_what_a_strategy_needs_and_picks_by_its_rule(service, i
     assert picked["strategy"] == name and picked["selected"] == expected(4, annotated)
     assert not {p["id"] for p in annotated} & set(picked["selected"])
 
+    # a feature-reading job gives the annotated patches the scoring model's features (after fine-tuning, the
+    # ones stored earlier come from another version): features blanked here come back as the model gives them
+    given = {row["id"]: row["features"] for row in annotated}
+    service.store.record_features(project["id"], [{"patch_id": i, "features": [0.0] * 8} for i in given])
     default = _run(service, "score", project_id=project["id"], n_patches=1, patch_shape=PATCH, mc_passes=2,
                    actors=1, rescore_pending=True)
+    refreshed = {row["id"]: row["features"] for row in service.store.patches(project["id"], status="annotated")}
+    assert refreshed.keys() == given.keys()
+    assert all(np.allclose(refreshed[i], given[i], atol=1e-5) and np.any(given[i]) for i in given)
     assert (default["result"]["strategy"], STRATEGIES[DEFAULT_STRATEGY].reduce) == (DEFAULT_STRATEGY, "object_mean")
     rows = service.store.patches(project["id"], status="pending", order="id")
     assert all({"bald", "bald:object_mean"} <= set(row["scores"]) for row in rows[:10])

@@ -173,6 +173,14 @@ class ProjectStore:
                     score=result["score"], scores=json.dumps(scores), objects=result.get("objects"),
                     version=version, scored=now, **features))  # a score without features keeps earlier ones
 
+    def record_features(self, project_id: str, results: Sequence[dict[str, Any]]) -> None:
+        """Replace patches' features (``{"patch_id", "features"}`` each), their scores untouched."""
+        with self.engine.begin() as conn:
+            for result in results:
+                conn.execute(db.patches.update().where((db.patches.c.project_id == project_id)
+                                                       & (db.patches.c.id == result["patch_id"]))
+                             .values(features=json.dumps(result["features"])))
+
     def set_selection(self, project_id: str, patch_ids: Sequence[int]) -> None:
         """The patches picked for annotation, in order (earlier picks of the project are forgotten)."""
         with self.engine.begin() as conn:

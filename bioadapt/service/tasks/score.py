@@ -129,6 +129,24 @@ def score_patches(adapter: Any, request: ScoreRequest, patches: Patches, *, stop
     return results
 
 
+def patch_features_of(adapter: Any, request: ScoreRequest, patches: Patches, *,
+                      stop: threading.Event | None = None, progress: Callable[..., None] | None = None
+                      ) -> list[dict[str, Any]]:
+    """The model's pooled features of (patch id, origin) pairs: one deterministic forward pass each, no MC
+    passes, no writes."""
+    image = request.image.open()
+    results = []
+    for patch_id, origin in patches:
+        if stop is not None and stop.is_set():
+            break
+        pixels = image.read(origin, request.patch_shape, dtype="float32")
+        results.append({"patch_id": int(patch_id),
+                        "features": [float(v) for v in adapter.patch_features(pixels[None])[0]]})
+        if progress is not None:
+            progress(done=len(results))
+    return results
+
+
 # -- the driver -----------------------------------------------------------------------------------------------
 def submit(service: "BioadaptService", caller: "Caller", args: s.Score,
            progress: Callable[[dict], Any] | None = None) -> dict[str, Any]:
@@ -188,6 +206,9 @@ def _score(service: "BioadaptService", runner: "JobRunner", project: dict[str, A
                 scored, top = scored + len(results), heapq.nlargest(TOP, top + results, key=lambda r: r["score"])
             finally:
                 commit.overview()  # the overview shows every map written, also when the job stops early
+        if strategy.needs_features and actors and not runner.cancelled.is_set():
+            runner.report(stage="features of the annotated patches")
+            _refresh_labelled_features(service, project["id"], actors[0])
         healthy = True
     finally:
         service.pool.release(spec, actors, healthy=healthy)
@@ -196,6 +217,22 @@ def _score(service: "BioadaptService", runner: "JobRunner", project: dict[str, A
     return {"scored": scored, "version": version["number"], "strategy": name,
             "acquisition": strategy.acquisition, "reduce": strategy.reduce, "mode": args.mode,
             "selection": strategy.selection, "selected": len(picked), "top": top}
+
+
+def _refresh_labelled_features(service: "BioadaptService", project_id: str, actor: Any) -> None:
+    """The annotated patches' features under the model that just scored the pool: selection rules that read
+    features (typicality, core-set) compare the pending patches with the annotated ones, and features an earlier
+    model version gave sit in another feature space. One forward pass per annotated patch, on one actor."""
+    import ray
+
+    images = {row["id"]: row for row in service.store.images(project_id)}
+    groups: dict[tuple[str, tuple[int, ...]], list[tuple[int, list[int]]]] = {}
+    for row in service.store.patches(project_id, status="annotated", order="id"):
+        if row["image_id"] in images:
+            groups.setdefault((row["image_id"], tuple(row["shape"])), []).append((row["id"], row["origin"]))
+    for (image_id, shape), patches in groups.items():
+        request = ScoreRequest(image=service.image_ref(images[image_id]), patch_shape=shape, features=True)
+        service.store.record_features(project_id, ray.get(actor.run.remote(patch_features_of, request, patches)))
 
 
 def _plan(service: "BioadaptService", project: dict[str, Any], rows: list[dict[str, Any]], args: s.Score
