@@ -149,6 +149,9 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
 
     def record(seed: int, strategy: str, mode: str, budget: int, picks: list[int], tuned: dict) -> None:
         f1 = test_f1(bench.worker.adapter, bench.dataset)
+        if (seed, strategy, mode, budget) in done:  # a multi-round run passes its earlier rounds again
+            print(f"seed {seed} {strategy:<20} {mode:<11} k={budget:>2} F1 {f1:.3f} (on record already)", flush=True)
+            return
         row = {"dataset": args.dataset, "seed": seed, "strategy": strategy, "mode": mode, "budget": budget,
                "f1": f1, "base_f1": bench.base_f1, "picks": picks, "passes": args.passes,
                "pool": len(bench.dataset.windows), **tuned, "date": time.strftime("%Y-%m-%d %H:%M")}
