@@ -1,7 +1,8 @@
 """The browser page (web/) end to end: a real `bioadapt serve` serves it and the bioadapt service; Debian's
 chromium, driven by Playwright, connects with a user's token, opens the most uncertain patch, paints a stroke with
 the mouse and submits; the label store then holds the stroke where it was painted. Then it fine-tunes (live loss)
-and exports, and the download link gives the package's zip.
+and exports, and the download link gives the package's zip; last it scores new patches with a strategy chosen in
+the form.
 
 Skipped when the Python `playwright` package or a chromium binary is missing. Set BIOADAPT_WEB_SCREENSHOT to a
 path to keep a screenshot of the page (docs/web-page.png was made that way).
@@ -64,6 +65,37 @@ def test_static_files_come_only_from_the_web_folder(tmp_path):
         assert static_response(web, outside)["status"] == 404, outside
     assert static_response(web, "/missing.js")["status"] == 404
     assert (WEB_DIR / "index.html").is_file() and (WEB_DIR / "vendor" / "hypha-rpc" / "LICENSE").is_file()
+
+
+def test_the_score_form_offers_every_strategy_and_acquisition_of_the_service():
+    from html.parser import HTMLParser
+
+    from bioadapt.active import ACQUISITIONS, STRATEGIES
+
+    options: dict[str, list[str]] = {}
+
+    class Options(HTMLParser):
+        select: str | None = None
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "select":
+                self.select = attrs.get("id")
+            elif tag == "option" and self.select:
+                options.setdefault(self.select, []).append(attrs.get("value"))
+
+        def handle_data(self, data):
+            if self.select and options.get(self.select) and options[self.select][-1] is None:
+                options[self.select][-1] = data.strip()
+
+        def handle_endtag(self, tag):
+            if tag == "select":
+                self.select = None
+
+    Options().feed((WEB_DIR / "index.html").read_text())
+    # the first option, "" (left out of the call), lets the service choose: its default strategy, the strategy's map
+    assert options["strategy"][0] == "" and sorted(options["strategy"][1:]) == sorted(STRATEGIES)
+    assert options["acquisition"][0] == "" and sorted(options["acquisition"][1:]) == sorted(ACQUISITIONS)
 
 
 # -- the page in a browser ------------------------------------------------------------------------------------------
@@ -189,6 +221,18 @@ def test_label_tune_and_export_in_the_browser(browser_context, hypha_server, ser
                          "document.getElementById('download').href)).arrayBuffer()).slice(0, 2))")
     assert bytes(head) == b"PK", "the download is not a zip"
     assert [v["number"] for v in webuser.get_project(project["id"])["versions"]] == [0, 1]
+    assert not crashes, crashes
+
+    # score two new patches with a strategy chosen in the form (typical_bald reads the model's features, so the
+    # job also refreshes the annotated patch's features under version 1)
+    page.select_option("#strategy", "typical_bald")
+    page.fill("#n-patches", "2")
+    page.fill("#patch-size", str(PATCH[0]))
+    page.fill("#mc-passes", "2")
+    page.click("#score")
+    page.wait_for_function("document.getElementById('score-status').textContent.includes('patches scored')",
+                           timeout=180_000)  # the job's progress reads "done: 2 / 2 patches" just before
+    assert page.text_content("#score-status") == "done: 2 patches scored (typical_bald, model version 1)"
     assert not crashes, crashes
 
     page.check("#show-uncertainty")

@@ -159,8 +159,9 @@ $("score-form").addEventListener("submit", (event) => {
   const size = Number($("patch-size").value), dims = state.project.images[0]?.spatial_axes?.length || 2;
   const args = {
     project_id: state.project.id, mode: $("mode").value, mc_passes: Number($("mc-passes").value),
-    acquisition: $("acquisition").value, patch_shape: Array(dims).fill(size),
+    patch_shape: Array(dims).fill(size),
   };
+  for (const name of ["strategy", "acquisition"]) if ($(name).value) args[name] = $(name).value;  // "": the service's
   if (args.mode === "random") args.n_patches = Number($("n-patches").value);
   act($("score"), "Scoring", async () => {
     $("score-progress").value = 0;
@@ -175,7 +176,7 @@ $("score-form").addEventListener("submit", (event) => {
     });
     if (job.state !== "done") throw new Error(`the scoring job ${job.state}: ${job.error || ""}`);
     $("score-progress").value = 1;
-    $("score-status").textContent = `done: ${job.result.scored} patches scored (${job.result.acquisition}, model ` +
+    $("score-status").textContent = `done: ${job.result.scored} patches scored (${job.result.strategy}, model ` +
       `version ${job.result.version})`;
     await refreshCounts();
     await loadOverview();
