@@ -225,6 +225,8 @@ def _refresh_labelled_features(service: "BioadaptService", project_id: str, acto
     model version gave sit in another feature space. One forward pass per annotated patch, on one actor."""
     import ray
 
+    from bioadapt.service.execution import remote_cause
+
     images = {row["id"]: row for row in service.store.images(project_id)}
     groups: dict[tuple[str, tuple[int, ...]], list[tuple[int, list[int]]]] = {}
     for row in service.store.patches(project_id, status="annotated", order="id"):
@@ -232,7 +234,12 @@ def _refresh_labelled_features(service: "BioadaptService", project_id: str, acto
             groups.setdefault((row["image_id"], tuple(row["shape"])), []).append((row["id"], row["origin"]))
     for (image_id, shape), patches in groups.items():
         request = ScoreRequest(image=service.image_ref(images[image_id]), patch_shape=shape, features=True)
-        service.store.record_features(project_id, ray.get(actor.run.remote(patch_features_of, request, patches)))
+        try:
+            features = ray.get(actor.run.remote(patch_features_of, request, patches))
+        except ray.exceptions.RayError as e:
+            raise BioadaptError(f"the scores are stored, but the annotated patches' features could not be computed "
+                                f"({remote_cause(e)}); score again before selecting") from e
+        service.store.record_features(project_id, features)
 
 
 def _plan(service: "BioadaptService", project: dict[str, Any], rows: list[dict[str, Any]], args: s.Score
