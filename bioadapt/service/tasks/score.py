@@ -122,7 +122,7 @@ def score_patches(adapter: Any, request: ScoreRequest, patches: Patches, *, stop
                   "score": patch_score(score_map, inside, reduce=request.reduce, labels=labels),
                   "objects": int(len(np.unique(labels)) - 1)}
         if request.features:
-            result["features"] = [float(v) for v in adapter.patch_features(pixels[None])[0]]
+            result["features"] = _features(adapter, pixels)
         results.append(result | {"seconds": round(time.perf_counter() - started, 4)})
         if progress is not None:
             progress(done=len(results))
@@ -140,11 +140,15 @@ def patch_features_of(adapter: Any, request: ScoreRequest, patches: Patches, *,
         if stop is not None and stop.is_set():
             break
         pixels = image.read(origin, request.patch_shape, dtype="float32")
-        results.append({"patch_id": int(patch_id),
-                        "features": [float(v) for v in adapter.patch_features(pixels[None])[0]]})
+        results.append({"patch_id": int(patch_id), "features": _features(adapter, pixels)})
         if progress is not None:
             progress(done=len(results))
     return results
+
+
+def _features(adapter: Any, pixels: np.ndarray) -> list[float]:
+    """The model's pooled features of one patch, as the store keeps them."""
+    return [float(v) for v in adapter.patch_features(pixels[None])[0]]
 
 
 # -- the driver -----------------------------------------------------------------------------------------------
