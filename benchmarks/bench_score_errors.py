@@ -41,9 +41,10 @@ def patch_table(bench: Bench) -> dict[str, np.ndarray]:
         labels = bench.worker.adapter.segment(pixels[None])[0]
         true_n, predicted_n = len(np.unique(truth)) - 1, len(np.unique(labels)) - 1
         f1 = f1_score(labels, truth, 0.5) if true_n or predicted_n else np.nan
-        rows.append((f1, true_n, predicted_n, float((truth > 0).mean())))
-    f1, true_n, predicted_n, foreground = (np.array(column, dtype=np.float64) for column in zip(*rows))
-    return {"patch_f1": f1, "true_objects": true_n, "predicted_objects": predicted_n, "foreground": foreground}
+        rows.append((f1, true_n, predicted_n))
+    f1, true_n, predicted_n = (np.array(column, dtype=np.float64) for column in zip(*rows))
+    return {"patch_f1": f1, "true_objects": true_n, "predicted_objects": predicted_n,
+            "foreground": bench.dataset.foreground_fraction()}
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
