@@ -11,6 +11,7 @@ path to keep a screenshot of the page (docs/web-page.png was made that way).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import urllib.request
 from pathlib import Path
@@ -68,34 +69,19 @@ def test_static_files_come_only_from_the_web_folder(tmp_path):
 
 
 def test_the_score_form_offers_every_strategy_and_acquisition_of_the_service():
-    from html.parser import HTMLParser
-
     from bioadapt.active import ACQUISITIONS, STRATEGIES
 
-    options: dict[str, list[str]] = {}
+    page = (WEB_DIR / "index.html").read_text()
 
-    class Options(HTMLParser):
-        select: str | None = None
+    def options(select_id: str) -> list[str]:
+        select = re.search(rf'<select id="{select_id}".*?</select>', page, re.S).group(0)
+        # an option's value attribute, else its text
+        return [attribute[len(' value="'):-1] if attribute else text
+                for attribute, text in re.findall(r'<option( value="[^"]*")?>([^<]*)<', select)]
 
-        def handle_starttag(self, tag, attrs):
-            attrs = dict(attrs)
-            if tag == "select":
-                self.select = attrs.get("id")
-            elif tag == "option" and self.select:
-                options.setdefault(self.select, []).append(attrs.get("value"))
-
-        def handle_data(self, data):
-            if self.select and options.get(self.select) and options[self.select][-1] is None:
-                options[self.select][-1] = data.strip()
-
-        def handle_endtag(self, tag):
-            if tag == "select":
-                self.select = None
-
-    Options().feed((WEB_DIR / "index.html").read_text())
     # the first option, "" (left out of the call), lets the service choose: its default strategy, the strategy's map
-    assert options["strategy"][0] == "" and sorted(options["strategy"][1:]) == sorted(STRATEGIES)
-    assert options["acquisition"][0] == "" and sorted(options["acquisition"][1:]) == sorted(ACQUISITIONS)
+    assert options("strategy")[0] == "" and sorted(options("strategy")[1:]) == sorted(STRATEGIES)
+    assert options("acquisition")[0] == "" and sorted(options("acquisition")[1:]) == sorted(ACQUISITIONS)
 
 
 # -- the page in a browser ------------------------------------------------------------------------------------------
