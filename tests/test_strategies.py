@@ -6,6 +6,7 @@ import pytest
 
 from bioadapt.active import (DEFAULT_ACQUISITION, DEFAULT_SELECTION, DEFAULT_STRATEGY, SELECTIONS, STRATEGIES, bald,
                              object_patch_score, patch_score, select, select_coreset, select_typical, typicality)
+from bioadapt.active.selection import standardised
 from bioadapt.errors import BioadaptError
 
 
@@ -76,6 +77,35 @@ def test_top_then_typical_takes_the_most_uncertain_first_and_typical_uncertain_p
     assert select("top_then_typical", 1, scores, features, labelled=[100, 101]) == [5]
     later = select("top_then_typical", 3, scores, features, labelled=[100, 101])
     assert 5 in later and not set(later) & {102, 103}
+
+
+def test_typical_half_top_takes_the_most_uncertain_typical_patches_and_outliers_only_when_nothing_else_is_left():
+    """The untuned model's most uncertain patches were the pool's outliers on the synthetic benchmark; the first
+    round takes the most uncertain patches of the typical half instead, in score order."""
+    features = _pool()
+    scores = np.linspace(0.0, 0.5, len(features))
+    scores[100:] = 1.0  # outliers: the most uncertain of all
+    value = typicality(standardised(features))
+    typical_half = np.flatnonzero(value >= np.median(value))
+    expected = sorted(typical_half, key=lambda i: -scores[i])[:3]
+    assert select("typical_half_top", 3, scores, features) == expected
+    assert select("top", 3, scores, features) == [100, 101, 102]
+    everything = select("typical_half_top", len(features), scores, features)
+    assert set(everything[:len(typical_half)]) == set(typical_half)
+    assert everything[len(typical_half):len(typical_half) + 4] == [100, 101, 102, 103]  # then the rest by score
+    assert expected[0] not in select("typical_half_top", 3, scores, features, labelled=[expected[0]])
+
+
+def test_typical_half_top_then_typical_switches_to_typical_uncertain_picks_once_labels_exist():
+    features = _pool()
+    scores = np.full(len(features), 0.1)
+    scores[100:] = 1.0
+    scores[5] = 0.9
+    first = select("typical_half_top_then_typical", 2, scores, features)
+    assert first[0] == 5 and not set(first) & {100, 101, 102, 103}
+    labelled = [5]
+    assert (select("typical_half_top_then_typical", 3, scores, features, labelled=labelled, seed=2) ==
+            select("typical_uncertain", 3, scores, features, labelled=labelled, seed=2))
 
 
 def select_top(scores, k):

@@ -222,7 +222,7 @@ def test_a_model_without_patch_features_defaults_to_a_strategy_that_reads_none()
 
     cellpose = {"name": "Cellpose 4 (cpsam)", "patch_features": False}
     assert strategy_of(s.Score(project_id="p"), cellpose)[0] == s.FEATURELESS_STRATEGY
-    assert strategy_of(s.Score(project_id="p"), {"patch_features": True})[0] == "object_bald_then_typical"
+    assert strategy_of(s.Score(project_id="p"), {"patch_features": True})[0] == "typical_half_object_bald_then_typical"
     with pytest.raises(BioadaptError, match=r"'typical_bald' picks by the model's features.*Cellpose 4"):
         strategy_of(s.Score(project_id="p", strategy="typical_bald"), cellpose)
     name, strategy, key = strategy_of(s.Score(project_id="p", strategy="object_bald", acquisition="random"), cellpose)
