@@ -11,10 +11,10 @@ from bioadapt.active.reduce import patch_score
 from bioadapt.active.selection import select_diverse, select_top
 from bioadapt.active.strategies import (DEFAULT_ACQUISITION, DEFAULT_REDUCE, DEFAULT_SELECTION, DEFAULT_STRATEGY,
                                         SELECTIONS, STRATEGIES, Strategy, select)
-from bioadapt.active.typicality import select_typical, typicality
+from bioadapt.active.typicality import select_typical, select_typical_half_top, typicality
 
 __all__ = ["ACQUISITIONS", "DEFAULT_ACQUISITION", "DEFAULT_REDUCE", "DEFAULT_SELECTION", "DEFAULT_STRATEGY",
            "MatchResult", "SELECTIONS", "STRATEGIES", "Strategy", "average_precision", "bald", "dice", "f1_score",
            "match_instances", "mean_std", "object_patch_score", "object_regions", "object_scores", "patch_score",
            "predictive_entropy", "random_scores", "select", "select_coreset", "select_diverse", "select_top",
-           "select_typical", "summarize_matches", "typicality", "variation_ratios"]
+           "select_typical", "select_typical_half_top", "summarize_matches", "typicality", "variation_ratios"]
