@@ -58,24 +58,17 @@ def _typical_cold_start(scores: np.ndarray, features: np.ndarray | None, k: int,
     return select_typical(features, k, labelled=labelled, scores=scores if labelled else None, seed=seed)
 
 
-def _top_then_typical(scores: np.ndarray, features: np.ndarray | None, k: int, labelled: list[int],
-                      seed: int) -> list[int]:
-    """The most uncertain patches while nothing is labelled; once labels exist, typical and uncertain ones."""
-    rule = _typical_uncertain if labelled else _top
-    return rule(scores, features, k, labelled, seed)
-
-
 def _typical_half_top(scores: np.ndarray, features: np.ndarray | None, k: int, labelled: list[int],
                       seed: int) -> list[int]:
     return select_typical_half_top(scores, features, k, labelled=labelled)
 
 
-def _typical_half_top_then_typical(scores: np.ndarray, features: np.ndarray | None, k: int, labelled: list[int],
-                                   seed: int) -> list[int]:
-    """The most uncertain of the typical half while nothing is labelled; once labels exist, typical and uncertain
-    patches."""
-    rule = _typical_uncertain if labelled else _typical_half_top
-    return rule(scores, features, k, labelled, seed)
+def _until_labelled(first: "Selector", then: "Selector") -> "Selector":
+    """A rule that picks by ``first`` while nothing is labelled and by ``then`` once labels exist."""
+    def selector(scores: np.ndarray, features: np.ndarray | None, k: int, labelled: list[int],
+                 seed: int) -> list[int]:
+        return (then if labelled else first)(scores, features, k, labelled, seed)
+    return selector
 
 
 def _coreset(scores: np.ndarray, features: np.ndarray | None, k: int, labelled: list[int], seed: int) -> list[int]:
@@ -97,9 +90,9 @@ SELECTIONS: dict[str, tuple[Selector, bool]] = {
     "typical_uncertain": (_typical_uncertain, True),
     "typical_cold_start": (_typical_cold_start, True),
     "coreset": (_coreset, True),
-    "top_then_typical": (_top_then_typical, True),
+    "top_then_typical": (_until_labelled(_top, _typical_uncertain), True),
     "typical_half_top": (_typical_half_top, True),
-    "typical_half_top_then_typical": (_typical_half_top_then_typical, True),
+    "typical_half_top_then_typical": (_until_labelled(_typical_half_top, _typical_uncertain), True),
     "random": (_random, False),
 }
 

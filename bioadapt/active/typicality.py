@@ -83,25 +83,24 @@ def select_typical_half_top(scores: Sequence[float], features: np.ndarray, k: in
     typicality on the standardised ``features`` (n, d) is at least its median. When that half has fewer free
     patches than ``k``, the highest-scoring of the rest follow."""
     features, labelled, k = checked_pool(features, k, labelled)
-    n = len(features)
-    scores = np.asarray(scores, dtype=np.float64)
-    if scores.shape != (n,):
-        raise BioadaptError(f"scores must hold one value per patch ({n}), got shape {scores.shape}")
+    scores = _checked_scores(scores, len(features))
     value = typicality(features)
-    typical_half = value >= np.median(value)
-    free = np.ones(n, dtype=bool)
-    free[labelled] = False
-    order = np.argsort(-scores, kind="stable")
-    first = [int(i) for i in order if free[i] and typical_half[i]]
-    rest = [int(i) for i in order if free[i] and not typical_half[i]]
-    return (first + rest)[:k]
+    # the typical half first, each half by descending score (lexsort: the last key is the primary one)
+    order = np.lexsort((-scores, value < np.median(value)))
+    taken = set(labelled)
+    return [int(i) for i in order if i not in taken][:k]
 
 
 def _rank_weight(scores: Sequence[float], n: int) -> np.ndarray:
     """Scores as ranks scaled into (0, 1]: the scale of an uncertainty measure does not matter, its order does."""
-    scores = np.asarray(scores, dtype=np.float64)
-    if scores.shape != (n,):
-        raise BioadaptError(f"scores must hold one value per patch ({n}), got shape {scores.shape}")
+    scores = _checked_scores(scores, n)
     ranks = np.empty(n)
     ranks[np.argsort(scores, kind="stable")] = np.arange(1, n + 1)
     return ranks / n
+
+
+def _checked_scores(scores: Sequence[float], n: int) -> np.ndarray:
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != (n,):
+        raise BioadaptError(f"scores must hold one value per patch ({n}), got shape {scores.shape}")
+    return scores
