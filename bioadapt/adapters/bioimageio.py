@@ -35,7 +35,7 @@ from bioadapt.adapters.bioimageio_weights import (TRAINABLE_FORMATS, choose_form
 from bioadapt.adapters.dropout import (CommonMasks, DropoutKind, HeadSplit, MCDropout, is_scripted, round_masks,
                                        stacked_passes)
 from bioadapt.adapters.segmentation import labels_from_probabilities
-from bioadapt.adapters.shapes import activation_bytes, default_memory_budget
+from bioadapt.adapters.shapes import activation_bytes, default_input_budget, default_memory_budget
 from bioadapt.adapters.sources import load_model_description
 from bioadapt.adapters.targets import INSTANCE_TARGETS, Targets, choose_targets, dice_score, loss
 from bioadapt.adapters.training import fit
@@ -79,7 +79,8 @@ class BioimageioAdapter(Adapter):
         self.dropout_p = dropout_p
         self.dropout_kind = dropout_kind
         self.mc_scope = mc_scope
-        self.memory_budget = memory_budget or default_memory_budget(self.device)
+        self.memory_budget = memory_budget or default_memory_budget(self.device)  # one batched forward call
+        self.input_budget = memory_budget or default_input_budget(self.device)  # one image before it goes in blocks
         if self.device.type == "cpu":
             tune_malloc()
         with ExitStack() as stack:
@@ -205,7 +206,7 @@ class BioimageioAdapter(Adapter):
         """The largest network input (in voxels) whose forward fits the memory budget."""
         if self.module is None:
             return None
-        return max(int(np.prod(self.layout.grid.smallest)), int(self.memory_budget // self._bytes_per_voxel()))
+        return max(int(np.prod(self.layout.grid.smallest)), int(self.input_budget // self._bytes_per_voxel()))
 
     def _deterministic(self, batch: np.ndarray, passes: Sequence[int] | None) -> np.ndarray:
         rows = self._rows_per_call(batch[:1])

@@ -44,7 +44,8 @@ class Plan:
 
     whole: bool
     shape: tuple[int, ...]
-    extra: tuple[int, ...] = ()  # whole: padding after the image, before the halo
+    extra: tuple[int, ...] = ()  # whole: padding after the image and its halo, up to a valid shape
+    halo: bool = True  # whole: the image is padded by the halo (False: a fixed input holds the image, halo inside)
 
 
 @dataclass
@@ -99,6 +100,10 @@ class CoreTiling:
         whole = grid.at_least(with_halo)  # the image with its halo itself, when that is valid
         if whole is not None and fits(whole):
             return Plan(True, whole, tuple(w - s for w, s in zip(whole, with_halo)))
+        if whole is None:  # a fixed axis: the fixed input is a block with its halo inside it
+            bare = grid.at_least(shape)
+            if bare is not None and fits(bare):  # the image fits one block: one pass, as the package's own test
+                return Plan(True, bare, tuple(b - s for b, s in zip(bare, shape)), halo=False)
         block = grid.at_most([max(s, m) for s, m in zip(shape, grid.smallest)])
         while not fits(block):
             target = list(block)
@@ -125,12 +130,13 @@ class CoreTiling:
         shape = image.shape[1:]
         sample = self.sample(image, index)
         if plan.whole:
-            sample = self._pad(sample, {a: (0, e) for a, e in zip(spatial, plan.extra)})
-            sample = self._pad(sample, {a: (h.left, h.right) for a, h in self.halo_by_axis.items()})
-            for op in self.pre_ops:
+            halo = self.halo if plan.halo else (0,) * len(spatial)
+            sample = self._pad(sample, {a: (h, h) for a, h in zip(spatial, halo)})
+            for op in self.pre_ops:  # on the image and its halo only, as core: padding never enters statistics
                 op(sample)
+            sample = self._pad(sample, {a: (0, e) for a, e in zip(spatial, plan.extra)})
             full = tuple(slice(0, n) for n in plan.shape)
-            crop = tuple(slice(h, h + n) for h, n in zip(self.halo, shape))
+            crop = tuple(slice(h, h + n) for h, n in zip(halo, shape))
             return Prepared([Block(self._array(sample.members[self.in_id]), full, full)], plan.shape, crop,
                             sample.stat)
         for op in self.samplewise_pre:
