@@ -5,13 +5,17 @@ pieces (halo padding with the description's pad mode, its pre- and post-processi
 splitting and block-to-output transform) and only gathers the network inputs of many images, blocks and MC
 passes into few forward calls. Per image shape, one of core's two ways:
 
-- whole: the image plus its halo on both sides is a valid input shape, or becomes one after padding the image
-  at its end (cropped off again). As ``predict_sample_without_blocking``: pad by the halo, pre-process the padded
-  sample, predict, post-process, crop the halo. Equals core's prediction of the image (padded at its end).
-- blocks: a fixed input size smaller than the image with its halo, or an image beyond the memory budget. As
+- whole: the image plus its halo on both sides is a valid input shape, or becomes one after padding at its end
+  (cropped off again). As ``predict_sample_without_blocking``: pad by the halo, pre-process, predict,
+  post-process, crop the halo. The padding up to a valid shape comes after pre-processing, so per-sample
+  statistics see only the image and its halo. Equals core's prediction of the image where core can make it.
+- whole without the halo: a fixed input shape is one block with the halo inside it, so an image that fits it
+  (but not with its halo) is one pass without halo padding. At the fixed shape exactly this is the route of the
+  package's own model test (no padding, no cropping), whose test output it reproduces.
+- blocks: a fixed input size smaller than the image, or an image beyond the memory budget. As
   ``predict_sample_with_fixed_blocking``: sample-wise pre-processing of the image, blocks of a valid shape with
-  their halos, block-wise pre-processing, predict, stitch, post-process. An image smaller than one block is
-  padded at its end first (core refuses those).
+  their halos inside, block-wise pre-processing, predict, stitch, post-process. An image smaller than one block
+  on some axis is padded at its end first (core refuses those).
 """
 
 from __future__ import annotations
