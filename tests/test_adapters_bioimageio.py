@@ -8,6 +8,7 @@ import torch
 from bioimageio.core import predict
 from bioimageio.spec import load_model_description
 
+from bioadapt.active import bald
 from bioadapt.adapters import load_adapter
 from bioadapt.adapters.shapes import activation_bytes
 from bioadapt.errors import BioadaptError
@@ -198,17 +199,20 @@ def test_segment_gives_instances_for_foreground_boundary_models(packages, image2
     assert ((labels > 0) == (proba[:, 0] > 0.5)).all()
 
 
-def test_onnx_is_inference_only(packages, image2d):
+def test_onnx_is_inference_only_and_samples_by_test_time_augmentation(packages, image2d):
     model = load_adapter(packages["onnx2d"], device="cpu")
     info = model.describe()
-    assert info.weights_format == "onnx" and not info.trainable and info.mc_scopes == ()
-    np.testing.assert_allclose(model.predict_proba(image2d[:1]), _core_prediction(packages["onnx2d"], image2d[:1]),
-                               atol=ATOL)
+    assert (info.weights_format, info.trainable, info.sample_source, info.mc_scopes) == ("onnx", False, "tta",
+                                                                                         ("full",))
+    proba = model.predict_proba(image2d[:1])
+    np.testing.assert_allclose(proba, _core_prediction(packages["onnx2d"], image2d[:1]), atol=ATOL)
     assert model.segment(image2d).shape == (2, 64, 64)
     with pytest.raises(BioadaptError, match="pytorch_state_dict"):
         model.fine_tune(cell_patches("nuclei", 2))
-    with pytest.raises(BioadaptError, match="MC dropout needs torch weights"):
-        model.mc_proba(image2d)
+    samples = model.mc_proba(image2d, passes=8, seed=2)
+    np.testing.assert_allclose(samples[0, :1], proba, atol=ATOL)  # pass 0 is the image itself
+    assert bald(samples[:, 0], activation=info.activation).mean() > 0  # the passes disagree: scores are not zero
+    np.testing.assert_allclose(model.mc_proba(image2d[1:], passes=8, seed=2)[:, 0], samples[:, 1], atol=ATOL)
 
 
 def test_unknown_output_kind_needs_output_activation(packages, image2d):

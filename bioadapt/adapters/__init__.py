@@ -26,7 +26,8 @@ def load_adapter(source: str | Path, device: str = "auto", dropout_p: float = 0.
     before remote ones), ``dropout_kind``, ``memory_budget`` (bytes; larger images go in blocks),
     ``output_targets`` ("foreground", "foreground_boundaries", "affinities", "semantic" or "classes", for
     outputs whose meaning the description does not say) and ``affinity_offsets`` (one offset per affinity
-    channel, where the description's config has none); for
+    channel, where the description's config has none) and ``sample_source`` ("auto": MC dropout where it can reach
+    the network, else test-time augmentation; "dropout"; "tta"); for
     Cellpose ``mc_scope``, ``channels`` (Cellpose 3's [cytoplasm, nucleus] pair, default [0, 0]), ``diameter``,
     ``flow_threshold``, ``cellprob_threshold``, ``min_size``, ``input_channels``, ``dropout_kind``,
     ``memory_budget``, ``bfloat16`` (Cellpose 4; default: on GPUs only).

@@ -44,6 +44,7 @@ class ModelInfo:
     dropout_p: float
     instances: bool = True  # segment() gives instances (one id per object), not classes
     patch_features: bool = False  # patch_features() works: selection rules that read features can be used
+    sample_source: str = "dropout"  # where mc_proba's passes differ: "dropout" or "tta" (test-time augmentation)
 
     @property
     def activation(self) -> str:

@@ -26,14 +26,15 @@ from bioimageio.spec.model import v0_5
 from torch import nn
 
 from bioadapt.adapters.allocator import tune_malloc
+from bioadapt.adapters.augmentation import Augmentations
 from bioadapt.adapters.base import (Adapter, FineTuneParams, FineTuneResult, ModelInfo, Progress, Stop,
                                     check_images, check_samples)
 from bioadapt.adapters.bioimageio_layout import Layout
 from bioadapt.adapters.bioimageio_tiling import CoreTiling, Forward, Plan, Prepared
 from bioadapt.adapters.bioimageio_weights import (TRAINABLE_FORMATS, choose_format, held_network,
                                                   load_core_adapter, torchscript_as_state_dict)
-from bioadapt.adapters.dropout import (CommonMasks, DropoutKind, HeadSplit, MCDropout, is_scripted, round_masks,
-                                       stacked_passes)
+from bioadapt.adapters.dropout import (CommonMasks, DropoutKind, HeadSplit, MCDropout, is_scripted, mc_strategy,
+                                       round_masks, stacked_passes)
 from bioadapt.adapters.segmentation import labels_from_probabilities
 from bioadapt.adapters.shapes import activation_bytes, default_input_budget, default_memory_budget
 from bioadapt.adapters.sources import load_model_description
@@ -48,6 +49,7 @@ __all__ = ["BioimageioAdapter", "resolve_device"]
 # across round seeds (Spearman 0.92 at T = 16 on the benchmark pool, 0.47 with channel dropout at the same
 # p = 0.05: benchmarks/bench_ranking.py, results/ranking.md).
 DEFAULT_DROPOUT_KIND: DropoutKind = "element"
+SAMPLE_SOURCES = ("auto", "dropout", "tta")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -66,7 +68,7 @@ class BioimageioAdapter(Adapter):
                  dropout_p: float = 0.05, mc_scope: str = "full", output_activation: str | None = None,
                  weights_format: str | None = None, dropout_kind: DropoutKind = DEFAULT_DROPOUT_KIND,
                  memory_budget: int | None = None, output_targets: str | None = None,
-                 affinity_offsets: Sequence[Sequence[int]] | None = None):
+                 affinity_offsets: Sequence[Sequence[int]] | None = None, sample_source: str = "auto"):
         self.description = descr
         self.source = source
         self.device = resolve_device(device)
@@ -93,12 +95,15 @@ class BioimageioAdapter(Adapter):
                     runs, self.weights_format = converted, "pytorch_state_dict"
             self._core = load_core_adapter(runs, self.weights_format, str(self.device))
         self.module: nn.Module | None = None
+        self.mc: MCDropout | None = None  # None where dropout cannot reach the network
         if self.weights_format in TRAINABLE_FORMATS:
             self.module = held_network(self._core)
             self.module.eval()
             for p in self.module.parameters():
                 p.requires_grad_(True)
-            self.mc = MCDropout(self.module, dropout_p, dropout_kind)
+            if mc_strategy(self.module) != "none":
+                self.mc = MCDropout(self.module, dropout_p, dropout_kind)
+        self.sample_source = self._sample_source(sample_source)
         self._mask_op = None
         self.output_kind, self._post_ops, self._from_logits, self._extra_activation = self._output_rule(
             post_ops, output_activation)
@@ -114,6 +119,22 @@ class BioimageioAdapter(Adapter):
     @classmethod
     def load(cls, source: str | Path, **kwargs: Any) -> BioimageioAdapter:
         return cls(load_model_description(source), str(source), **kwargs)
+
+    def _sample_source(self, requested: str) -> str:
+        """Where MC passes differ: "dropout" in the network, or "tta" (test-time augmentation, ``augmentation``) for
+        networks dropout cannot reach; "auto" takes dropout where it can."""
+        if requested not in SAMPLE_SOURCES:
+            raise BioadaptError(f"sample_source must be one of {SAMPLE_SOURCES}, got {requested!r}")
+        if requested == "tta" or (requested == "auto" and self.mc is None):
+            return "tta"
+        if self.mc is None:
+            why = (f"its {self.weights_format} weights run in a runtime bioadapt cannot change"
+                   if self.module is None else "it is TorchScript without dropout layers, which accepts no hooks"
+                   if is_scripted(self.module) else "it has neither dropout layers nor activation modules")
+            raise BioadaptError(f"{self.description.name}: dropout cannot make the network stochastic ({why}); "
+                                "pass sample_source='tta' to draw passes from test-time augmentation, or load a "
+                                "package whose pytorch_state_dict weights and architecture are at hand")
+        return "dropout"
 
     def _output_rule(self, post_ops: list, output_activation: str | None):
         """(output kind, post-processing ops to apply, network outputs logits?, activation bioadapt applies)."""
@@ -158,8 +179,8 @@ class BioimageioAdapter(Adapter):
     # -- description -------------------------------------------------------------------------------------------
     def describe(self) -> ModelInfo:
         lay = self.layout
-        scopes = ("full", "head") if self.module is not None and not is_scripted(self.module) else \
-            ("full",) if self.module is not None else ()
+        hookable = self.module is not None and not is_scripted(self.module)
+        scopes = ("full", "head") if hookable and self.sample_source == "dropout" else ("full",)
         return ModelInfo(
             kind="bioimageio", name=self.description.name, source=self.source, axes=lay.axes,
             input_channels=lay.input_channels, min_shape=lay.min_shape, step=lay.step, halo=self.tiling.halo,
@@ -167,8 +188,8 @@ class BioimageioAdapter(Adapter):
             n_classes=2 if self.output_kind == "cellpose" else lay.output_channels,
             class_names=("background", "cell") if self.output_kind == "cellpose" else lay.class_names,
             weights_format=self.weights_format, trainable=self.module is not None,
-            mc_dropout=self.mc.strategy if self.module is not None else "none", mc_scopes=scopes,
-            dropout_p=self.dropout_p, patch_features="head" in scopes,
+            mc_dropout=self.mc.strategy if self.mc is not None else "none", mc_scopes=scopes,
+            dropout_p=self.dropout_p, patch_features=hookable, sample_source=self.sample_source,
             instances=self.output_kind == "cellpose" or self.targets.kind in INSTANCE_TARGETS)
 
     def tiling_plan(self, shape: Sequence[int]) -> Plan:
@@ -268,16 +289,16 @@ class BioimageioAdapter(Adapter):
 
     def mc_proba(self, x: np.ndarray, passes: int = 16, *, seed: int = 0, scope: str | None = None) -> np.ndarray:
         info = self.describe()
-        if self.module is None:
-            raise BioadaptError(f"{info.name}: MC dropout needs torch weights (pytorch_state_dict or torchscript); "
-                                f"this model runs from {self.weights_format}, whose runtime keeps dropout off. "
-                                "Use predict_proba/segment, or a package with torch weights")
         if passes < 1:
             raise BioadaptError(f"passes must be >= 1, got {passes}")
         scope = scope or self.mc_scope
         if scope not in info.mc_scopes:
             raise BioadaptError(f"mc scope {scope!r} is not available for {info.name}; available: {info.mc_scopes}")
         x, single = check_images(x, info)
+        if self.sample_source == "tta":
+            samples = self._augmented_passes(x, passes, seed)
+            proba = self._probabilities(samples)
+            return proba[:, 0] if single else proba
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)  # only TorchScript's own dropout layers draw from the global generator
@@ -286,11 +307,21 @@ class BioimageioAdapter(Adapter):
         proba = self._probabilities(samples)
         return proba[:, 0] if single else proba
 
+    def _augmented_passes(self, x: np.ndarray, passes: int, seed: int) -> np.ndarray:
+        """(T, B, K, *spatial) post-processed outputs, pass t on the images under the round's t-th transform."""
+        augment = Augmentations(seed)
+        outputs = []
+        for t in range(passes):
+            raw = self.tiling.predict(augment.apply(t, x), self._deterministic, self._post_ops,
+                                      max_voxels=self._max_voxels(), rows_per_call=self._rows_per_call)
+            outputs.append(augment.undo(t, raw))
+        return np.stack(outputs)
+
     def patch_features(self, x: np.ndarray) -> np.ndarray:
         """Mean and standard deviation over each image of the feature maps the output layer reads (the decoder's
         last features for a U-Net), computed through the same blocks as predictions: (B, 2F) float32."""
         info = self.describe()
-        if "head" not in info.mc_scopes:
+        if not info.patch_features:
             raise BioadaptError(f"{info.name}: features need a torch module that accepts hooks "
                                 "(pytorch_state_dict weights)")
         x, _ = check_images(x, info)

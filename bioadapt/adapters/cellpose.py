@@ -192,9 +192,12 @@ class CellposeAdapter(Adapter):
                  diam_labels: float | None = None, dropout_p: float = 0.05, mc_scope: str = "full",
                  channels: Sequence[int] = (0, 0), diameter: float | None = None, dropout_kind: DropoutKind = "channel",
                  memory_budget: int | None = None, flow_threshold: float = 0.4, cellprob_threshold: float = 0.0,
-                 min_size: int = 15, input_channels: int = 1):
+                 min_size: int = 15, input_channels: int = 1, sample_source: str = "auto"):
         if mc_scope not in ("full", "head"):
             raise BioadaptError(f"mc_scope must be 'full' or 'head', got {mc_scope!r}")
+        if sample_source not in ("auto", "dropout"):
+            raise BioadaptError(f"Cellpose networks take MC dropout after their activations; sample_source="
+                                f"{sample_source!r} is for bioimage.io networks dropout cannot reach: leave it out")
         self.net = net
         self.generation = GENERATION
         self.source = source

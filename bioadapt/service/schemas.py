@@ -64,6 +64,10 @@ class LoadModel(Args):
     source: Uri = Field(description="bioimage.io package path/URL/zoo id, or cellpose:<name or weights path>")
     dropout_p: float = Field(0.05, gt=0, lt=1, description="MC-dropout probability where dropout is added")
     mc_scope: Literal["full", "head"] | None = Field(None, description="layers MC dropout runs over")
+    sample_source: Literal["auto", "dropout", "tta"] | None = Field(
+        None, description="where MC passes differ: dropout, or test-time augmentation (flips, rotations, contrast) "
+                          "for networks dropout cannot reach (TorchScript without dropout layers, ONNX); default: "
+                          "dropout where it can")
     output_activation: Literal["sigmoid", "softmax"] | None = Field(
         None, description="the model's output activation, when the package does not declare it")
 
