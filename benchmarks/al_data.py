@@ -9,9 +9,9 @@ reads it) with its candidate patch windows and ground truth, and a separate test
   2018 Data Science Bowl, CC0). The pool is its upper half (256 x 512): 64 x 64 windows every 16 pixels (377;
   one image holds too few disjoint patches for a pool of hundreds, so candidates overlap); the test image is
   its lower half (256 x 512), which no pool window touches.
-- ``bbbc039``: a second real image, from another lab and microscope (benchmarks/data/bbbc039_nuclei, BBBC039,
-  U2OS nuclei, CC0; not among the DSB images): pool = upper half (260 x 696, 520 windows of 64 x 64 every 16
-  pixels), test = lower half.
+- ``bbbc039``: a second real image, from another lab and microscope (``bbbc039_nuclei`` of the shared data beside
+  the repository, ../shared/data or $BIOADAPT_SHARED_DATA: BBBC039, U2OS nuclei, CC0; not among the DSB images):
+  pool = upper half (260 x 696, 520 windows of 64 x 64 every 16 pixels), test = lower half.
 
 The base model is the same for all: the demo's U-Net trained on synthetic 'nuclei' (so the real image is a
 domain shift too).
@@ -19,12 +19,16 @@ domain shift too).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-DATA = Path(__file__).parent / "data"
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from shared_data import SHARED_DATA  # noqa: E402
+
+DATA = Path(__file__).parent / "data"  # what a package registry ships (DSB 2018 from the stardist wheel)
 DATASETS = ("synthetic", "dsb2018", "bbbc039")
 PATCH = 64
 
@@ -50,12 +54,15 @@ class Dataset:
         return np.array([float((self.truth[w.slices] > 0).mean()) for w in self.windows])
 
 
-def vendored_arrays(folder: str) -> tuple[np.ndarray, np.ndarray]:
-    """A vendored annotated image (benchmarks/data/<folder>): (1, Y, X) float32 and its labels (Y, X) int64."""
+def annotated_arrays(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """An annotated image (``folder`` holds image.tif and labels.tif): (1, Y, X) float32 and its labels (Y, X)."""
     import tifffile
 
-    return (tifffile.imread(DATA / folder / "image.tif").astype(np.float32)[None],
-            tifffile.imread(DATA / folder / "labels.tif").astype(np.int64))
+    if not folder.is_dir():
+        raise SystemExit(f"{folder} is missing: it comes from a public repository and lives beside the repository "
+                         "(set BIOADAPT_SHARED_DATA to the folder that holds it)")
+    return (tifffile.imread(folder / "image.tif").astype(np.float32)[None],
+            tifffile.imread(folder / "labels.tif").astype(np.int64))
 
 
 def load_dataset(name: str, workdir: Path) -> Dataset:
@@ -70,7 +77,7 @@ def load_dataset(name: str, workdir: Path) -> Dataset:
         test = synthetic_cells((768, 768), "crowded", seed=12)
         test_image, test_truth = test.image.astype(np.float32), test.labels
     elif name in ("dsb2018", "bbbc039"):  # the upper half is the pool, the lower half the test image
-        image, labels = vendored_arrays(f"{name}_nuclei")
+        image, labels = annotated_arrays((DATA if name == "dsb2018" else SHARED_DATA) / f"{name}_nuclei")
         half = labels.shape[0] // 2
         pool_image, pool_truth = image[:, :half], labels[:half]
         test_image, test_truth = image[:, half:], labels[half:]

@@ -1,5 +1,7 @@
 """The repository stands alone: no tracked file points at the development machine's shared notes (../shared,
-/work/...), and every relative link in Markdown and HTML resolves to a file inside the repository."""
+/work/...), and every relative link in Markdown and HTML resolves to a file inside the repository. The one folder
+beside the repository that files may name is the shared data, ../shared/data: real data from public repositories,
+which may not be committed, lives there (tests/data/README.md), and tests skip without it."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_SUFFIXES = {".md", ".py", ".html", ".js", ".mjs", ".css", ".toml", ".yaml", ".yml", ".txt", ".cfg", ".sh", ""}
-OUTSIDE = re.compile(r"\.\./shared\b|(?<![\w.])shared/(DESIGN|STYLE|notes)\b|/work/(shared|main|wt-)")
+OUTSIDE = re.compile(r"\.\./shared\b(?!/data\b)|(?<![\w.])shared/(DESIGN|STYLE|notes)\b|/work/(shared|main|wt-)")
 MARKDOWN_LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 HTML_LINK = re.compile(r"""\b(?:href|src)\s*=\s*["']([^"']+)["']""")
 

@@ -265,3 +265,26 @@ def test_a_deleted_project_leaves_nothing_opened_behind(service, inputs):
     assert not any(key[1] == project["id"] for key in service.opened.keys())
     assert len(service.opened) <= service.opened.capacity
     assert service.jobs.running() == []
+
+
+def test_a_torchscript_zoo_model_is_scored_by_augmentation_and_its_scores_are_not_zero(service, inputs):
+    """unet2d_nuclei_broad as the zoo ships it (TorchScript, fixed 512 x 512 with a halo of 32, no dropout layers,
+    its architecture not at hand): the service scores its own test image with test-time augmentation, the passes
+    disagree, so no patch is ranked on a score of zero."""
+    import shutil
+
+    from bioadapt.data.writer import write_ome_zarr
+    from shared_data import shared_folder
+
+    package = inputs["root"] / "unet2d_nuclei_broad"
+    if not package.exists():
+        shutil.copytree(shared_folder("zoo") / "spec" / "unet2d_nuclei_broad", package)
+    write_ome_zarr(inputs["root"] / "nuclei.ome.zarr", np.load(package / "test_input.npy")[0], "cyx", overwrite=True)
+    model = service.load_model(ALICE, s.LoadModel(source=str(package / "bioimageio.yaml")))
+    assert (model["info"]["weights_format"], model["info"]["sample_source"]) == ("torchscript", "tta")
+    project = service.create_project(ALICE, s.CreateProject(
+        name="zoo", model=model["id"], images=[{"uri": str(inputs["root"] / "nuclei.ome.zarr")}]))
+    job = _run(service, "score", project_id=project["id"], n_patches=3, patch_shape=[64, 64], mc_passes=4, seed=2,
+               select=2)
+    scores = [p["score"] for p in service.list_patches(ALICE, s.ListPatches(project_id=project["id"], limit=3))]
+    assert job["result"]["scored"] == 3 and len(scores) == 3 and min(scores) > 0, (job["result"], scores)
