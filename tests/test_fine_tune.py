@@ -36,7 +36,7 @@ def test_fine_tuning_on_eight_patches_of_a_new_style_improves_f1(nuclei_model):
     corrected = cell_patches("crowded", 8, seed=2)
     before = _f1(model, held_out)
     history = []
-    result = model.fine_tune(corrected, {"epochs": 300, "learning_rate": 3e-3, "batch_size": 4},
+    result = model.fine_tune(corrected, {"epochs": 300, "learning_rate": 3e-3, "batch_size": 4, "patience": 0},
                              progress=history.append)
     after = _f1(model, held_out)
     print(f"F1 at IoU 0.5 on 16 held-out 'crowded' patches: {before:.3f} -> {after:.3f} "
@@ -140,3 +140,23 @@ def test_an_unknown_schedule_is_refused_naming_the_choices(nuclei_model):
     model = load_adapter(nuclei_model, device="cpu")
     with pytest.raises(BioadaptError, match="lr_schedule='step'.*cosine"):
         model.fine_tune(cell_patches("crowded", 2, seed=2), {"epochs": 1, "lr_schedule": "step"})
+
+
+def test_early_stopping_ends_a_run_whose_held_out_quality_falls(nuclei_model):
+    """A learning rate far too high ruins the held-out Dice within an epoch or two: with patience 3 the run ends
+    three epochs after its best one, keeps the best weights, and says it stopped early."""
+    model = load_adapter(nuclei_model, device="cpu")
+    before = model.predict_proba(np.stack([p[0] for p in cell_patches("crowded", 2, seed=7)]))
+    result = model.fine_tune(cell_patches("crowded", 8, seed=2), {"epochs": 40, "learning_rate": 0.5,
+                                                                  "batch_size": 4, "patience": 3})
+    assert result.stopped_early and not result.stopped
+    assert result.epochs_run == result.best_epoch + 3 < 40 and len(result.history) == result.epochs_run
+    assert result.history[-1]["val_score"] < result.best_val_score
+    if result.best_epoch == 0:  # the starting weights stayed the best: the model is unchanged
+        after = model.predict_proba(np.stack([p[0] for p in cell_patches("crowded", 2, seed=7)]))
+        np.testing.assert_allclose(after, before, atol=1e-6)
+    never = load_adapter(nuclei_model, device="cpu").fine_tune(
+        cell_patches("crowded", 8, seed=2), {"epochs": 8, "learning_rate": 0.5, "batch_size": 4, "patience": 0})
+    assert never.epochs_run == 8 and not never.stopped_early
+    with pytest.raises(BioadaptError, match="patience must be"):
+        model.fine_tune(cell_patches("crowded", 2, seed=2), {"epochs": 1, "patience": -1})

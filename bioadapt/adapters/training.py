@@ -59,7 +59,8 @@ def fit(module: nn.Module, forward: Forward, inputs: torch.Tensor, targets: torc
         loss_fn: LossFn, score_fn: ScoreFn, params: FineTuneParams, progress: Progress | None = None,
         stop: Stop | None = None, groups: Sequence[int] | None = None) -> FineTuneResult:
     """Train ``module`` (through ``forward``) on preprocessed, padded ``inputs``; leave it with the weights that
-    scored best on the held-out split (the starting weights count as epoch 0) and in eval mode.
+    scored best on the held-out split (the starting weights count as epoch 0) and in eval mode. With
+    ``params.patience``, the run ends after that many epochs without a better held-out score.
 
     ``groups``: the patch each input row was cut from (a patch may give several blocks); the held-out split
     takes whole patches, so no patch is both trained on and scored. ``n_train``/``n_val`` count patches."""
@@ -88,7 +89,7 @@ def fit(module: nn.Module, forward: Forward, inputs: torch.Tensor, targets: torc
 
     best_score = initial = validate()
     best_state = copy.deepcopy(module.state_dict())
-    best_epoch, epoch, stopped = 0, 0, False
+    best_epoch, epoch, stopped, stopped_early = 0, 0, False, False
     history: list[dict[str, Any]] = []
     for epoch in range(1, params.epochs + 1):
         _set_train_mode(module, params.freeze_batchnorm)
@@ -120,13 +121,16 @@ def fit(module: nn.Module, forward: Forward, inputs: torch.Tensor, targets: torc
         if score is None or best_score is None or score > best_score:
             best_score, best_epoch = score, epoch
             best_state = copy.deepcopy(module.state_dict())
+        patience = params.patience_epochs
+        stopped_early = (patience > 0 and best_score is not None and epoch - best_epoch >= patience
+                         and epoch < params.epochs)
         if progress is not None:
-            progress(dict(record, best_val_score=best_score, best_epoch=best_epoch))
-        if stopped:
+            progress(dict(record, best_val_score=best_score, best_epoch=best_epoch, stopped_early=stopped_early))
+        if stopped or stopped_early:
             break
     module.load_state_dict(best_state)
     module.eval()
     return FineTuneResult(epochs_run=epoch, best_epoch=best_epoch, initial_val_score=initial,
                           best_val_score=best_score, stopped=stopped,
                           seconds=round(time.perf_counter() - started, 3), n_train=len(train_patches),
-                          n_val=len(val_patches), history=history)
+                          n_val=len(val_patches), history=history, stopped_early=stopped_early)

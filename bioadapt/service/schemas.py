@@ -206,6 +206,9 @@ class BioimageioTuning(Args):
     freeze_batchnorm: bool | None = None
     lr_schedule: Literal["cosine", "constant"] | None = Field(
         None, description="cosine: the learning rate falls to 0 over the run (default); constant: it stays")
+    patience: int | None = Field(None, ge=0, le=10_000, description="early stopping: end the run after this many "
+                                 "epochs without a better score on its validation patches (0: never; default: a "
+                                 "quarter of the run, at least 5; the best weights are kept either way)")
     seed: Count | None = None
 
 
