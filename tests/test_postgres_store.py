@@ -189,8 +189,9 @@ def test_a_restarted_service_finds_everything_and_fails_its_unfinished_jobs(data
     for patch_id in ids[:4]:
         service.store.mark_annotated(pid, patch_id, "alice", project["holdout_fraction"])
     service.store.set_status(pid, ids[5], "skipped")
-    service.store.add_version(pid, 1, 0, str(tmp_path / "v1.pt"), {"epochs": 3}, {"training": {"loss": 0.25}},
-                              "tune-1")
+    assert service.store.reserve_version(pid, 0, {"epochs": 3}, ids[:2], "tune-0") == 1
+    assert service.store.finish_version(pid, 1, str(tmp_path / "v1.pt"), {"training": {"loss": 0.25}})
+    assert service.store.reserve_version(pid, 1, {"epochs": 3}, ids[:2], "tune-1") == 2  # still training
     service.store.update_version_metrics(pid, 1, {"holdout": {"f1": 0.75}})
     service.jobs.save(Job(id="score-1", kind="score", state="done", result={"scored": 5}, project_id=pid,
                           owner="alice", started=time.time(), finished=time.time()))
@@ -350,3 +351,35 @@ def test_d_plain_postgresql_urls_use_psycopg(postgres_server):
             assert ProjectStore(engine).projects("alice") == []
         finally:
             engine.dispose()
+
+
+# -- (g) databases written by earlier releases ----------------------------------------------------------------
+ADDED_COLUMNS = [("versions", "state"), ("versions", "trained_on")]  # since the first release, in that order
+
+
+def test_g_a_database_of_an_earlier_release_keeps_working(database_url, tmp_path):
+    """The columns added since are added when a service opens the database; versions written without them are
+    usable, and new version numbers follow theirs."""
+    from sqlalchemy import inspect
+
+    from bioadapt.service import db
+
+    engine = make_engine(database_url=database_url)
+    project, ids = new_project(ProjectStore(engine), tmp_path, 0.25, n_patches=2)
+    pid = project["id"]
+    with engine.begin() as conn:  # the tables as the earlier release made them, with a version it trained
+        for table, column in ADDED_COLUMNS:
+            conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN {column}")
+        conn.exec_driver_sql(f"INSERT INTO versions (project_id, number, parent, path, metrics, params, job_id, "
+                             f"created) VALUES ('{pid}', 1, 0, 'v1.pt', '{{}}', '{{}}', 'tune-1', {time.time()})")
+    engine.dispose()
+    engine = make_engine(database_url=database_url)  # what a service of this release does when it starts
+    try:
+        store = ProjectStore(engine)
+        assert [(v["number"], v["state"]) for v in store.versions(pid)] == [(0, None), (1, None)]
+        assert store.version(pid)["number"] == 1
+        assert store.reserve_version(pid, 1, {}, ids[:1], "tune-2") == 2
+        for table in db.metadata.sorted_tables:
+            assert {c["name"] for c in inspect(engine).get_columns(table.name)} == set(table.columns.keys())
+    finally:
+        engine.dispose()

@@ -84,11 +84,14 @@ class BioadaptService:
         return project
 
     def version(self, project: dict[str, Any], number: int | None) -> dict[str, Any]:
-        """A model version of the project (the latest with None)."""
+        """A usable model version of the project (the latest with None)."""
         version = self.store.version(project["id"], number)
-        if version is None:
+        if version is None or version["state"] not in (None, "ready"):
             known = [v["number"] for v in self.store.versions(project["id"])]
-            raise BioadaptError(f"project {project['id']!r} has no model version {number}; it has {known}")
+            why = {"training": f" yet (job {version['job_id']} is training it)",
+                   "failed": f" (its fine-tune, job {version['job_id']}, did not finish)"}.get(
+                (version or {}).get("state"), "")
+            raise BioadaptError(f"project {project['id']!r} has no model version {number}{why}; it has {known}")
         return version
 
     def model_spec(self, project: dict[str, Any], version: dict[str, Any]) -> ModelSpec:
@@ -124,12 +127,18 @@ class BioadaptService:
 
         return resolve_mask(image, row["mask"])
 
-    def regions(self, project: dict[str, Any], split: str) -> list[LabelledRegion]:
+    def annotated(self, project: dict[str, Any], split: str) -> list[dict[str, Any]]:
         """The project's annotated patches of one split (train, holdout), oldest annotation first."""
+        return self.store.patches(project["id"], status="annotated", split=split, order="annotated")
+
+    def regions_of(self, project: dict[str, Any], patches: Sequence[dict[str, Any]]) -> list[LabelledRegion]:
+        """What a worker needs to read these patches' pixels and labels."""
         rows = {row["id"]: row for row in self.store.images(project["id"])}
         return [LabelledRegion(self.image_ref(rows[p["image_id"]]), rows[p["image_id"]]["labels"],
-                               tuple(p["origin"]), tuple(p["shape"]))
-                for p in self.store.patches(project["id"], status="annotated", split=split, order="annotated")]
+                               tuple(p["origin"]), tuple(p["shape"])) for p in patches]
+
+    def regions(self, project: dict[str, Any], split: str) -> list[LabelledRegion]:
+        return self.regions_of(project, self.annotated(project, split))
 
     def start_job(self, kind: str, work: Callable[[JobRunner], Any], caller: Caller, project: dict[str, Any],
                   progress: Callable[[dict], Any] | None) -> JobRunner:

@@ -41,23 +41,41 @@ def submit(service: "BioadaptService", caller: "Caller", args: s.ExportModel,
            progress: Callable[[dict], Any] | None = None) -> dict[str, Any]:
     project = service.owned_project(caller, args.project_id)
     version = service.version(project, args.version)
-    regions = service.regions(project, "train") or service.regions(project, "holdout")
-    if not regions:
+    trained = trained_patches(service, project, version["number"])
+    test_patches = trained or service.annotated(project, "train") or service.annotated(project, "holdout")
+    if not test_patches:
         raise BioadaptError("export needs one annotated patch for the package's test tensors: annotate a patch")
     images = {i["id"]: i for i in service.store.images(project["id"])}
-    trained = [{"image": images[p["image_id"]]["uri"], "origin": p["origin"], "shape": p["shape"]}
-               for p in service.store.patches(project["id"], status="annotated", order="annotated")]
+    regions = [{"image": images[p["image_id"]]["uri"], "origin": p["origin"], "shape": p["shape"]} for p in trained]
     name = args.name or re.sub(r"[^A-Za-z0-9_+\- ()]+", "-", f"{project['name']} (bioadapt v{version['number']})")
+    model_name = project["model_info"].get("name", "model")
+    what = (f"fine-tuned with bioadapt on {len(regions)} corrected patches" if version["number"] else
+            "packaged by bioadapt as it was loaded (the base model, not fine-tuned)")
     metadata = {"name": name, "authors": args.authors or [caller.id], "license": args.license,
-                "description": args.description or f"{project['model_info'].get('name', 'model')} fine-tuned "
-                f"with bioadapt on {len(trained)} corrected patches (project {project['name']!r}, version "
+                "description": args.description or f"{model_name} {what} (project {project['name']!r}, version "
                 f"{version['number']})."}
     record = {"params": version["params"], "result": version["metrics"].get("training", {})} \
         if version["number"] else None
-    training = {"regions": trained, "metrics": version["metrics"].get("holdout", {})}
+    training = {"regions": regions, "metrics": version["metrics"].get("holdout", {})}
+    test_region = service.regions_of(project, test_patches[:1])[0]
     runner = service.start_job("export", lambda job: _export(service, job, project, version, metadata, training,
-                                                             regions[0], record), caller, project, progress)
+                                                             test_region, record), caller, project, progress)
     return {"job_id": runner.job.id, "version": version["number"]}
+
+
+def trained_patches(service: "BioadaptService", project: dict[str, Any], number: int) -> list[dict[str, Any]]:
+    """The patches a version's weights were trained on: its own training patches and its ancestors', as each
+    fine-tune recorded them when it started (oldest annotation first). Versions written before that record
+    existed count the training patches annotated before they were made."""
+    ids: set[int] = set()
+    legacy_before = None
+    for row in service.store.lineage(project["id"], number):
+        if row["trained_on"] is not None:
+            ids.update(row["trained_on"])
+        elif row["number"]:
+            legacy_before = max(legacy_before or 0.0, row["created"])
+    patches = service.annotated(project, "train")
+    return [p for p in patches if p["id"] in ids or (legacy_before is not None and p["annotated"] <= legacy_before)]
 
 
 def _export(service: "BioadaptService", runner: "JobRunner", project: dict[str, Any], version: dict[str, Any],
