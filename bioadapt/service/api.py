@@ -57,8 +57,8 @@ class BioadaptService:
         (self.data_dir / "projects").mkdir(parents=True, exist_ok=True)
         self.engine = make_engine(self.data_dir / "bioadapt.sqlite", database_url)
         self.store = ProjectStore(self.engine)
-        self.jobs = Jobs(engine=self.engine)
-        self.interrupted = self.jobs.mark_interrupted()
+        self.jobs = Jobs(engine=self.engine, on_lapsed=self.store.fail_versions)
+        self.interrupted = len(self.jobs.fail_lapsed())  # only jobs whose replica stopped renewing their lease
         self.guard = PathGuard(allow_paths, private=self.data_dir)
         self.public = public
         self.max_patch_pixels = max_patch_pixels
@@ -74,6 +74,7 @@ class BioadaptService:
     def close(self, wait_s: float = 10) -> None:
         """Cancel the running jobs (waiting up to ``wait_s``) and stop the idle model actors."""
         self.jobs.cancel_all(wait_s=wait_s)
+        self.jobs.close()
         self.pool.close()
 
     # -- what the tasks use ---------------------------------------------------------------------------

@@ -56,13 +56,15 @@ versions = Table(
     Column("metrics", Text, default="{}"), Column("params", Text, default="{}"), Column("job_id", String),
     Column("created", Float, nullable=False), Column("state", String), Column("trained_on", Text))
 
+# replica: the id of the service process running a job; lease_until: until when (time.time()) that replica holds
+# it, renewed every few seconds (jobs.Lease). NULL in rows written before leases: taken for lapsed.
 jobs = Table(
     "jobs", metadata,
     Column("id", String, primary_key=True), Column("kind", String, nullable=False),
     Column("state", String, nullable=False), Column("progress", Text, default="{}"),
     Column("result", Text, default="null"), Column("error", Text), Column("created", Float),
     Column("started", Float), Column("finished", Float), Column("project_id", String, index=True),
-    Column("owner", String, index=True))
+    Column("owner", String, index=True), Column("replica", String), Column("lease_until", Float))
 
 
 #: Key of the PostgreSQL advisory lock held while the tables are created (any constant; "bioadapt" in ASCII).
