@@ -24,6 +24,7 @@ from bioadapt.data.uncertainty import nan_downsample
 from bioadapt.errors import BioadaptError
 from bioadapt.service import schemas as s
 from bioadapt.service.api import BioadaptService, Caller
+from bioadapt.service.tasks.export import trained_patches
 from bioadapt.service.tasks.fine_tune import params_of
 
 ray = pytest.importorskip("ray")
@@ -54,7 +55,7 @@ def service(ray_cluster, inputs, tmp_path_factory):
 
 def _run(service: BioadaptService, function: str, timeout_s: float = 300, **arguments) -> dict:
     """Start a task as the Hypha layer does (validated arguments) and wait for its job."""
-    started = getattr(service, function)(ALICE, s.FUNCTIONS[function].model_validate(arguments))
+    started = getattr(service, function)(ALICE, s.FUNCTIONS[function].args.model_validate(arguments))
     deadline = time.monotonic() + timeout_s
     while (job := service.jobs.get(started["job_id"])).state not in ("done", "failed", "cancelled"):
         assert time.monotonic() < deadline, f"{function} still {job.state} after {timeout_s} s"
@@ -275,7 +276,7 @@ def test_a_deleted_project_leaves_nothing_opened_behind(service, inputs):
 
 
 def _started(service: BioadaptService, function: str, **arguments) -> str:
-    return getattr(service, function)(ALICE, s.FUNCTIONS[function].model_validate(arguments))["job_id"]
+    return getattr(service, function)(ALICE, s.FUNCTIONS[function].args.model_validate(arguments))["job_id"]
 
 
 def _ended(service: BioadaptService, job_id: str, timeout_s: float = 300) -> dict:
@@ -299,7 +300,7 @@ def test_concurrent_fine_tunes_get_their_own_version_before_they_train(service, 
     assert sorted(numbers.values()) == [1, 2]
     assert service.jobs.get(long_job).state in ("queued", "running")
     with pytest.raises(BioadaptError, match=f"no model version {numbers[long_job]} yet .*training"):
-        service.version(project, numbers[long_job])  # reserved, not usable while it trains
+        service.context.version(project, numbers[long_job])  # reserved, not usable while it trains
     for job, number in numbers.items():
         row = service.store.version(pid, number)
         assert (row["job_id"], row["parent"], row["trained_on"]) == (job, 0, train)
@@ -309,7 +310,7 @@ def test_concurrent_fine_tunes_get_their_own_version_before_they_train(service, 
     assert _ended(service, long_job, 60)["state"] == "cancelled"
     assert service.store.version(pid, numbers[long_job])["state"] == "failed"
     with pytest.raises(BioadaptError, match=f"no model version {numbers[long_job]} .*did not finish"):
-        service.version(project, numbers[long_job])
+        service.context.version(project, numbers[long_job])
     listed = service.get_project(ALICE, s.GetProject(project_id=pid))["versions"]
     assert [v["number"] for v in listed] == [0, numbers[short_job]]
     assert _run(service, "fine_tune", project_id=pid, epochs=1)["result"]["version"] == 3  # 1 and 2 stay taken
@@ -343,10 +344,8 @@ def test_an_export_lists_exactly_the_patches_its_version_was_trained_on(service,
                                                 authors=["Alice"], license="CC-BY-4.0"))
     assert rdf["config"]["bioadapt"]["regions"] == train
     assert "on 2 corrected patches" in rdf["description"]
-    rdf, _ = _package_config(service, _run(service, "export_model", project_id=pid, version=2, authors=["Alice"],
-                                           license="CC-BY-4.0"))
-    windows = {(tuple(r["origin"])) for r in rdf["config"]["bioadapt"]["regions"]}
-    assert windows == {tuple(r["origin"]) for r in train} | {tuple(p["origin"]) for p in later}
+    trained_by_2 = {tuple(p["origin"]) for p in trained_patches(service.context, project, 2)}  # what exports list
+    assert trained_by_2 == {tuple(r["origin"]) for r in train} | {tuple(p["origin"]) for p in later}
     rdf, readme = _package_config(service, _run(service, "export_model", project_id=pid, version=0,
                                                 authors=["Alice"], license="CC-BY-4.0"))
     assert rdf["config"]["bioadapt"]["regions"] == []

@@ -1,11 +1,12 @@
-"""The arguments of every service function as pydantic models: they give each function its JSON schema (for
-ImJoy, napari and LLM agents), validate every call (Hypha publishes schemas but does not check calls), and are
-the one place that declares each function's parameters and defaults: the Python client's methods are made from
-them, and a parameter the caller leaves out keeps the default declared here (or, for fine-tuning, the adapter's
-own)."""
+"""The service's functions: their arguments as pydantic models, and the registry of functions (``FUNCTIONS``:
+name -> arguments -> task). The models give each function its JSON schema (for ImJoy, napari, the page and LLM
+agents), validate every call (Hypha publishes schemas but does not check calls), and are the one place that
+declares each function's parameters and defaults: the Python client's methods are made from them, and a parameter
+the caller leaves out keeps the default declared here (or, for model settings, the adapter's own)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
@@ -313,21 +314,47 @@ class ExportModel(ProjectRef):
     license: Name | None = None
 
 
-FUNCTIONS: dict[str, type[Args]] = {
-    "load_model": LoadModel, "list_models": ListModels, "create_project": CreateProject,
-    "list_projects": ListProjects, "get_project": GetProject, "delete_project": DeleteProject,
-    "add_image": AddImage, "score": Score, "select_patches": SelectPatches, "list_patches": ListPatches,
-    "get_patch": GetPatch, "get_overview": GetOverview, "submit_labels": SubmitLabels, "skip_patch": SkipPatch,
-    "fine_tune": FineTune, "job_status": JobStatus, "list_jobs": ListJobs, "cancel_job": CancelJob,
-    "job_output": JobOutput, "evaluate": Evaluate, "predict": Predict, "export_model": ExportModel,
+@dataclass(frozen=True)
+class Function:
+    """One service function: its arguments (their model gives its JSON schema and validates its calls); ``task``:
+    the module of ``bioadapt.service.tasks`` whose ``submit(context, caller, args, progress)`` runs it as a job,
+    or None for a call ``BioadaptService`` answers itself (its method of the same name); ``slow``: it may take
+    long (opening images, loading models, reading pixels), so it runs in its own threads and counts against the
+    caller's slow calls. Jobs are slow: their submission checks images and draws."""
+
+    args: type[Args]
+    task: str | None = None
+    slow: bool = False
+
+    @property
+    def is_slow(self) -> bool:
+        return self.slow or self.task is not None
+
+
+#: The registry of the service's functions, from which the service (``api``), its Hypha face
+#: (``hypha_service``) and the Python client (``client``) make theirs. A new task: its module in
+#: ``service/tasks/`` and one line here, with its arguments' model above.
+FUNCTIONS: dict[str, Function] = {
+    "load_model": Function(LoadModel, slow=True), "list_models": Function(ListModels),
+    "create_project": Function(CreateProject, slow=True), "list_projects": Function(ListProjects),
+    "get_project": Function(GetProject), "delete_project": Function(DeleteProject, slow=True),
+    "add_image": Function(AddImage, slow=True), "score": Function(Score, task="score"),
+    "select_patches": Function(SelectPatches, slow=True), "list_patches": Function(ListPatches),
+    "get_patch": Function(GetPatch, slow=True), "get_overview": Function(GetOverview, slow=True),
+    "submit_labels": Function(SubmitLabels), "skip_patch": Function(SkipPatch),
+    "fine_tune": Function(FineTune, task="fine_tune"), "job_status": Function(JobStatus),
+    "list_jobs": Function(ListJobs), "cancel_job": Function(CancelJob), "job_output": Function(JobOutput, slow=True),
+    "evaluate": Function(Evaluate, task="evaluate"), "predict": Function(Predict, task="predict"),
+    "export_model": Function(ExportModel, task="export"),
 }
 #: Functions that start a job (they return {"job_id", ...} at once and take an optional progress callback).
-JOB_FUNCTIONS = ("score", "fine_tune", "evaluate", "predict", "export_model")
+JOB_FUNCTIONS = tuple(name for name, function in FUNCTIONS.items() if function.task is not None)
+SLOW_FUNCTIONS = frozenset(name for name, function in FUNCTIONS.items() if function.is_slow)
 
 
 def function_schema(name: str) -> dict[str, Any]:
     """The schema Hypha publishes for a function: name, description, JSON-schema parameters."""
-    model = FUNCTIONS[name]
+    model = FUNCTIONS[name].args
     parameters = model.model_json_schema()
     parameters.pop("title", None)
     description = parameters.pop("description", (model.__doc__ or "").strip())

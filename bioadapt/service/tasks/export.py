@@ -9,15 +9,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bioadapt.data import LabelledRegion
 from bioadapt.errors import BioadaptError
 from bioadapt.service import schemas as s
-
-if TYPE_CHECKING:
-    from bioadapt.service.api import BioadaptService, Caller
-    from bioadapt.service.jobs import JobRunner
+from bioadapt.service.context import Caller, ServiceContext
+from bioadapt.service.jobs import JobRunner
 
 
 def export_package(adapter: Any, out: str, metadata: dict[str, Any], training: dict[str, Any],
@@ -37,15 +35,15 @@ def export_package(adapter: Any, out: str, metadata: dict[str, Any], training: d
     return str(export_bioimageio(adapter, out, training=training, **metadata))
 
 
-def submit(service: "BioadaptService", caller: "Caller", args: s.ExportModel,
+def submit(context: ServiceContext, caller: Caller, args: s.ExportModel,
            progress: Callable[[dict], Any] | None = None) -> dict[str, Any]:
-    project = service.owned_project(caller, args.project_id)
-    version = service.version(project, args.version)
-    trained = trained_patches(service, project, version["number"])
-    test_patches = trained or service.annotated(project, "train") or service.annotated(project, "holdout")
+    project = context.owned_project(caller, args.project_id)
+    version = context.version(project, args.version)
+    trained = trained_patches(context, project, version["number"])
+    test_patches = trained or context.annotated(project, "train") or context.annotated(project, "holdout")
     if not test_patches:
         raise BioadaptError("export needs one annotated patch for the package's test tensors: annotate a patch")
-    images = {i["id"]: i for i in service.store.images(project["id"])}
+    images = {i["id"]: i for i in context.store.images(project["id"])}
     regions = [{"image": images[p["image_id"]]["uri"], "origin": p["origin"], "shape": p["shape"]} for p in trained]
     name = args.name or re.sub(r"[^A-Za-z0-9_+\- ()]+", "-", f"{project['name']} (bioadapt v{version['number']})")
     model_name = project["model_info"].get("name", "model")
@@ -57,28 +55,28 @@ def submit(service: "BioadaptService", caller: "Caller", args: s.ExportModel,
     record = {"params": version["params"], "result": version["metrics"].get("training", {})} \
         if version["number"] else None
     training = {"regions": regions, "metrics": version["metrics"].get("holdout", {})}
-    test_region = service.regions_of(project, test_patches[:1])[0]
-    runner = service.start_job("export", lambda job: _export(service, job, project, version, metadata, training,
+    test_region = context.regions_of(project, test_patches[:1])[0]
+    runner = context.start_job("export", lambda job: _export(context, job, project, version, metadata, training,
                                                              test_region, record), caller, project, progress)
     return {"job_id": runner.job.id, "version": version["number"]}
 
 
-def trained_patches(service: "BioadaptService", project: dict[str, Any], number: int) -> list[dict[str, Any]]:
+def trained_patches(context: ServiceContext, project: dict[str, Any], number: int) -> list[dict[str, Any]]:
     """The patches a version's weights were trained on: its own training patches and its ancestors', as each
     fine-tune recorded them when it started (oldest annotation first). Versions written before that record
     existed count the training patches annotated before they were made."""
     ids: set[int] = set()
     legacy_before = None
-    for row in service.store.lineage(project["id"], number):
+    for row in context.store.lineage(project["id"], number):
         if row["trained_on"] is not None:
             ids.update(row["trained_on"])
         elif row["number"]:
             legacy_before = max(legacy_before or 0.0, row["created"])
-    patches = service.annotated(project, "train")
+    patches = context.annotated(project, "train")
     return [p for p in patches if p["id"] in ids or (legacy_before is not None and p["annotated"] <= legacy_before)]
 
 
-def _export(service: "BioadaptService", runner: "JobRunner", project: dict[str, Any], version: dict[str, Any],
+def _export(context: ServiceContext, runner: JobRunner, project: dict[str, Any], version: dict[str, Any],
             metadata: dict[str, Any], training: dict[str, Any], test_region: LabelledRegion,
             record: dict[str, Any] | None) -> dict[str, Any]:
     from bioadapt.service.execution import run_body
@@ -86,8 +84,8 @@ def _export(service: "BioadaptService", runner: "JobRunner", project: dict[str, 
     folder = Path(project["folder"]) / "exports"
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / f"v{version['number']}-{time.strftime('%Y%m%d-%H%M%S')}-{runner.job.id}.zip"
-    spec = service.model_spec(project, version)
-    actors = service.pool.lease(spec, 1, cancelled=runner.cancelled)
+    spec = context.model_spec(project, version)
+    actors = context.pool.lease(spec, 1, cancelled=runner.cancelled)
     if not actors:
         return {"version": version["number"]}
     healthy = False
@@ -96,6 +94,6 @@ def _export(service: "BioadaptService", runner: "JobRunner", project: dict[str, 
                              what="export"))
         healthy = True
     finally:
-        service.pool.release(spec, actors, healthy=healthy)
+        context.pool.release(spec, actors, healthy=healthy)
     return {"path": str(path), "version": version["number"], "size": path.stat().st_size,
             "outputs": {"package": str(path)}}
