@@ -12,13 +12,18 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from bioadapt.active import ACQUISITIONS, DEFAULT_STRATEGY, STRATEGIES
+from bioadapt.adapters.base import DEFAULT_DROPOUT_P, DEFAULT_MC_PASSES
 from bioadapt.errors import BioadaptError
 
 Acquisition = Literal[tuple(ACQUISITIONS)]  # per-pixel maps, by their names in bioadapt.active
 StrategyName = Literal[tuple(STRATEGIES)]  # acquisition + patch score + selection over the pool (bioadapt.active)
 PatchOrder = Literal["selection", "score", "id", "created", "annotated"]
 PatchStatus = Literal["pending", "annotated", "skipped"]
-DEFAULT_RANDOM_PATCHES = 64
+# The service's own defaults (the model's are the adapters': bioadapt.adapters.base). Clients read them from the
+# argument models below, or from the JSON schemas the service publishes (the page).
+DEFAULT_RANDOM_PATCHES = 64  # patches a random-mode score draws without n_patches
+DEFAULT_PATCH_SHAPE = (256, 256)
+DEFAULT_SELECT = 32  # patches picked for annotation
 MAX_PATCHES = 100_000
 FEATURELESS_STRATEGY = "bald"  # the default strategy for models without patch features (Cellpose)
 MAX_INT = 2**53  # ids, offsets, seeds, coordinates: what a database integer and a JavaScript number both hold
@@ -63,7 +68,8 @@ class LoadModel(Args):
     or weights path>'), check that it runs, and register it for your projects."""
 
     source: Uri = Field(description="bioimage.io package path/URL/zoo id, or cellpose:<name or weights path>")
-    dropout_p: float = Field(0.05, gt=0, lt=1, description="MC-dropout probability where dropout is added")
+    dropout_p: float = Field(DEFAULT_DROPOUT_P, gt=0, lt=1,
+                             description="MC-dropout probability where dropout is added")
     mc_scope: Literal["full", "head"] | None = Field(None, description="layers MC dropout runs over")
     output_activation: Literal["sigmoid", "softmax"] | None = Field(
         None, description="the model's output activation, when the package does not declare it")
@@ -122,9 +128,10 @@ class Score(ProjectRef):
     tile inside the mask (a whole slide), with an uncertainty overview of the image (get_overview)."""
 
     n_patches: int | None = Field(None, ge=1, le=MAX_PATCHES, description=f"random: how many patches (default "
-                                  f"{DEFAULT_RANDOM_PATCHES}); grid: at most this many tiles (default: every tile)")
-    patch_shape: Shape = Field(default_factory=lambda: [256, 256], min_length=2, max_length=3)
-    mc_passes: int = Field(16, ge=2, le=256)
+                                  f"{DEFAULT_RANDOM_PATCHES}); grid: at most this many tiles (default: every tile)",
+                                  json_schema_extra={"random_default": DEFAULT_RANDOM_PATCHES})
+    patch_shape: Shape = Field(list(DEFAULT_PATCH_SHAPE), min_length=2, max_length=3)  # copied per call
+    mc_passes: int = Field(DEFAULT_MC_PASSES, ge=2, le=256, description="MC-dropout passes (T) per patch")
     strategy: StrategyName | None = Field(None, description="how patches are scored and the ones to annotate "
                                           "picked: a name of bioadapt.active.STRATEGIES (acquisition map, patch "
                                           f"score, selection over the pool); default {DEFAULT_STRATEGY!r}, or "
@@ -139,7 +146,7 @@ class Score(ProjectRef):
     mode: Literal["random", "grid"] = "random"
     stride: Shape | None = Field(None, min_length=2, max_length=3, description="grid: tile step (default: the "
                                                                                "patch shape)")
-    select: int = Field(32, ge=1, le=MAX_PATCHES, description="how many patches to pick for annotation")
+    select: int = Field(DEFAULT_SELECT, ge=1, le=MAX_PATCHES, description="how many patches to pick for annotation")
 
 
 class SelectPatches(ProjectRef):
@@ -148,7 +155,7 @@ class SelectPatches(ProjectRef):
 
     strategy: StrategyName | None = Field(None, description="a name of bioadapt.active.STRATEGIES (default: as "
                                                              "for score)")
-    select: int = Field(32, ge=1, le=MAX_PATCHES)
+    select: int = Field(DEFAULT_SELECT, ge=1, le=MAX_PATCHES)
     acquisition: Acquisition | None = Field(None, description="rank by this acquisition's scores (default: the "
                                                               "strategy's)")
     seed: Count = 0

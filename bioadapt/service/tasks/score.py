@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from bioadapt.active import DEFAULT_ACQUISITION, DEFAULT_STRATEGY, STRATEGIES, Strategy
+from bioadapt.adapters.base import DEFAULT_MC_PASSES
 from bioadapt.data import ImageRef
 from bioadapt.errors import BioadaptError
 from bioadapt.service import schemas as s
@@ -41,7 +42,7 @@ class ScoreRequest:
 
     image: ImageRef
     patch_shape: tuple[int, ...]
-    passes: int = 16
+    passes: int = DEFAULT_MC_PASSES
     acquisition: str = DEFAULT_ACQUISITION
     reduce: str = "mean"  # see bioadapt.active.patch_score
     seed: int = 0
