@@ -5,7 +5,7 @@ of the viewer goes to $BIOADAPT_NAPARI_SCREENSHOT when set (docs/napari-widget.p
 temporary folder, so a test run leaves the checkout as it was.
 
 napari's canvas needs OpenGL on an X display: without $DISPLAY the module starts its own Xvfb (Debian packages
-xvfb, libxcb-icccm4, libxcb-keysyms1), or skips when there is none. Qt's 'offscreen' platform cannot render
+xvfb, libxcb-icccm4, libxcb-keysyms1), or skips when there is none (fails under CI=true). Qt's 'offscreen' platform cannot render
 napari's canvas (no QOpenGLWidget; without any X display vispy fails when a layer is added).
 """
 
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from conftest import import_or_missing, missing
 from model_factory import unet_package
 from service_helpers import ServiceProcess, client_for
 
@@ -34,8 +35,8 @@ from bioadapt.napari.overview import OVERVIEW_IMAGE_LAYER, OVERVIEW_LAYER
 from bioadapt.napari.settings import SETTINGS_ENV, load_connection
 from bioadapt.service.hypha_server import mint_token
 
-pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
+import_or_missing("napari", "napari", "pip install -c constraints.txt -e '.[napari]'")
+import_or_missing("pytestqt", "pytest-qt", "pip install -c constraints.txt -e '.[napari]'")
 
 SERVICE_USER = "svc-napari"
 WORKSPACE = f"ws-user-{SERVICE_USER}"
@@ -54,7 +55,7 @@ def x_display():
         return
     xvfb = shutil.which("Xvfb")
     if xvfb is None:
-        pytest.skip("napari's canvas needs an X display with OpenGL: run under xvfb-run, or install xvfb")
+        missing("Xvfb", "napari's canvas needs an X display with OpenGL: run under xvfb-run, or install xvfb")
     process, display = _start_xvfb(xvfb)
     os.environ["DISPLAY"] = display
     os.environ.setdefault("QT_QPA_PLATFORM", "xcb")
@@ -85,7 +86,7 @@ def _start_xvfb(xvfb: str) -> tuple[subprocess.Popen, str]:
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
         process.wait()
-        pytest.skip("Xvfb did not start within 20 s")
+        missing("Xvfb", "Xvfb did not start within 20 s")
     return process, f":{answer.decode().strip()}"
 
 

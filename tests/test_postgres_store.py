@@ -6,7 +6,8 @@ the train / hold-out split stays exact; several replicas start on an empty datab
 
 PostgreSQL is a real server started for this module (Debian's ``postgresql`` package: initdb into a temporary
 folder, ``postgres`` on 127.0.0.1 and a free port, run as the ``postgres`` user when the tests run as root);
-the PostgreSQL cases are skipped, with the reason, when its binaries or the psycopg driver are missing.
+the PostgreSQL cases are skipped, with the reason, when its binaries or the psycopg driver are missing (they fail
+under CI=true: .ci/run installs them).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import store_workers
+from conftest import import_or_missing, missing
 
 from bioadapt.errors import AccessDenied, BioadaptError
 from bioadapt.service import schemas as s
@@ -67,7 +69,8 @@ def _run_as() -> dict:
         except KeyError:
             continue
         return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-    pytest.skip("running as root and there is neither a 'postgres' nor a 'nobody' user to run PostgreSQL as")
+    missing("PostgreSQL", "running as root and there is neither a 'postgres' nor a 'nobody' user to run PostgreSQL "
+            "as")
 
 
 def _die_with_parent() -> list[str]:
@@ -92,12 +95,12 @@ def _stop_postgres(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def postgres_server():
     """A PostgreSQL server on 127.0.0.1 for this module; yields a function making a fresh database's URL."""
-    psycopg = pytest.importorskip("psycopg", reason="the PostgreSQL driver psycopg 3 is not installed "
-                                  "(pip install -c constraints.txt 'psycopg[binary]')")
+    psycopg = import_or_missing("psycopg", "psycopg (PostgreSQL's driver)",
+                                "pip install -c constraints.txt 'psycopg[binary]'")
     bin_dir = postgres_bin_dir()
     if bin_dir is None:
-        pytest.skip("PostgreSQL server binaries (postgres, initdb) not found on PATH or under "
-                    "/usr/lib/postgresql/*/bin: apt-get install postgresql")
+        missing("PostgreSQL", "PostgreSQL server binaries (postgres, initdb) not found on PATH or under "
+                "/usr/lib/postgresql/*/bin: apt-get install postgresql")
     run_as = _run_as()
     # not pytest's tmp_path: that folder is private to the test user, and the server may run as another one
     root = Path(tempfile.mkdtemp(prefix="bioadapt-pg-"))

@@ -4,7 +4,7 @@ the mouse and submits; the label store then holds the stroke where it was painte
 and exports, and the download link gives the package's zip; last it scores new patches with a strategy chosen in
 the form.
 
-Skipped when the Python `playwright` package or a chromium binary is missing. Set BIOADAPT_WEB_SCREENSHOT to a
+Skipped when the Python `playwright` package or a chromium binary is missing (failed under CI=true). Set BIOADAPT_WEB_SCREENSHOT to a
 path to keep a screenshot of the page (docs/web-page.png was made that way).
 """
 
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs
 from model_factory import unet_package
 from service_helpers import ServiceProcess, client_for
 
@@ -46,10 +47,9 @@ except ModuleNotFoundError:
     sync_playwright = None
 CHROMIUM = chromium_path()
 # a mark, not a skip inside a fixture: without a browser not even the session's Ray and Hypha get started
-needs_browser = pytest.mark.skipif(
-    sync_playwright is None or CHROMIUM is None,
-    reason="no Python playwright package (pip install playwright)" if sync_playwright is None
-    else "no chromium binary (apt-get install chromium)")
+needs_browser = needs("Chromium and playwright", absent=sync_playwright is None or CHROMIUM is None,
+                      reason="no Python playwright package (pip install playwright)" if sync_playwright is None
+                      else "no chromium binary (apt-get install chromium)")
 
 
 # -- the static files, without a browser -------------------------------------------------------------------------
