@@ -26,7 +26,7 @@ import pytest
 import zarr
 from conftest import import_or_missing, missing
 from model_factory import unet_package
-from service_helpers import ServiceProcess, client_for
+from service_helpers import ServiceProcess, client_for, project_folder
 
 from bioadapt.data import LabelStore
 from bioadapt.data.synthetic import write_synthetic_ome_zarr
@@ -157,7 +157,9 @@ def test_a_user_labels_and_tunes_through_the_widget(make_napari_viewer, qtbot, s
     widget = _open_widget(viewer)
     session = widget.session
     errors: list[str] = []
+    messages: list[str] = []  # every line the status bar showed
     session.message.connect(lambda text, is_error: errors.append(text) if is_error else None)
+    session.message.connect(lambda text, is_error: messages.append(text))
 
     def until(condition) -> None:
         """Let Qt run until ``condition()`` holds; any error the widget reports fails the test at once."""
@@ -258,7 +260,7 @@ def test_a_user_labels_and_tunes_through_the_widget(make_napari_viewer, qtbot, s
         labels.data = edited
         _press(qtbot, viewer, "Return")
         until(lambda: _row_statuses(patch_panel)[0] == "annotated")
-        store = LabelStore.open(Path(project["folder"]) / "images" / project["images"][0]["id"] /
+        store = LabelStore.open(project_folder(service, project["id"]) / "images" / project["images"][0]["id"] /
                                 "labels.ome.zarr", "corrections")
         np.testing.assert_array_equal(store.read(top["origin"], PATCH), edited)
         client = client_for(hypha_server, "nadia", WORKSPACE)
@@ -315,11 +317,16 @@ def test_a_user_labels_and_tunes_through_the_widget(make_napari_viewer, qtbot, s
             assert 0 <= float(versions_panel.table.item(row, 4).text()) <= 1  # AP
         assert versions_panel.table.isColumnHidden(5)  # no Dice for an instance model
 
-        # 9. export the latest version to a file here
+        # 9. export the latest version to a file here (the package comes through the service)
         package = tmp_path / "exported" / "napari-labelling.zip"
         versions_panel.export_to(package)
         until(lambda: package.exists() and not session.background.busy)
         assert "rdf.yaml" in zipfile.ZipFile(package).namelist()
+        assert widget.status.text().startswith(f"exported version 1 to {package} (")
+        # the user saw the model by its name, and never a path of the service's machine
+        assert f"model '{project['model']['name']}'" in " ".join(messages), messages
+        data_folder = str(service.data_dir.resolve())
+        assert not [text for text in messages if data_folder in text or str(inputs["model"]) in text], messages
 
         # 10. the picture for the docs: the Label tab, a corrected patch loaded back with its stored labels
         widget.tabs.setCurrentIndex(1)

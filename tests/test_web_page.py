@@ -155,6 +155,10 @@ def test_label_tune_and_export_in_the_browser(browser_context, hypha_server, ser
     page.fill("#token", token)
     page.click("#connect")
     page.locator(f"#projects li[data-project-id='{project['id']}']").click(timeout=20_000)
+    # the project by its model's name (the model was loaded from a path on the service's machine)
+    page.wait_for_function("document.getElementById('project-info').textContent.includes(' · model ')")
+    info = page.text_content("#project-info")
+    assert f"model {project['model']['name']} · " in info and str(service.inputs) not in info, info
     # the uncertainty overview of the image: one canvas pixel per pixel of its coarse level (512 px: level 0)
     page.wait_for_function("document.getElementById('overview-status').textContent.includes('% scored')",
                            timeout=20_000)
@@ -202,7 +206,12 @@ def test_label_tune_and_export_in_the_browser(browser_context, hypha_server, ser
     assert "epoch 2 / 2, loss" in page.text_content("#tune-status")
     page.click("#export")
     page.locator("#download").wait_for(state="visible", timeout=180_000)
-    assert page.get_attribute("#download", "download").endswith(".zip")
+    assert page.get_attribute("#download", "download") == "web-v1.zip"  # the project's name and the version
+    assert page.text_content("#download").startswith("Download web-v1.zip (")
+    assert page.text_content("#export-status") == "model version 1 exported as a bioimage.io package (tested):"
+    # nothing the page shows names a folder of the service's machine
+    shown = page.evaluate("document.body.innerText")
+    assert str(service.data_dir.resolve()) not in shown and str(service.inputs) not in shown, shown
     head = page.evaluate("async () => Array.from(new Uint8Array(await (await fetch("
                          "document.getElementById('download').href)).arrayBuffer()).slice(0, 2))")
     assert bytes(head) == b"PK", "the download is not a zip"
