@@ -131,9 +131,15 @@ def _open_widget(viewer):
 
 
 def _click(qtbot, button) -> None:
+    """Click ``button`` once it is enabled, as a user would: a panel re-enables its button when its call's worker
+    has finished, which Qt reports after the call's answer or error (a click right after those may find it still
+    disabled)."""
     from qtpy.QtCore import Qt
 
-    assert button.isEnabled(), f"{button.text()!r} is disabled"
+    try:
+        qtbot.waitUntil(button.isEnabled, timeout=WAIT_MS)
+    except qtbot.TimeoutError:
+        pytest.fail(f"{button.text()!r} stayed disabled for {WAIT_MS / 1000} s")
     qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
 
 
