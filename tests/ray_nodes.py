@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -160,7 +161,8 @@ class LoopbackCluster:
                     raise
         raise AssertionError("unreachable")
 
-    def wait_for(self, condition, timeout_s: float = START_TIMEOUT_S, node: RayNode | None = None) -> dict:
+    def wait_for(self, condition: Callable[[dict], bool], timeout_s: float = START_TIMEOUT_S,
+                 node: RayNode | None = None) -> dict:
         """The first snapshot for which ``condition(snapshot)`` holds (NodeExited when ``node``'s `ray start`
         exits meanwhile)."""
         deadline = time.monotonic() + timeout_s
