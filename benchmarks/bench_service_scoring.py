@@ -235,7 +235,9 @@ def slide(args: argparse.Namespace, root: Path) -> dict:
     finally:
         svc.disconnect()
         service.stop(timeout_s=60)
-    store = UncertaintyStore.open(Path(project["folder"]) / "images" / row["id"] / "uncertainty.ome.zarr")
+    # the service sends no paths; this script started it and knows its data folder
+    store = UncertaintyStore.open(service.data_dir.resolve() / "projects" / project["id"] / "images" / row["id"]
+                                  / "uncertainty.ome.zarr")
     return {
         "slide": [args.slide, args.slide], "patch": [args.patch, args.patch], "passes": args.passes,
         "strategy": args.strategy,

@@ -132,9 +132,10 @@ def _one_round(svc: Any, workdir: Path, base: Path, image_path: Path, truth: np.
     print(f"7/8 evaluating versions 0 and {version} on the held-out corrected patches ...")
     evaluation = svc.wait(svc.evaluate(project_id, versions=[0, version]))["result"]
     print("8/8 exporting the fine-tuned model as a bioimage.io package and testing it ...")
-    exported = svc.wait(svc.export_model(project_id, version=version, authors=["bioadapt demo"],
-                                         license="MIT"))["result"]
-    test_status = _test_package(Path(exported["path"]))
+    export_job = svc.wait(svc.export_model(project_id, version=version, authors=["bioadapt demo"], license="MIT"))
+    package = workdir / f"demo-model-v{version}.zip"  # fetched through the service, as a remote client would
+    package.write_bytes(bytes(svc.job_output(export_job["id"], "package")))
+    test_status = _test_package(package)
     png = _summary_png(workdir / "summary.png", svc, project_id, image_id, shown, truth, version)
     before, after = evaluation["versions"]["0"], evaluation["versions"][str(version)]
     return {"project": project_id, "model": model["info"]["name"], "image": str(image_path),
@@ -145,7 +146,7 @@ def _one_round(svc: Any, workdir: Path, base: Path, image_path: Path, truth: np.
             "training": {k: tuned["result"]["result"].get(k) for k in ("epochs_run", "best_epoch", "seconds",
                                                                         "initial_val_score", "best_val_score")},
             "f1_before": before.get("f1"), "f1_after": after.get("f1"), "ap_before": before.get("ap"),
-            "ap_after": after.get("ap"), "version": version, "package": exported["path"],
+            "ap_after": after.get("ap"), "version": version, "package": str(package),
             "package_test": test_status, "png": str(png)}
 
 

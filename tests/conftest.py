@@ -1,7 +1,9 @@
-"""Shared fixtures: synthetic OME-Zarr images and real local HTTP and S3 (moto) servers on 127.0.0.1."""
+"""Shared fixtures: synthetic OME-Zarr images and real local HTTP and S3 (moto) servers on 127.0.0.1; and the one
+rule for tests whose component (a browser, PostgreSQL, an X server, npm packages) is missing: skip, or fail in CI."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import socket
@@ -10,11 +12,53 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
 import numpy as np
 import pytest
 
 from bioadapt.data.writer import write_ome_zarr
+
+
+# -- components CI installs: missing in CI is a failure, not a skip ------------------------------------------------
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def missing(component: str, reason: str) -> NoReturn:
+    """Skip the test (or the module, when called at import) because ``component`` is missing, saying why. Under
+    CI=true fail instead: `.ci/run` installs every such component, and a skip fails nothing, so CI would be green with
+    a whole client untested."""
+    if IN_CI:
+        pytest.fail(f"{reason} [CI=true: .ci/run installs {component}, so this test must run, not skip]",
+                    pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def import_or_missing(module: str, component: str, install: str) -> ModuleType:
+    """``module`` imported, or :func:`missing` with how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        missing(component, f"cannot import {module} ({e}): {install}")
+
+
+def needs(component: str, *, absent: bool, reason: str) -> pytest.MarkDecorator:
+    """A mark for tests that need ``component``: when ``absent``, :func:`missing` runs before any fixture starts (no
+    Ray or Hypha is started for a test that cannot run)."""
+    return pytest.mark.needs_component(component=component, absent=absent, reason=reason)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs_component: made by needs(): skips when the component is missing "
+                            "(fails under CI=true)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("needs_component"):
+        if mark.kwargs["absent"]:
+            missing(mark.kwargs["component"], mark.kwargs["reason"])
 
 
 def free_port() -> int:

@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import import_or_missing, missing
 
 PG_USER = "bioadapt"
 PG_START_TIMEOUT_S = 30
@@ -48,7 +49,8 @@ def _run_as() -> dict:
         except KeyError:
             continue
         return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-    pytest.skip("running as root and there is neither a 'postgres' nor a 'nobody' user to run PostgreSQL as")
+    missing("PostgreSQL", "running as root and there is neither a 'postgres' nor a 'nobody' user to run PostgreSQL "
+            "as")
 
 
 def _die_with_parent() -> list[str]:
@@ -73,12 +75,12 @@ def _stop_postgres(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def postgres_server():
     """A PostgreSQL server on 127.0.0.1 for the module using it; yields a function making a fresh database's URL."""
-    psycopg = pytest.importorskip("psycopg", reason="the PostgreSQL driver psycopg 3 is not installed "
-                                  "(pip install -c constraints.txt 'psycopg[binary]')")
+    psycopg = import_or_missing("psycopg", "psycopg (PostgreSQL's driver)",
+                                "pip install -c constraints.txt 'psycopg[binary]'")
     bin_dir = postgres_bin_dir()
     if bin_dir is None:
-        pytest.skip("PostgreSQL server binaries (postgres, initdb) not found on PATH or under "
-                    "/usr/lib/postgresql/*/bin: apt-get install postgresql")
+        missing("PostgreSQL", "PostgreSQL server binaries (postgres, initdb) not found on PATH or under "
+                "/usr/lib/postgresql/*/bin: apt-get install postgresql")
     run_as = _run_as()
     # not pytest's tmp_path: that folder is private to the test user, and the server may run as another one
     root = Path(tempfile.mkdtemp(prefix="bioadapt-pg-"))

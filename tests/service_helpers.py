@@ -41,6 +41,19 @@ class ServiceProcess(ServeProcess):
             pytest.fail(str(e))
 
 
+def project_folder(process: ServeProcess, project_id: str) -> Path:
+    """Where a service this test started keeps a project's files. The service never sends paths of its own (a
+    client may be on another machine); a test on the service's machine knows its layout."""
+    return process.data_dir.resolve() / "projects" / project_id
+
+
+def only_file(folder: Path, pattern: str) -> Path:
+    """The one file in ``folder`` matching ``pattern``."""
+    found = sorted(folder.glob(pattern))
+    assert len(found) == 1, f"{folder}: {pattern} matches {found}"
+    return found[0]
+
+
 def ray_env() -> dict[str, str]:
     """What a process joining the session's Ray needs in its environment. ray.init() in this process (the
     ray_cluster fixture) turned Ray 2.60's token auth on by setting RAY_AUTH_MODE=token here (and wrote

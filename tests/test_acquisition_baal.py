@@ -14,10 +14,12 @@ import math
 
 import numpy as np
 import pytest
+from conftest import import_or_missing
 
 from bioadapt.active import bald
 
-baal_heuristics = pytest.importorskip("baal.active.heuristics")
+baal_heuristics = import_or_missing("baal.active.heuristics", "baal (test extra)",
+                                   "pip install -c constraints.txt -e '.[dev]'")
 
 TOLERANCE = 1e-5
 

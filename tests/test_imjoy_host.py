@@ -4,7 +4,7 @@ The plugin runs, opens the bioadapt page in an ImJoy window; in that window a us
 `bioadapt serve`, sees their project listed and scores patches. Every request stays on 127.0.0.1: anything else
 (a CDN, imjoy-core's internal plugins on the web) fails the test.
 
-Skipped without playwright, chromium or the npm install. Set BIOADAPT_IMJOY_SCREENSHOT to a path to keep a screenshot
+Skipped without playwright, chromium or the npm install (failed under CI=true). Set BIOADAPT_IMJOY_SCREENSHOT to a path to keep a screenshot
 (docs/imjoy-host.png was made that way).
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import quote, urlparse
 
 import pytest
-from conftest import free_port, stop_process, wait_for_http
+from conftest import free_port, needs, stop_process, wait_for_http
 from service_helpers import client_for
 # the browser and the service (its module-scoped fixture: a `bioadapt serve` with a model and an image) of the page test
 from test_web_page import CHROMIUM, CHROMIUM_FLAGS, WORKSPACE, service, sync_playwright  # noqa: F401
@@ -29,8 +29,8 @@ HOST = ROOT / "tests" / "imjoy_host"
 PLUGIN = ROOT / "web" / "bioadapt.imjoy.html"
 INSTALLED = (HOST / "node_modules" / "imjoy-core" / "dist" / "imjoy-core.min.js").is_file()
 
-pytestmark = pytest.mark.skipif(
-    sync_playwright is None or CHROMIUM is None or not INSTALLED,
+pytestmark = needs(
+    "Chromium, playwright and imjoy-core (npm)", absent=sync_playwright is None or CHROMIUM is None or not INSTALLED,
     reason="no Python playwright package" if sync_playwright is None else "no chromium binary (apt-get install "
     "chromium)" if CHROMIUM is None else "imjoy-core is not installed: npm ci --prefix tests/imjoy_host")
 

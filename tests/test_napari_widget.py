@@ -5,7 +5,7 @@ of the viewer goes to $BIOADAPT_NAPARI_SCREENSHOT when set (docs/napari-widget.p
 temporary folder, so a test run leaves the checkout as it was.
 
 napari's canvas needs OpenGL on an X display: without $DISPLAY the module starts its own Xvfb (Debian packages
-xvfb, libxcb-icccm4, libxcb-keysyms1), or skips when there is none. Qt's 'offscreen' platform cannot render
+xvfb, libxcb-icccm4, libxcb-keysyms1), or skips when there is none (fails under CI=true). Qt's 'offscreen' platform cannot render
 napari's canvas (no QOpenGLWidget; without any X display vispy fails when a layer is added).
 """
 
@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from conftest import import_or_missing, missing
 from model_factory import unet_package
-from service_helpers import ServiceProcess, client_for
+from service_helpers import ServiceProcess, client_for, project_folder
 
 from bioadapt.data import LabelStore
 from bioadapt.data.synthetic import write_synthetic_ome_zarr
@@ -34,8 +35,8 @@ from bioadapt.napari.overview import OVERVIEW_IMAGE_LAYER, OVERVIEW_LAYER
 from bioadapt.napari.settings import SETTINGS_ENV, load_connection
 from bioadapt.service.hypha_server import mint_token
 
-pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
+import_or_missing("napari", "napari", "pip install -c constraints.txt -e '.[napari]'")
+import_or_missing("pytestqt", "pytest-qt", "pip install -c constraints.txt -e '.[napari]'")
 
 SERVICE_USER = "svc-napari"
 WORKSPACE = f"ws-user-{SERVICE_USER}"
@@ -54,7 +55,7 @@ def x_display():
         return
     xvfb = shutil.which("Xvfb")
     if xvfb is None:
-        pytest.skip("napari's canvas needs an X display with OpenGL: run under xvfb-run, or install xvfb")
+        missing("Xvfb", "napari's canvas needs an X display with OpenGL: run under xvfb-run, or install xvfb")
     process, display = _start_xvfb(xvfb)
     os.environ["DISPLAY"] = display
     os.environ.setdefault("QT_QPA_PLATFORM", "xcb")
@@ -85,7 +86,7 @@ def _start_xvfb(xvfb: str) -> tuple[subprocess.Popen, str]:
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
         process.wait()
-        pytest.skip("Xvfb did not start within 20 s")
+        missing("Xvfb", "Xvfb did not start within 20 s")
     return process, f":{answer.decode().strip()}"
 
 
@@ -130,9 +131,15 @@ def _open_widget(viewer):
 
 
 def _click(qtbot, button) -> None:
+    """Click ``button`` once it is enabled, as a user would: a panel re-enables its button when its call's worker
+    has finished, which Qt reports after the call's answer or error (a click right after those may find it still
+    disabled)."""
     from qtpy.QtCore import Qt
 
-    assert button.isEnabled(), f"{button.text()!r} is disabled"
+    try:
+        qtbot.waitUntil(button.isEnabled, timeout=WAIT_MS)
+    except qtbot.TimeoutError:
+        pytest.fail(f"{button.text()!r} stayed disabled for {WAIT_MS / 1000} s")
     qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
 
 
@@ -156,7 +163,9 @@ def test_a_user_labels_and_tunes_through_the_widget(make_napari_viewer, qtbot, s
     widget = _open_widget(viewer)
     session = widget.session
     errors: list[str] = []
+    messages: list[str] = []  # every line the status bar showed
     session.message.connect(lambda text, is_error: errors.append(text) if is_error else None)
+    session.message.connect(lambda text, is_error: messages.append(text))
 
     def until(condition) -> None:
         """Let Qt run until ``condition()`` holds; any error the widget reports fails the test at once."""
@@ -209,10 +218,11 @@ def test_a_user_labels_and_tunes_through_the_widget(make_napari_viewer, qtbot, s
         _click(qtbot, score_panel.score_button)
         assert session.background.busy and not score_panel.score_button.isEnabled()
         patch_panel = widget.patch_panel
-        # as many as fit in the mask without overlapping
-        until(lambda: 0 < patch_panel.table.rowCount() == score_panel.progress.maximum())
-        drawn = patch_panel.table.rowCount()
-        assert 5 <= drawn <= 6 and score_panel.progress.value() == drawn
+        # the job ends, then the table is listed again. Rows alone prove nothing: the listing asked for when the
+        # project opened can run after the job drew its patches, and list them before they are scored
+        until(lambda: score_panel.job_id is None and not session.background.busy)
+        drawn = patch_panel.table.rowCount()  # as many as fit in the mask without overlapping
+        assert 5 <= drawn <= 6 and score_panel.progress.value() == score_panel.progress.maximum() == drawn
         scores = [p["score"] for p in patch_panel.patches]
         assert scores == sorted(scores, reverse=True) and _row_statuses(patch_panel) == ["pending"] * drawn
         assert patch_panel.table.item(0, 0).text() == f"{scores[0]:.4g}"
@@ -257,7 +267,7 @@ def test_a_user_labels_and_tunes_through_the_widget(make_napari_viewer, qtbot, s
         labels.data = edited
         _press(qtbot, viewer, "Return")
         until(lambda: _row_statuses(patch_panel)[0] == "annotated")
-        store = LabelStore.open(Path(project["folder"]) / "images" / project["images"][0]["id"] /
+        store = LabelStore.open(project_folder(service, project["id"]) / "images" / project["images"][0]["id"] /
                                 "labels.ome.zarr", "corrections")
         np.testing.assert_array_equal(store.read(top["origin"], PATCH), edited)
         client = client_for(hypha_server, "nadia", WORKSPACE)
@@ -314,11 +324,16 @@ def test_a_user_labels_and_tunes_through_the_widget(make_napari_viewer, qtbot, s
             assert 0 <= float(versions_panel.table.item(row, 4).text()) <= 1  # AP
         assert versions_panel.table.isColumnHidden(5)  # no Dice for an instance model
 
-        # 9. export the latest version to a file here
+        # 9. export the latest version to a file here (the package comes through the service)
         package = tmp_path / "exported" / "napari-labelling.zip"
         versions_panel.export_to(package)
         until(lambda: package.exists() and not session.background.busy)
         assert "rdf.yaml" in zipfile.ZipFile(package).namelist()
+        assert widget.status.text().startswith(f"exported version 1 to {package} (")
+        # the user saw the model by its name, and never a path of the service's machine
+        assert f"model '{project['model']['name']}'" in " ".join(messages), messages
+        data_folder = str(service.data_dir.resolve())
+        assert not [text for text in messages if data_folder in text or str(inputs["model"]) in text], messages
 
         # 10. the picture for the docs: the Label tab, a corrected patch loaded back with its stored labels
         widget.tabs.setCurrentIndex(1)

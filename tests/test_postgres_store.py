@@ -5,7 +5,8 @@ same database and finds everything; several service processes submit labels to o
 the train / hold-out split stays exact; several replicas start on an empty database at once.
 
 PostgreSQL is a real server started for this module (``postgres_helpers.postgres_server``); the PostgreSQL
-cases are skipped, with the reason, when its binaries or the psycopg driver are missing.
+cases are skipped, with the reason, when its binaries or the psycopg driver are missing (they fail under CI=true:
+.ci/run installs them).
 """
 
 from __future__ import annotations

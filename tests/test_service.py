@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import zarr
 from model_factory import unet_package
-from service_helpers import SERVICE_WS, ServiceProcess, client_for, ray_cpus_free, wait_until
+from service_helpers import (SERVICE_WS, ServiceProcess, client_for, only_file, project_folder, ray_cpus_free,
+                             wait_until)
 
 from bioadapt.active import DEFAULT_STRATEGY, STRATEGIES
 from bioadapt.data import LabelStore, UncertaintyStore
@@ -80,7 +81,7 @@ def bob(hypha_server, service):
 
 
 @pytest.fixture(scope="module")
-def project(alice, inputs):
+def project(alice, inputs, service):
     """alice's project with one image, 24 patches of 64 x 64 scored (4 MC passes) with a progress callback."""
     model = alice.load_model(str(inputs["model"]))
     created = alice.create_project("shared", model["id"], [{"uri": str(inputs["image"])}])
@@ -90,7 +91,8 @@ def project(alice, inputs):
     job = alice.wait(started["job_id"], progress=False, timeout_s=120)
     assert job["state"] == "done", job
     image = created["images"][0]
-    folder = Path(created["folder"]) / "images" / image["id"]
+    assert "folder" not in created  # the service sends no path of its own
+    folder = project_folder(service, created["id"]) / "images" / image["id"]
     return {"id": created["id"], "model": model, "image": image, "folder": folder, "score_job": started,
             "score_result": job, "events": events}
 
@@ -101,7 +103,7 @@ def _labels_for(truth: np.ndarray, patch: dict) -> np.ndarray:
 
 
 # -- 2. the loop --------------------------------------------------------------------------------------------
-def test_full_loop_through_the_client(alice, project, inputs):
+def test_full_loop_through_the_client(alice, project, inputs, service, tmp_path):
     p = project["id"]
     assert project["score_job"]["patches"] == 24
     assert project["score_result"]["progress"]["done"] == project["score_result"]["progress"]["total"] == 24
@@ -155,7 +157,8 @@ def test_full_loop_through_the_client(alice, project, inputs):
                 f"the fine-tune's last progress event (got {tuning_events})")
     versions = alice.get_project(p)["versions"]
     assert [(v["number"], v["parent"]) for v in versions] == [(0, None), (1, 0)]
-    assert Path(versions[1]["path"]).is_file()
+    assert "path" not in versions[1] and "path" not in job["result"]
+    assert only_file(project_folder(service, p) / "versions", "*.pt").is_file()
 
     # evaluate, predict and export are jobs too: started at once, followed with wait, progress on the way
     evaluation_events: list[dict] = []
@@ -179,9 +182,11 @@ def test_full_loop_through_the_client(alice, project, inputs):
     job = alice.wait(alice.export_model(p, authors=["Alice"], license="CC-BY-4.0"), progress=False, timeout_s=300)
     assert job["kind"] == "export" and job["state"] == "done", job
     exported = job["result"]
-    package = Path(exported["path"])
-    assert exported["version"] == 1 and package.suffix == ".zip" and package.stat().st_size == exported["size"]
-    assert alice.job_output(job["id"], "package") == package.read_bytes()
+    assert exported["outputs"] == ["package"] and "path" not in exported  # fetched by name, wherever the caller is
+    package = tmp_path / "downloaded.zip"
+    package.write_bytes(alice.job_output(job["id"], "package"))
+    assert exported["version"] == 1 and package.stat().st_size == exported["size"]
+    assert package.read_bytes() == only_file(project_folder(service, p) / "exports", "*.zip").read_bytes()
     from bioimageio.core import test_model
 
     summary = test_model(package)
@@ -424,7 +429,7 @@ def test_bad_input_is_refused_and_changes_nothing(alice, project, inputs, servic
     assert alice.get_patch(p, pending["id"])["status"] == "pending"  # the service still answers
 
 
-def test_score_writes_no_patch_when_a_later_image_cannot_take_the_patch_shape(alice, project, inputs):
+def test_score_writes_no_patch_when_a_later_image_cannot_take_the_patch_shape(alice, project, inputs, service):
     """Two images, the second smaller than the patch: the call fails and the first image gets no patches."""
     created = alice.create_project("two images", project["model"]["id"],
                                    [{"uri": str(inputs["image"])}, {"uri": str(inputs["small"])}])
@@ -436,7 +441,7 @@ def test_score_writes_no_patch_when_a_later_image_cannot_take_the_patch_shape(al
     finally:
         alice.delete_project(created["id"])
     assert created["id"] not in [q["id"] for q in alice.list_projects()]
-    assert not Path(created["folder"]).exists()
+    assert not project_folder(service, created["id"]).exists()
 
 
 # -- 4. restart ---------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 import zarr
 from model_factory import unet_package
-from service_helpers import ServiceProcess, client_for, ray_cpus_free, ray_env, wait_until
+from service_helpers import (ServiceProcess, client_for, only_file, project_folder, ray_cpus_free, ray_env,
+                             wait_until)
 
 from bioadapt.data.synthetic import write_synthetic_ome_zarr
 from bioadapt.errors import AccessDenied, BioadaptError
@@ -127,7 +128,7 @@ def bob(hypha_server, service):
 
 
 @pytest.fixture(scope="module")
-def victim(alice, inputs):
+def victim(alice, inputs, service):
     """alice's project: scored, 6 patches corrected, fine-tuned once and exported: files of every kind in the
     data folder."""
     model = alice.load_model(str(inputs["model"]))
@@ -139,11 +140,12 @@ def victim(alice, inputs):
     tuned = alice.wait(alice.fine_tune(p, epochs=1)["job_id"], progress=False, timeout_s=240)
     exported = alice.wait(alice.export_model(p)["job_id"], progress=False, timeout_s=240)["result"]
     image = project["images"][0]["id"]
-    folder = Path(project["folder"])
+    folder = project_folder(service, p)
+    assert exported["outputs"] == ["package"]
     return {"id": p, "model": model, "image": image, "folder": folder, "job": tuned["id"],
             "labels": folder / "images" / image / "labels.ome.zarr",
             "uncertainty": folder / "images" / image / "uncertainty.ome.zarr",
-            "version": Path(alice.get_project(p)["versions"][-1]["path"]), "export": Path(exported["path"])}
+            "version": only_file(folder / "versions", "*.pt"), "export": only_file(folder / "exports", "*.zip")}
 
 
 @pytest.fixture(scope="module")
@@ -454,7 +456,7 @@ def test_a_chunk_corrupted_after_scoring_gives_a_clear_error(alice, victim, inpu
 
 
 # -- 6. lifecycle -----------------------------------------------------------------------------------------------
-def test_deleting_a_project_removes_its_jobs(alice, victim, inputs):
+def test_deleting_a_project_removes_its_jobs(alice, victim, inputs, service):
     _idle(alice)
     project = alice.create_project("short-lived", victim["model"]["id"], [{"uri": str(inputs["image"])}])
     job = alice.score(project["id"], n_patches=16, patch_shape=PATCH, mc_passes=64)["job_id"]
@@ -467,7 +469,7 @@ def test_deleting_a_project_removes_its_jobs(alice, victim, inputs):
     wait_until(ray_cpus_free, 120, "the job's actors are gone")
     assert job not in [j["id"] for j in alice.list_jobs()], "the deleted project's job is listed again"
     assert "no job" in str(_refused(lambda: alice.job_status(job)))
-    assert not Path(project["folder"]).exists()
+    assert not project_folder(service, project["id"]).exists()
 
 
 def test_cancel_answers_the_truth(alice, victim):

@@ -141,7 +141,7 @@ def test_grid_mode_scores_every_tile_inside_the_mask_and_writes_the_overview(ser
     assert sorted(tuple(p["origin"]) for p in patches) == sorted(w.origin for w in expected)
 
     # the uncertainty store is a multiscale OME-Zarr image aligned with the slide
-    folder = Path(project["folder"]) / "images" / row["id"] / "uncertainty.ome.zarr"
+    folder = service.data_dir / "projects" / project["id"] / "images" / row["id"] / "uncertainty.ome.zarr"
     stored = open_image(folder)
     assert stored.axes == "yx" and stored.spatial_shape == image.spatial_shape and len(stored.levels) >= 2
     assert stored.levels[1].factors == (2.0, 2.0)

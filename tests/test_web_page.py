@@ -4,7 +4,7 @@ the mouse and submits; the label store then holds the stroke where it was painte
 and exports, and the download link gives the package's zip; last it scores new patches with a strategy chosen in
 the form.
 
-Skipped when the Python `playwright` package or a chromium binary is missing. Set BIOADAPT_WEB_SCREENSHOT to a
+Skipped when the Python `playwright` package or a chromium binary is missing (failed under CI=true). Set BIOADAPT_WEB_SCREENSHOT to a
 path to keep a screenshot of the page (docs/web-page.png was made that way).
 """
 
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs
 from model_factory import unet_package
 from service_helpers import ServiceProcess, client_for
 
@@ -48,10 +49,9 @@ except ModuleNotFoundError:
     sync_playwright = None
 CHROMIUM = chromium_path()
 # a mark, not a skip inside a fixture: without a browser not even the session's Ray and Hypha get started
-needs_browser = pytest.mark.skipif(
-    sync_playwright is None or CHROMIUM is None,
-    reason="no Python playwright package (pip install playwright)" if sync_playwright is None
-    else "no chromium binary (apt-get install chromium)")
+needs_browser = needs("Chromium and playwright", absent=sync_playwright is None or CHROMIUM is None,
+                      reason="no Python playwright package (pip install playwright)" if sync_playwright is None
+                      else "no chromium binary (apt-get install chromium)")
 
 
 # -- the static files, without a browser -------------------------------------------------------------------------
@@ -164,6 +164,10 @@ def test_label_tune_and_export_in_the_browser(browser_context, hypha_server, ser
     shown = {field: page.input_value(f"#{field}") for field in ("n-patches", "patch-size", "mc-passes")}
     assert shown == {"n-patches": str(s.DEFAULT_RANDOM_PATCHES), "patch-size": str(s.DEFAULT_PATCH_SHAPE[0]),
                      "mc-passes": str(DEFAULT_MC_PASSES)}
+    # the project by its model's name (the model was loaded from a path on the service's machine)
+    page.wait_for_function("document.getElementById('project-info').textContent.includes(' · model ')")
+    info = page.text_content("#project-info")
+    assert f"model {project['model']['name']} · " in info and str(service.inputs) not in info, info
     # the uncertainty overview of the image: one canvas pixel per pixel of its coarse level (512 px: level 0)
     page.wait_for_function("document.getElementById('overview-status').textContent.includes('% scored')",
                            timeout=20_000)
@@ -211,7 +215,12 @@ def test_label_tune_and_export_in_the_browser(browser_context, hypha_server, ser
     assert "epoch 2 / 2, loss" in page.text_content("#tune-status")
     page.click("#export")
     page.locator("#download").wait_for(state="visible", timeout=180_000)
-    assert page.get_attribute("#download", "download").endswith(".zip")
+    assert page.get_attribute("#download", "download") == "web-v1.zip"  # the project's name and the version
+    assert page.text_content("#download").startswith("Download web-v1.zip (")
+    assert page.text_content("#export-status") == "model version 1 exported as a bioimage.io package (tested):"
+    # nothing the page shows names a folder of the service's machine
+    shown = page.evaluate("document.body.innerText")
+    assert str(service.data_dir.resolve()) not in shown and str(service.inputs) not in shown, shown
     head = page.evaluate("async () => Array.from(new Uint8Array(await (await fetch("
                          "document.getElementById('download').href)).arrayBuffer()).slice(0, 2))")
     assert bytes(head) == b"PK", "the download is not a zip"

@@ -25,6 +25,7 @@ class PatchPanel(QWidget):
         self.viewer = viewer
         self.patches: list[dict[str, Any]] = []
         self.wanted: int | None = None  # the patch whose data is on its way (older answers are dropped)
+        self._listing = 0  # the last listing asked for: an older one answering late is dropped
         self.shown: dict[str, Any] | None = None  # the patch in the viewer
         self.table = read_only_table(COLUMNS, QAbstractItemView.SelectionMode.SingleSelection, stretch="image")
         self.about = QLabel("score patches, then select one to correct its labels")
@@ -57,13 +58,21 @@ class PatchPanel(QWidget):
 
     # -- the table ------------------------------------------------------------------------------------
     def reload(self) -> None:
+        self._listing += 1
         if self.session.project is None:
             self._fill([])
             return
         client, project_id = self.session.need_project()
+        asked = self._listing
         self.session.background.run("listing patches",
                                     lambda: client.list_patches(project_id, limit=LISTED_PATCHES),
-                                    self._fill)
+                                    lambda patches: self._listed(asked, patches))
+
+    def _listed(self, asked: int, patches: list[dict[str, Any]]) -> None:
+        # calls run in parallel threads: the listing asked for when the project opened can come back after the
+        # one asked for once scoring ended, and would show the patches as they were (drawn, not yet scored)
+        if asked == self._listing:
+            self._fill(patches)
 
     def _fill(self, patches: list[dict[str, Any]]) -> None:
         self.patches = patches

@@ -91,8 +91,8 @@ class ProjectPanel(QWidget):
 
     def _opened(self, project: dict[str, Any]) -> None:
         self.session.set_project(project)
-        self.session.say(f"project {project['name']!r}: {len(project['images'])} image(s), "
-                         f"{len(project['versions'])} model version(s)")
+        self.session.say(f"project {project['name']!r}: model {project['model']['name']!r}, "
+                         f"{len(project['images'])} image(s), {len(project['versions'])} model version(s)")
 
     def create(self) -> None:
         client = self.session.need_client()

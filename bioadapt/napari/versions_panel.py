@@ -18,7 +18,6 @@ from bioadapt.napari.session import Session
 
 COLUMNS = ("version", "from", "patches", "F1", "AP", "Dice")
 METRIC_COLUMNS = {"F1": "f1", "AP": "ap", "Dice": "dice"}
-_ON_SERVER = re.compile(r"fetch it from (?P<path>\S+)\s*$")
 FINISHED_BADLY = ("failed", "cancelled")
 
 
@@ -95,8 +94,8 @@ class VersionsPanel(QWidget):
             self.export_to(Path(path), version)
 
     def export_to(self, path: Path, version: int | None = None) -> None:
-        """Export ``version`` (default: the latest) as a bioimage.io package and write it to ``path`` here; a
-        package too large to send stays on the server, whose path is shown."""
+        """Export ``version`` (default: the latest) as a bioimage.io package and write it to ``path`` here: the
+        package comes through the service (``job_output``), so this works wherever napari runs."""
         _, project_id = self.session.need_project()
         self.export_button.setEnabled(False)
         self.session.say(f"exporting version {'latest' if version is None else version} (the service builds and "
@@ -112,13 +111,7 @@ class VersionsPanel(QWidget):
         client = self.session.need_client()
 
         def fetch() -> dict[str, Any]:
-            try:
-                package = client.job_output(job["id"], "package")
-            except BioadaptError as e:
-                found = _ON_SERVER.search(str(e))
-                if found is None:
-                    raise
-                return {"server_path": found["path"]}
+            package = client.job_output(job["id"], "package")
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(bytes(package))
             return {"version": job["result"]["version"], "size": len(package)}
@@ -126,11 +119,7 @@ class VersionsPanel(QWidget):
         self.session.background.run("fetching the package", fetch, lambda answer: self._saved(path, answer))
 
     def _saved(self, path: Path, answer: dict[str, Any]) -> None:
-        if "server_path" in answer:
-            self.session.say(f"the package is too large to send (over 64 MiB); it is on the server at "
-                             f"{answer['server_path']}")
-        else:
-            self.session.say(f"exported version {answer['version']} to {path} ({answer['size'] / 2**20:.1f} MiB)")
+        self.session.say(f"exported version {answer['version']} to {path} ({answer['size'] / 2**20:.1f} MiB)")
 
 
 def _number(value: Any) -> str:

@@ -28,6 +28,7 @@ from bioadapt.service.db import make_engine
 from bioadapt.service.execution import DEFAULT_ACTOR_IDLE_S, ModelSpec, describe, run_once
 from bioadapt.service.jobs import Job
 from bioadapt.service.limits import Limits
+from bioadapt.service.public import model_name, public_image, public_model, public_result, public_version
 from bioadapt.service.tasks import score
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class BioadaptService:
     # -- models ---------------------------------------------------------------------------------------
     def load_model(self, caller: Caller, args: s.LoadModel) -> dict[str, Any]:
         self._may_create(caller)
-        return _public_model(self.store.add_model(caller.id, **self._described(args)))
+        return public_model(self.store.add_model(caller.id, **self._described(args)))
 
     def _described(self, args: s.LoadModel) -> dict[str, Any]:
         """Source, options and describe() of a model, loaded once in a Ray worker to check that it works."""
@@ -90,7 +91,7 @@ class BioadaptService:
         return {"source": source, "options": options, "info": info}
 
     def list_models(self, caller: Caller, args: s.ListModels) -> list[dict[str, Any]]:
-        return [_public_model(m) for m in self.store.models(caller.id)]
+        return [public_model(m) for m in self.store.models(caller.id)]
 
     # -- projects -------------------------------------------------------------------------------------
     def create_project(self, caller: Caller, args: s.CreateProject) -> dict[str, Any]:
@@ -113,18 +114,21 @@ class BioadaptService:
         return self.get_project(caller, s.GetProject(project_id=project["id"]))
 
     def list_projects(self, caller: Caller, args: s.ListProjects) -> list[dict[str, Any]]:
-        return [{"id": p["id"], "name": p["name"], "created": p["created"], "model": p["model_source"],
-                 "patches": self.store.counts(p["id"])} for p in self.store.projects(caller.id)]
+        return [{"id": p["id"], "name": p["name"], "created": p["created"],
+                 "model": model_name(p["model_info"], p["model_source"]), "patches": self.store.counts(p["id"])}
+                for p in self.store.projects(caller.id)]
 
     def get_project(self, caller: Caller, args: s.GetProject) -> dict[str, Any]:
         project = self.context.owned_project(caller, args.project_id)
         return {"id": project["id"], "name": project["name"], "description": project["description"],
-                "owner": project["owner"], "created": project["created"], "folder": project["folder"],
-                "model": {"source": project["model_source"], "options": project["model_options"],
+                "owner": project["owner"], "created": project["created"],
+                "model": {"name": model_name(project["model_info"], project["model_source"]),
+                          "source": project["model_source"], "options": project["model_options"],
                           "info": project["model_info"]},
                 "holdout_fraction": project["holdout_fraction"],
-                "images": [_public_image(i) for i in self.store.images(project["id"])],
-                "versions": self.store.versions(project["id"]), "patches": self.store.counts(project["id"])}
+                "images": [public_image(i) for i in self.store.images(project["id"])],
+                "versions": [public_version(v) for v in self.store.versions(project["id"])],
+                "patches": self.store.counts(project["id"])}
 
     def delete_project(self, caller: Caller, args: s.DeleteProject) -> dict[str, Any]:
         """Cancel the project's jobs and wait (a while) for them to stop writing into its folder, then remove
@@ -146,7 +150,7 @@ class BioadaptService:
         project = self.context.owned_project(caller, args.project_id)
         spec = s.ImageSpec(**args.model_dump(include=set(s.ImageSpec.model_fields)))
         image, spec = self._checked_image(spec, project["model_info"])
-        return _public_image(self._store_image(project, image, spec))
+        return public_image(self._store_image(project, image, spec))
 
     def _checked_image(self, spec: s.ImageSpec, model_info: dict[str, Any]) -> tuple[Any, s.ImageSpec]:
         from bioadapt.data import open_image
@@ -273,6 +277,7 @@ class BioadaptService:
 
     def _public_job(self, job: Job) -> dict[str, Any]:
         answer = job.to_dict()
+        answer["result"] = public_result(answer["result"])  # its files are fetched by name (job_output)
         if answer["error"]:  # a worker's cause may name files in the data folder
             answer["error"] = self.guard.redact(answer["error"])
         return answer
@@ -295,8 +300,9 @@ class BioadaptService:
             raise BioadaptError(f"the output {args.name!r} of job {job.id} is gone (its project was deleted?)")
         size = path.stat().st_size
         if size > MAX_RETURNED_BYTES:
-            raise BioadaptError(f"the output {args.name!r} has {size} bytes, over {MAX_RETURNED_BYTES}; fetch it "
-                                f"from {path}")
+            raise BioadaptError(f"the output {args.name!r} of job {job.id} has {size / 2**20:.0f} MiB, more than "
+                                f"the {MAX_RETURNED_BYTES // 2**20} MiB one call returns; the service's operator "
+                                "can copy it from the service's data folder (exports/ of the project)")
         return np.load(path, allow_pickle=False) if path.suffix == ".npy" else path.read_bytes()
 
 
@@ -308,16 +314,6 @@ def _labels(labels: Any, shape: Sequence[int]) -> np.ndarray:
     if list(labels.shape) != list(shape):
         raise BioadaptError(f"labels of shape {list(labels.shape)} do not match the patch's shape {list(shape)}")
     return labels.copy()
-
-
-def _public_model(model: dict[str, Any]) -> dict[str, Any]:
-    return {"id": model["id"], "source": model["source"], "options": model["options"], "info": model["info"],
-            "created": model["created"]}
-
-
-def _public_image(row: dict[str, Any]) -> dict[str, Any]:
-    """An image as callers see it: never its storage options (they may hold credentials)."""
-    return {k: row[k] for k in ("id", "uri", "axes", "channels", "mask", "shape", "spatial_axes", "created")}
 
 
 def _task_method(name: str, task: str) -> Callable[..., dict[str, Any]]:

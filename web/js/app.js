@@ -12,6 +12,11 @@ const view = new PatchView($("patch-canvas"));
 const overview = new OverviewView($("overview-canvas"));
 
 // -- messages -------------------------------------------------------------------------------------------------
+/** A name made safe for a file name: letters, digits, '.', '_' and '-' kept, the rest become '-'. */
+function fileStem(name) {
+  return name.replace(/[^A-Za-z0-9._-]+/g, "-").replace(/^-+|-+$/g, "") || "model";
+}
+
 function say(text, { error = false } = {}) {
   $("message").textContent = text;
   $("message").classList.toggle("error", error);
@@ -92,7 +97,7 @@ async function loadProjects() {
     item.innerHTML = `<span class="name"></span><span class="muted"></span>`;
     item.querySelector(".name").textContent = project.name;
     item.querySelector(".muted").textContent = countsText(project.patches);
-    item.title = `${project.id} · ${project.model}`;
+    item.title = `${project.id} · model ${project.model}`;
     item.classList.toggle("selected", state.project?.id === project.id);
     item.addEventListener("click", () => act(null, "Opening the project", () => openProject(project.id)));
     list.append(item);
@@ -145,7 +150,7 @@ $("show-overview").addEventListener("change", () => {
 async function showProject(projectId) {
   state.project = await state.service.get_project({ project_id: projectId });
   const p = state.project, latest = p.versions[p.versions.length - 1];
-  $("project-info").textContent = `${p.name} (${p.id}) · model ${p.model.source} · ${p.images.length} image(s) · ` +
+  $("project-info").textContent = `${p.name} (${p.id}) · model ${p.model.name} · ${p.images.length} image(s) · ` +
     `model version ${latest ? latest.number : 0} · patches: ${countsText(p.patches) || "none"}`;
 }
 
@@ -382,15 +387,17 @@ $("export").addEventListener("click", () => act($("export"), "Exporting", async 
     project_id: state.project.id, progress }), (info) => { $("export-status").textContent = info.stage || info.state; });
   if (job.state !== "done") throw new Error(`the export job ${job.state}: ${job.error || ""}`);
   const answer = job.result;
+  $("export-status").textContent = "fetching the package ...";
+  // the package comes through the service (job_output), so the page works wherever the browser runs
   const got = await state.service.job_output({ job_id: job.id, name: "package" });
   const bytes = got instanceof Uint8Array ? got : new Uint8Array(got);
   const link = $("download");
   if (link.href.startsWith("blob:")) URL.revokeObjectURL(link.href);
   link.href = URL.createObjectURL(new Blob([bytes], { type: "application/zip" }));
-  link.download = answer.path.split("/").pop();
-  link.textContent = `Download ${link.download} (${(answer.size / 1e6).toFixed(2)} MB, version ${answer.version})`;
+  link.download = `${fileStem(state.project.name)}-v${answer.version}.zip`;
+  link.textContent = `Download ${link.download} (${(answer.size / 1e6).toFixed(2)} MB)`;
   link.hidden = false;
-  $("export-status").textContent = `saved on the server at ${answer.path}`;
+  $("export-status").textContent = `model version ${answer.version} exported as a bioimage.io package (tested):`;
 }));
 
 restoreConnectionFields();

@@ -33,6 +33,7 @@ from bioadapt.service.jobs import JobRunner
 SHARD_SIZE = 32
 TOP = 20  # highest-scoring patches a score job's result lists
 OVERVIEW_EVERY_S = 10.0  # how often a running job refreshes the uncertainty overview of its image
+RECOVER_S = 120.0  # how long a job with every actor lost waits for one to come back (Ray restarts them)
 Patches = Sequence[tuple[int, Sequence[int]]]  # (patch id, level-0 origin)
 
 
@@ -321,20 +322,24 @@ class _Commit:
 def score_shards(runner: JobRunner, actors: list[Any], request: ScoreRequest, patches: Patches, *,
                  shard_size: int = SHARD_SIZE, retries: int = 2,
                  on_shard: Callable[[list[dict[str, Any]]], Any] | None = None, done_before: int = 0,
-                 total: int | None = None) -> list[dict[str, Any]]:
+                 total: int | None = None, recover_s: float = RECOVER_S) -> list[dict[str, Any]]:
     """Score ``patches`` in shards over ``actors`` (one shard in flight per actor); ``on_shard`` gets each shard's
-    results as it arrives (in the job's thread). A shard lost with its actor's process is retried once Ray has
-    restarted the actor (an actor gone for good leaves ``actors``); on cancel or failure the shards in flight
-    are stopped and waited for, so the actors come back idle."""
+    results as it arrives (in the job's thread). A shard lost with its actor (its process, or its node, died) goes
+    back to the queue at once, for the next actor that is free (each shard is tried ``retries`` + 1 times at most).
+    The lost actor rejoins once Ray has restarted it and it answers; it leaves ``actors`` (stopped) when it is gone
+    for good, or still away when the job ends: a restart can wait forever on a cluster that lost a node. The job
+    waits for a lost actor only when no other one is left, up to ``recover_s``. On cancel or failure the shards in
+    flight are stopped and waited for, so the actors come back idle."""
     import ray
 
-    from bioadapt.service.execution import remote_cause, wait_until_alive
+    from bioadapt.service.execution import remote_cause
 
     total = total or len(patches)
     shards = [list(patches[i:i + shard_size]) for i in range(0, len(patches), shard_size)]
     pending = list(range(len(shards)))
     attempts = [0] * len(shards)
     in_flight: dict[Any, tuple[int, Any]] = {}
+    away = _Away()  # actors lost mid-shard, until they answer again
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
     try:
@@ -343,26 +348,38 @@ def score_shards(runner: JobRunner, actors: list[Any], request: ScoreRequest, pa
                 shard = pending.pop(0)
                 in_flight[actor.run.remote(score_patches, request, shards[shard])] = (shard, actor)
 
+        stalled_since = None  # since when no shard is in flight (every actor lost)
         while (pending or in_flight) and not runner.cancelled.is_set():
             busy = {actor for _, actor in in_flight.values()}
             for actor in actors:
-                if actor not in busy:
+                if actor not in busy and actor not in away:
                     hand_out(actor)
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+            if in_flight:
+                stalled_since = None
+            elif not actors:
+                raise BioadaptError(f"every model actor died; last cause: {away.cause}")
+            elif time.monotonic() - (stalled_since := stalled_since or time.monotonic()) > recover_s:
+                raise BioadaptError(f"every model actor was lost and none came back within {recover_s:.0f} s (a "
+                                    "node of the Ray cluster may have gone, and the others have no room for them); "
+                                    f"last cause: {away.cause}")
+            ready, _ = ray.wait([*in_flight, *away.pings()], num_returns=1, timeout=0.5)
             for ref in ready:
+                if ref not in in_flight:
+                    gone = away.answered(ref)
+                    if gone is not None:
+                        actors.remove(gone)
+                    continue
                 shard, actor = in_flight.pop(ref)
                 try:
                     shard_results = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                    attempts[shard] += 1  # the actor died: Ray restarts it (up to twice); retry once it answers
+                    attempts[shard] += 1
                     if attempts[shard] > retries:
                         raise BioadaptError(f"shard {shard} failed {attempts[shard]} times; last cause: "
                                             f"{remote_cause(e)}") from e
-                    pending.insert(0, shard)
-                    if not wait_until_alive(actor):
-                        actors.remove(actor)
-                        if not actors:
-                            raise BioadaptError(f"every model actor died; last cause: {remote_cause(e)}") from e
+                    pending.insert(0, shard)  # to the next free actor now, not after this one's restart
+                    runner.report(shards_retried=sum(attempts))
+                    away.add(actor, remote_cause(e))
                     continue
                 except ray.exceptions.RayTaskError as e:
                     raise BioadaptError(f"scoring failed: {remote_cause(e)}") from e
@@ -374,7 +391,55 @@ def score_shards(runner: JobRunner, actors: list[Any], request: ScoreRequest, pa
                               patches_per_second=round(len(results) / (time.perf_counter() - started), 3))
     finally:
         _drain(in_flight, actors)
+        for actor in away.actors():  # still restarting (or never will): not given back to the pool
+            ray.kill(actor)
+            actors.remove(actor)
     return sorted(results, key=lambda r: -r["score"])
+
+
+class _Away:
+    """Actors lost mid-shard: each is pinged (at most every ``PING_EVERY_S``) until it answers (it rejoins) or is
+    dead for good (it leaves)."""
+
+    PING_EVERY_S = 1.0
+
+    def __init__(self):
+        self._actors: dict[Any, tuple[Any | None, float]] = {}  # actor -> (ping in flight, when it was sent)
+        self.cause = ""  # why the last one was lost
+
+    def __contains__(self, actor: Any) -> bool:
+        return actor in self._actors
+
+    def add(self, actor: Any, cause: str) -> None:
+        self._actors[actor] = (None, 0.0)
+        self.cause = cause
+
+    def actors(self) -> list[Any]:
+        return list(self._actors)
+
+    def pings(self) -> list[Any]:
+        """The pings in flight, sending a new one to each actor whose last one failed long enough ago."""
+        now = time.monotonic()
+        for actor, (ping, sent) in list(self._actors.items()):
+            if ping is None and now - sent >= self.PING_EVERY_S:
+                self._actors[actor] = (actor.ping.remote(), now)
+        return [ping for ping, _ in self._actors.values() if ping is not None]
+
+    def answered(self, ping: Any) -> Any | None:
+        """Handle a finished ping: the actor rejoins when it answered; returns it when it is dead for good."""
+        import ray
+
+        actor = next(a for a, (p, _) in self._actors.items() if p == ping)
+        try:
+            ray.get(ping)
+        except ray.exceptions.ActorDiedError:
+            del self._actors[actor]
+            return actor
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            self._actors[actor] = (None, self._actors[actor][1])  # restarting: ask again later
+            return None
+        del self._actors[actor]
+        return None
 
 
 def _drain(in_flight: dict[Any, tuple[int, Any]], actors: list[Any], timeout_s: float = 30) -> None:
