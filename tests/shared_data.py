@@ -14,13 +14,14 @@ SHARED_DATA = Path(os.environ.get("BIOADAPT_SHARED_DATA")
 
 def shared_folder(name: str) -> Path:
     """The folder ``name`` of the shared data, or a skip (a failure under CI) saying it is missing."""
-    import pytest  # benchmarks import SHARED_DATA from here without pytest
+    import pytest  # here, not at the top: benchmarks import SHARED_DATA without pytest
+    from conftest import IN_CI
 
     folder = SHARED_DATA / name
     if not folder.is_dir():
         message = (f"{folder} is missing: real data from public repositories is not part of the repository "
                    "(see tests/data/README.md; set BIOADAPT_SHARED_DATA to where it lives)")
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message, pytrace=False)
+        if IN_CI:
+            pytest.fail(f"{message} [CI=true: CI provides it, so this test must run, not skip]", pytrace=False)
         pytest.skip(message)
     return folder
