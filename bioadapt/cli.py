@@ -19,11 +19,22 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _signature_defaults(module: str, function: str) -> dict[str, object]:
+    """A function's keyword defaults, read where they are declared."""
+    import importlib
+    import inspect
+
+    parameters = inspect.signature(getattr(importlib.import_module(module), function)).parameters
+    return {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
+
+
 def _demo(args: argparse.Namespace) -> None:
     from bioadapt.demo import run_demo
 
-    run_demo(workdir=args.workdir, size=args.size, n_patches=args.patches, top_k=args.top_k,
-             patch_size=args.patch_size, epochs=args.epochs, base_epochs=args.base_epochs, seed=args.seed)
+    given = {"workdir": args.workdir, "size": args.size, "n_patches": args.patches, "top_k": args.top_k,
+             "patch_size": args.patch_size, "mc_passes": args.mc_passes, "epochs": args.epochs,
+             "base_epochs": args.base_epochs, "seed": args.seed}
+    run_demo(**{name: value for name, value in given.items() if value is not None})  # the rest: run_demo's own
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -96,14 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="one full active-learning round through the real service, on data "
                                 "it generates")
-    demo.add_argument("--workdir", default="demo-output", help="where the demo writes its files")
-    demo.add_argument("--size", type=int, default=2048, help="side of the generated image in pixels")
-    demo.add_argument("--patches", type=int, default=48, help="patches to score")
-    demo.add_argument("--top-k", type=int, default=16, help="most uncertain patches the simulated annotator labels")
-    demo.add_argument("--patch-size", type=int, default=128)
-    demo.add_argument("--epochs", type=int, default=150, help="fine-tuning epochs")
-    demo.add_argument("--base-epochs", type=int, default=40, help="epochs of the base model's training")
-    demo.add_argument("--seed", type=int, default=0)
+    # left out, a setting keeps run_demo's default (shown), and a scoring setting the service's
+    demo_defaults = _signature_defaults("bioadapt.demo", "run_demo")
+    demo.add_argument("--workdir", help=f"where the demo writes its files (default: {demo_defaults['workdir']})")
+    demo.add_argument("--size", type=int, help=f"side of the generated image in pixels (default: "
+                                               f"{demo_defaults['size']})")
+    demo.add_argument("--patches", type=int, help="patches to score (default: the service's)")
+    demo.add_argument("--top-k", type=int, help=f"most uncertain patches the simulated annotator labels (default: "
+                                                f"{demo_defaults['top_k']})")
+    demo.add_argument("--patch-size", type=int, help="patch side in pixels (default: the service's)")
+    demo.add_argument("--mc-passes", type=int, help="MC-dropout passes per patch (default: the service's)")
+    demo.add_argument("--epochs", type=int, help=f"fine-tuning epochs (default: {demo_defaults['epochs']})")
+    demo.add_argument("--base-epochs", type=int, help=f"epochs of the base model's training (default: "
+                                                      f"{demo_defaults['base_epochs']})")
+    demo.add_argument("--seed", type=int, help=f"(default: {demo_defaults['seed']})")
     demo.set_defaults(run=_demo)
     return parser
 

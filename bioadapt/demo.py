@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 PIXEL_SIZE_UM = 0.65
 BASE_STYLE, TARGET_STYLE = "nuclei", "crowded"
 UNET = dict(in_channels=1, out_channels=2, dims=2, features=8, depth=2, batchnorm=False, dropout=0.0)
+LEARNING_RATE = 3e-3  # the demo's small U-Net trains for seconds: faster than the adapter's default rate
 
 
 def build_base_model(out: Path, epochs: int, seed: int) -> Path:
@@ -44,7 +45,7 @@ def build_base_model(out: Path, epochs: int, seed: int) -> Path:
     pairs = [(cells.image[:, y:y + 64, x:x + 64].astype(np.float32), cells.labels[y:y + 64, x:x + 64])
              for y in range(0, 512, 64) for x in range(0, 512, 64)][:32]
     with tqdm(total=epochs, desc=f"train base model on '{BASE_STYLE}'", unit="epoch") as bar:
-        model.fine_tune(pairs, {"epochs": epochs, "learning_rate": 3e-3, "batch_size": 8},
+        model.fine_tune(pairs, {"epochs": epochs, "learning_rate": LEARNING_RATE, "batch_size": 8},
                         progress=lambda info: bar.update(info["epoch"] - bar.n))
     return package_new_model(model.module, out, name=f"{BASE_STYLE} U-Net (bioadapt demo base)",
                              description=f"A small U-Net trained for {epochs} epochs on synthetic '{BASE_STYLE}' "
@@ -65,10 +66,11 @@ def write_target_image(workdir: Path, size: int, seed: int) -> tuple[Path, np.nd
     return Path(zarr_path), sample.labels
 
 
-def run_demo(workdir: str | Path = "demo-output", size: int = 2048, n_patches: int = 48, top_k: int = 16,
-             patch_size: int = 128, epochs: int = 150, base_epochs: int = 40, mc_passes: int = 8,
+def run_demo(workdir: str | Path = "demo-output", size: int = 2048, n_patches: int | None = None, top_k: int = 16,
+             patch_size: int | None = None, epochs: int = 150, base_epochs: int = 40, mc_passes: int | None = None,
              seed: int = 0) -> dict[str, Any]:
-    """Run the demo and return its summary (also printed and written to summary.json)."""
+    """Run the demo and return its summary (also printed and written to summary.json). ``n_patches``,
+    ``patch_size`` and ``mc_passes`` left None are not sent: the service's defaults apply."""
     from bioadapt.service.client import connect
     from bioadapt.service.serve_process import ServeProcess
 
@@ -99,17 +101,21 @@ def run_demo(workdir: str | Path = "demo-output", size: int = 2048, n_patches: i
     return summary
 
 
-def _one_round(svc: Any, workdir: Path, base: Path, image_path: Path, truth: np.ndarray, n_patches: int,
-               top_k: int, patch_size: int, epochs: int, mc_passes: int, seed: int) -> dict[str, Any]:
+def _one_round(svc: Any, workdir: Path, base: Path, image_path: Path, truth: np.ndarray, n_patches: int | None,
+               top_k: int, patch_size: int | None, epochs: int, mc_passes: int | None, seed: int) -> dict[str, Any]:
+    from bioadapt.service.client import DEFAULT_RANDOM_PATCHES, defaults
+
     model = svc.load_model(str(base))
     project = svc.create_project("demo: nuclei model -> crowded cells", model["id"],
                                  [{"uri": str(image_path), "mask": "auto"}],
                                  description="bioadapt demo: one active-learning round")
     project_id, image_id = project["id"], project["images"][0]["id"]
-    print(f"4/8 scoring {n_patches} patches of {patch_size} x {patch_size} inside the tissue with MC-dropout BALD "
-          f"(T = {mc_passes}) on Ray actors ...")
-    job = svc.score(project_id, n_patches=n_patches, patch_shape=[patch_size, patch_size], mc_passes=mc_passes,
-                    acquisition="bald", seed=seed)
+    given = {"n_patches": n_patches, "patch_shape": [patch_size] * 2 if patch_size else None, "mc_passes": mc_passes}
+    used = {**defaults("score"), "n_patches": DEFAULT_RANDOM_PATCHES,
+            **{k: v for k, v in given.items() if v is not None}}  # what the service will use
+    print(f"4/8 scoring {used['n_patches']} patches of {' x '.join(map(str, used['patch_shape']))} inside the "
+          f"tissue with MC-dropout BALD (T = {used['mc_passes']}) on Ray actors ...")
+    job = svc.score(project_id, **{k: v for k, v in given.items() if v is not None}, acquisition="bald", seed=seed)
     scoring = svc.wait(job["job_id"])
     top = svc.list_patches(project_id, order="score", limit=top_k)
     print(f"5/8 the simulated annotator corrects the {len(top)} most uncertain patches ...")
@@ -120,7 +126,7 @@ def _one_round(svc: Any, workdir: Path, base: Path, image_path: Path, truth: np.
             shown.append(svc.get_patch(project_id, patch["id"]))
         svc.submit_labels(project_id, patch["id"], truth[window].astype(np.uint32))
     print(f"6/8 fine-tuning on the corrected patches ({epochs} epochs) on a Ray actor ...")
-    job = svc.fine_tune(project_id, epochs=epochs, learning_rate=3e-3, batch_size=4)
+    job = svc.fine_tune(project_id, epochs=epochs, learning_rate=LEARNING_RATE, batch_size=4)
     tuned = svc.wait(job["job_id"])
     version = tuned["result"]["version"]
     print(f"7/8 evaluating versions 0 and {version} on the held-out corrected patches ...")

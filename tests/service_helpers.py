@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bioadapt.errors import BioadaptError
-from bioadapt.service.client import BioadaptClient, connect
+from bioadapt.service.client import SERVICE_ID, BioadaptClient, connect
 from bioadapt.service.hypha_server import mint_token
 from bioadapt.service.serve_process import ServeProcess
 
@@ -22,14 +22,16 @@ class ServiceProcess(ServeProcess):
     """A `bioadapt serve` subprocess joined to an existing Hypha server and Ray cluster."""
 
     def __init__(self, hypha_server, ray_cluster, user: str, data_dir: Path, allow: list[Path],
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, database_url: str | None = None, log_path: Path | None = None):
         token = mint_token(user, jwt_secret=hypha_server.jwt_secret, expires_in=3600)
         # idle model actors go after 2 s: services of several test modules share the session's 2-CPU Ray
         args = ["--server-url", hypha_server.url, "--token", token, "--workspace", f"ws-user-{user}",
                 "--ray-address", ray_cluster["address"], "--actor-idle-s", "2"]
         for folder in allow:
             args += ["--allow-path", str(folder)]
-        super().__init__(data_dir, args, env={**ray_env(), **(env or {})})
+        if database_url:
+            args += ["--database-url", database_url]
+        super().__init__(data_dir, args, env={**ray_env(), **(env or {})}, log_path=log_path)
         self.user = user
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> dict:
@@ -49,9 +51,12 @@ def ray_env() -> dict[str, str]:
     return {}
 
 
-def client_for(hypha_server, user: str, workspace: str = SERVICE_WS) -> BioadaptClient:
+def client_for(hypha_server, user: str, workspace: str = SERVICE_WS, service_id: str = SERVICE_ID
+               ) -> BioadaptClient:
+    """A client of ``user``; ``service_id`` a replica's full id (``connection.json``'s ``full_service_id``) to
+    call that replica only."""
     token = mint_token(user, workspaces={workspace: "r"}, jwt_secret=hypha_server.jwt_secret)
-    return connect(hypha_server.url, token=token, workspace=workspace)
+    return connect(hypha_server.url, token=token, workspace=workspace, service_id=service_id)
 
 
 def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.1):

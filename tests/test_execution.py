@@ -15,7 +15,7 @@ from bioadapt.data.synthetic import write_synthetic_ome_zarr
 from bioadapt.data.writer import write_ome_zarr
 from bioadapt.errors import BioadaptError
 from bioadapt.service.execution import ModelActor, ModelPool, ModelSpec, run_body
-from bioadapt.service.jobs import Job, Jobs, JobStore
+from bioadapt.service.jobs import INTERRUPTED, Job, Jobs, Lease
 from bioadapt.service.tasks.fine_tune import FineTuneRequest, fine_tune_on
 from bioadapt.service.tasks.score import ScoreRequest, score_patches, score_shards
 
@@ -191,13 +191,25 @@ def test_the_embedded_cluster_listens_on_loopback_only(ray_cluster):
     assert "node:127.0.0.1" in ray_cluster
 
 
-def test_jobs_interrupted_by_a_restart_are_marked_failed(tmp_path):
-    store = JobStore(tmp_path / "jobs.sqlite")
-    store.save(Job(id="a", kind="score", state="running"))
-    store.save(Job(id="b", kind="score", state="done"))
-    assert JobStore(tmp_path / "jobs.sqlite").mark_interrupted() == 1
-    assert store.get("a").state == "failed" and "restarted" in store.get("a").error
-    assert store.get("b").state == "done"
+def test_a_job_is_failed_once_its_replica_stops_renewing_its_lease(tmp_path):
+    """A replica's heartbeat keeps its running job's lease; another replica starting leaves it alone. Once the
+    heartbeat stops (the replica is gone), the next reader sees the job failed with that cause."""
+    lease = Lease(lease_s=1.0, renew_s=0.2)
+    first = Jobs(tmp_path / "jobs.sqlite", lease=lease)
+    running = first.start("score", lambda runner: runner.cancelled.wait(60))
+    first.save(Job(id="done", kind="score", state="done"))
+    time.sleep(3 * lease.lease_s)  # three leases: only renewals keep it
+    second = Jobs(tmp_path / "jobs.sqlite", lease=lease)  # a replica starting next to a live one
+    assert second.fail_lapsed() == [] and second.get(running.job.id).state == "running"
+    first.close()  # no more renewals, as when its process dies
+    lapsed = wait_until(lambda: second.get(running.job.id).state == "failed", 10 * lease.lease_s,
+                        "the job failed after its lease")
+    job = second.get(running.job.id)
+    assert lapsed and job.error == INTERRUPTED and job.finished is not None
+    assert second.get("done").state == "done"
+    running.cancel()
+    assert running.wait(10).state == "failed"  # its own last report does not bring the record back
+    second.close()
 
 
 def test_finished_jobs_leave_the_runners_of_the_service(tmp_path):

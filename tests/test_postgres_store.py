@@ -4,142 +4,30 @@ The story: a service writes projects, patches, labels, model versions and jobs, 
 same database and finds everything; several service processes submit labels to one project at the same time and
 the train / hold-out split stays exact; several replicas start on an empty database at once.
 
-PostgreSQL is a real server started for this module (Debian's ``postgresql`` package: initdb into a temporary
-folder, ``postgres`` on 127.0.0.1 and a free port, run as the ``postgres`` user when the tests run as root);
-the PostgreSQL cases are skipped, with the reason, when its binaries or the psycopg driver are missing.
+PostgreSQL is a real server started for this module (``postgres_helpers.postgres_server``); the PostgreSQL
+cases are skipped, with the reason, when its binaries or the psycopg driver are missing.
 """
 
 from __future__ import annotations
 
 import math
 import multiprocessing
-import os
-import pwd
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 import store_workers
+from postgres_helpers import postgres_server  # noqa: F401  (a fixture)
 
 from bioadapt.errors import AccessDenied, BioadaptError
 from bioadapt.service import schemas as s
 from bioadapt.service.api import BioadaptService, Caller
 from bioadapt.service.db import make_engine
-from bioadapt.service.jobs import Job
+from bioadapt.service.jobs import INTERRUPTED, Job
 from bioadapt.service.store import ProjectStore
 
 BACKENDS = ["sqlite", "postgresql"]
-PG_USER = "bioadapt"
-PG_START_TIMEOUT_S = 30
-RESTART_REASON = "interrupted: the service restarted"
-
-
-# -- a PostgreSQL server for this module ------------------------------------------------------------------
-def postgres_bin_dir() -> Path | None:
-    """The folder of ``postgres`` and ``initdb``: on PATH, else Debian's newest /usr/lib/postgresql/<ver>/bin."""
-    on_path = shutil.which("postgres")
-    if on_path and shutil.which("initdb"):
-        return Path(on_path).parent
-    found = [p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/postgres") if (p.parent / "initdb").exists()]
-    found.sort(key=lambda bin_dir: int(bin_dir.parent.name) if bin_dir.parent.name.isdigit() else 0)
-    return found[-1] if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _run_as() -> dict:
-    """Popen keywords that drop root: PostgreSQL refuses to run as root ('root execution ... not permitted')."""
-    if os.geteuid() != 0:
-        return {}
-    for name in ("postgres", "nobody"):
-        try:
-            user = pwd.getpwnam(name)
-        except KeyError:
-            continue
-        return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-    pytest.skip("running as root and there is neither a 'postgres' nor a 'nobody' user to run PostgreSQL as")
-
-
-def _die_with_parent() -> list[str]:
-    """A command prefix that makes the server get SIGINT (fast shutdown) when pytest dies, even by SIGKILL: util-linux's
-    setpriv sets the parent-death signal after Popen dropped root (a change of user would clear it), then execs."""
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "INT", "--"] if setpriv else []
-
-
-def _stop_postgres(process: subprocess.Popen) -> None:
-    """By pid: SIGINT is PostgreSQL's fast shutdown (SIGTERM would wait for every client to disconnect)."""
-    for sig, wait_s in ((signal.SIGINT, 20), (signal.SIGQUIT, 10), (signal.SIGKILL, 10)):
-        if process.poll() is not None:
-            return
-        os.kill(process.pid, sig)
-        try:
-            process.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-
-
-@pytest.fixture(scope="module")
-def postgres_server():
-    """A PostgreSQL server on 127.0.0.1 for this module; yields a function making a fresh database's URL."""
-    psycopg = pytest.importorskip("psycopg", reason="the PostgreSQL driver psycopg 3 is not installed "
-                                  "(pip install -c constraints.txt 'psycopg[binary]')")
-    bin_dir = postgres_bin_dir()
-    if bin_dir is None:
-        pytest.skip("PostgreSQL server binaries (postgres, initdb) not found on PATH or under "
-                    "/usr/lib/postgresql/*/bin: apt-get install postgresql")
-    run_as = _run_as()
-    # not pytest's tmp_path: that folder is private to the test user, and the server may run as another one
-    root = Path(tempfile.mkdtemp(prefix="bioadapt-pg-"))
-    if run_as:
-        os.chown(root, run_as["user"], run_as["group"])
-    process = None
-    log = root / "postgres.log"
-    try:
-        initdb = subprocess.run([str(bin_dir / "initdb"), "-D", str(root / "data"), "-U", PG_USER, "--auth=trust",
-                                 "-E", "UTF8", "--no-sync"], cwd=root, capture_output=True, text=True, check=False,
-                                **run_as)
-        if initdb.returncode != 0:
-            pytest.fail(f"initdb failed ({initdb.returncode}):\n{initdb.stdout}\n{initdb.stderr}")
-        port = _free_port()
-        with open(log, "wb") as log_handle:
-            process = subprocess.Popen(
-                [*_die_with_parent(), str(bin_dir / "postgres"), "-D", str(root / "data"), "-k", str(root),
-                 "-h", "127.0.0.1", "-p", str(port), "-c", "fsync=off", "-c", "max_connections=100"],
-                cwd=root, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **run_as)
-        admin = None
-        deadline = time.monotonic() + PG_START_TIMEOUT_S
-        while admin is None:
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"postgres did not start: {log.read_text(errors='replace')[-3000:]}")
-            try:
-                admin = psycopg.connect(host="127.0.0.1", port=port, user=PG_USER, dbname="postgres", autocommit=True)
-            except psycopg.OperationalError:
-                time.sleep(0.1)
-
-        def new_database() -> str:
-            name = f"bioadapt_{uuid.uuid4().hex[:10]}"
-            admin.execute(f'CREATE DATABASE "{name}"')
-            return f"postgresql+psycopg://{PG_USER}@127.0.0.1:{port}/{name}"
-
-        try:
-            yield new_database
-        finally:
-            admin.close()
-    finally:
-        if process is not None:
-            _stop_postgres(process)
-        shutil.rmtree(root, ignore_errors=True)
+RESTART_REASON = INTERRUPTED
 
 
 @pytest.fixture(params=BACKENDS)
@@ -189,17 +77,21 @@ def test_a_restarted_service_finds_everything_and_fails_its_unfinished_jobs(data
     for patch_id in ids[:4]:
         service.store.mark_annotated(pid, patch_id, "alice", project["holdout_fraction"])
     service.store.set_status(pid, ids[5], "skipped")
-    service.store.add_version(pid, 1, 0, str(tmp_path / "v1.pt"), {"epochs": 3}, {"training": {"loss": 0.25}},
-                              "tune-1")
+    assert service.store.reserve_version(pid, 0, {"epochs": 3}, ids[:2], "tune-0") == 1
+    assert service.store.finish_version(pid, 1, str(tmp_path / "v1.pt"), {"training": {"loss": 0.25}})
+    assert service.store.reserve_version(pid, 1, {"epochs": 3}, ids[:2], "tune-1") == 2  # still training
     service.store.update_version_metrics(pid, 1, {"holdout": {"f1": 0.75}})
     service.jobs.save(Job(id="score-1", kind="score", state="done", result={"scored": 5}, project_id=pid,
                           owner="alice", started=time.time(), finished=time.time()))
     service.jobs.save(Job(id="tune-1", kind="fine_tune", state="running", progress={"epoch": 2, "loss": 0.3},
                           project_id=pid, owner="alice", started=time.time()))
     service.jobs.save(Job(id="score-2", kind="score", state="queued", project_id=pid, owner="alice"))
+    service.jobs.save(Job(id="live-1", kind="score", state="running", project_id=pid, owner="alice",
+                          replica="another live replica", lease_until=time.time() + 600))
     before = snapshot(service, pid)
     assert before["counts"] == {"pending": 1, "annotated": 4, "skipped": 1}
     assert len(before["holdout"]) == expected_holdout(4, 0.5)
+    service.jobs.close()
     service.engine.dispose()
     del service
 
@@ -213,7 +105,9 @@ def test_a_restarted_service_finds_everything_and_fails_its_unfinished_jobs(data
             assert jobs[job_id].state == "failed" and jobs[job_id].error == RESTART_REASON
             assert jobs[job_id].finished is not None
         assert jobs["tune-1"].progress == {"epoch": 2, "loss": 0.3}
-        assert restarted.jobs.mark_interrupted() == 0
+        assert jobs["live-1"].state == "running"  # its replica renews its lease: not this one's to fail
+        assert restarted.jobs.fail_lapsed() == []
+        assert restarted.store.version(pid, 2)["state"] == "failed"  # reserved by the interrupted fine-tune
 
         # the service's own functions see the same project, and only alice does
         shown = restarted.get_project(alice, s.GetProject(project_id=pid))
@@ -229,6 +123,7 @@ def test_a_restarted_service_finds_everything_and_fails_its_unfinished_jobs(data
         again = restarted.store.mark_annotated(pid, first["id"], "alice", 0.5)
         assert again["split"] == first["split"] and again["annotator"] == "alice"
     finally:
+        restarted.jobs.close()
         restarted.engine.dispose()
 
 
@@ -350,3 +245,35 @@ def test_d_plain_postgresql_urls_use_psycopg(postgres_server):
             assert ProjectStore(engine).projects("alice") == []
         finally:
             engine.dispose()
+
+
+# -- (g) databases written by earlier releases ----------------------------------------------------------------
+ADDED_COLUMNS = [("versions", "state"), ("versions", "trained_on"), ("jobs", "replica"), ("jobs", "lease_until")]
+
+
+def test_g_a_database_of_an_earlier_release_keeps_working(database_url, tmp_path):
+    """The columns added since are added when a service opens the database; versions written without them are
+    usable, and new version numbers follow theirs."""
+    from sqlalchemy import inspect
+
+    from bioadapt.service import db
+
+    engine = make_engine(database_url=database_url)
+    project, ids = new_project(ProjectStore(engine), tmp_path, 0.25, n_patches=2)
+    pid = project["id"]
+    with engine.begin() as conn:  # the tables as the earlier release made them, with a version it trained
+        for table, column in ADDED_COLUMNS:
+            conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN {column}")
+        conn.exec_driver_sql(f"INSERT INTO versions (project_id, number, parent, path, metrics, params, job_id, "
+                             f"created) VALUES ('{pid}', 1, 0, 'v1.pt', '{{}}', '{{}}', 'tune-1', {time.time()})")
+    engine.dispose()
+    engine = make_engine(database_url=database_url)  # what a service of this release does when it starts
+    try:
+        store = ProjectStore(engine)
+        assert [(v["number"], v["state"]) for v in store.versions(pid)] == [(0, None), (1, None)]
+        assert store.version(pid)["number"] == 1
+        assert store.reserve_version(pid, 1, {}, ids[:1], "tune-2") == 2
+        for table in db.metadata.sorted_tables:
+            assert {c["name"] for c in inspect(engine).get_columns(table.name)} == set(table.columns.keys())
+    finally:
+        engine.dispose()

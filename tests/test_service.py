@@ -26,6 +26,7 @@ from bioadapt.data.synthetic import write_synthetic_ome_zarr
 from bioadapt.errors import AccessDenied, BioadaptError
 from bioadapt.service.client import BioadaptClient, connect
 from bioadapt.service.hypha_server import mint_token
+from bioadapt.service.jobs import INTERRUPTED, LEASE_VARIABLE, RENEW_VARIABLE
 
 ray = pytest.importorskip("ray")
 
@@ -441,7 +442,9 @@ def test_score_writes_no_patch_when_a_later_image_cannot_take_the_patch_shape(al
 # -- 4. restart ---------------------------------------------------------------------------------------------
 def test_a_killed_service_restarts_with_everything_committed(hypha_server, ray_cluster, inputs, tmp_path):
     wait_until(ray_cpus_free, 30, "Ray idle before the restart test")
-    process = ServiceProcess(hypha_server, ray_cluster, "svc2", tmp_path / "data2", [inputs["allowed"]])
+    lease_s = 2.0  # a killed service's jobs are failed once their lease lapses: short here, 30 s by default
+    process = ServiceProcess(hypha_server, ray_cluster, "svc2", tmp_path / "data2", [inputs["allowed"]],
+                             env={LEASE_VARIABLE: str(lease_s), RENEW_VARIABLE: "0.5"})
     workspace = "ws-user-svc2"
     carol = None
     try:
@@ -468,12 +471,13 @@ def test_a_killed_service_restarts_with_everything_committed(hypha_server, ray_c
         assert process.process.returncode == -signal.SIGKILL
         # the killed driver's fine-tune actor goes with it
         wait_until(ray_cpus_free, 30, "Ray released the killed service's actor", poll_s=0.2)
+        time.sleep(lease_s)  # the job's lease, renewed by the killed process only, has lapsed
 
         info = process.start()
         assert info["interrupted_jobs_marked_failed"] == 1
         # the same client object re-fetches the service on its next call
         status = carol.job_status(long_job)
-        assert status["state"] == "failed" and "restart" in status["error"], status
+        assert status["state"] == "failed" and status["error"] == INTERRUPTED, status
         after = carol.list_patches(p, order="id")
         assert [(q["id"], q["score"], q["origin"]) for q in after] == \
             [(q["id"], q["score"], q["origin"]) for q in scored]
@@ -489,7 +493,7 @@ def test_a_killed_service_restarts_with_everything_committed(hypha_server, ray_c
         fresh = client_for(hypha_server, "carol", workspace)
         try:
             job = fresh.wait(fresh.fine_tune(p, epochs=1)["job_id"], progress=False, timeout_s=120)
-            assert job["state"] == "done" and job["result"]["version"] == 1, job
+            assert job["state"] == "done" and job["result"]["version"] == 2, job  # 1: the killed job's, failed
         finally:
             fresh.disconnect()
     finally:

@@ -41,7 +41,8 @@ def _int_fields(model: type) -> list[str]:
 
 def test_no_integer_argument_takes_a_boolean():
     checked = 0
-    for name, model in s.FUNCTIONS.items():
+    for name, function in s.FUNCTIONS.items():
+        model = function.args
         for field in _int_fields(model):
             required = {k: "x" for k, info in model.model_fields.items() if info.is_required() and k != field}
             if "origin" in required or "shape" in required:
@@ -88,3 +89,29 @@ def test_fine_tuning_parameters_pass_only_what_was_set():
     assert s.tuning_params("cellpose", {"bsize": 128}) == {"bsize": 128}
     with pytest.raises(BioadaptError, match=r"params\.augment: Extra inputs"):  # not a Cellpose parameter
         s.tuning_params("cellpose", {"augment": True})
+
+
+def test_the_registry_names_a_handler_for_every_function(tmp_path):
+    """Each function of ``schemas.FUNCTIONS`` is either a task (a module with ``submit``) or a method of the
+    service, and the service, its Hypha face and the client offer exactly the registry's functions."""
+    import importlib
+    import inspect
+
+    from bioadapt.service.api import BioadaptService
+    from bioadapt.service.client import BioadaptClient
+    from bioadapt.service.hypha_service import build_service
+
+    api = BioadaptService(tmp_path / "data")
+    try:
+        published = {key for key, value in build_service(api).items() if callable(value)}
+    finally:
+        api.close()
+    assert published == set(s.FUNCTIONS)
+
+    for name, function in s.FUNCTIONS.items():
+        if function.task is not None:
+            submit = importlib.import_module(f"bioadapt.service.tasks.{function.task}").submit
+            assert list(inspect.signature(submit).parameters) == ["context", "caller", "args", "progress"], name
+        assert callable(getattr(BioadaptService, name)) and callable(getattr(BioadaptClient, name)), name
+    assert set(s.JOB_FUNCTIONS) == {"score", "fine_tune", "evaluate", "predict", "export_model"}
+    assert s.SLOW_FUNCTIONS >= set(s.JOB_FUNCTIONS)

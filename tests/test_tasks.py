@@ -1,15 +1,19 @@
 """The service's tasks in one process (no Hypha): a real BioadaptService on the test session's Ray, called as the
 Hypha layer calls it. Model actors are loaded once per model and weights, whole images are scored in grid mode
 with their uncertainty overview, the patches to label are picked over the whole pool, protected S3 images are
-scored with their credentials, and nothing the service keeps about a job or a project outlives it."""
+scored with their credentials, and nothing the service keeps about a job or a project outlives it. Fine-tunes
+take their version number before they train, and an export lists exactly what its version was trained on."""
 
 from __future__ import annotations
 
+import io
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import zarr
 from model_factory import unet_package
 from service_helpers import ray_cpus_free, wait_until
@@ -20,6 +24,7 @@ from bioadapt.data.uncertainty import nan_downsample
 from bioadapt.errors import BioadaptError
 from bioadapt.service import schemas as s
 from bioadapt.service.api import BioadaptService, Caller
+from bioadapt.service.tasks.export import trained_patches
 from bioadapt.service.tasks.fine_tune import params_of
 
 ray = pytest.importorskip("ray")
@@ -50,7 +55,7 @@ def service(ray_cluster, inputs, tmp_path_factory):
 
 def _run(service: BioadaptService, function: str, timeout_s: float = 300, **arguments) -> dict:
     """Start a task as the Hypha layer does (validated arguments) and wait for its job."""
-    started = getattr(service, function)(ALICE, s.FUNCTIONS[function].model_validate(arguments))
+    started = getattr(service, function)(ALICE, s.FUNCTIONS[function].args.model_validate(arguments))
     deadline = time.monotonic() + timeout_s
     while (job := service.jobs.get(started["job_id"])).state not in ("done", "failed", "cancelled"):
         assert time.monotonic() < deadline, f"{function} still {job.state} after {timeout_s} s"
@@ -59,14 +64,17 @@ def _run(service: BioadaptService, function: str, timeout_s: float = 300, **argu
     return job.to_dict()
 
 
-def _project(service: BioadaptService, inputs: dict, *images: str, **image_options) -> dict:
+def _project(service: BioadaptService, inputs: dict, *images: str, holdout_fraction: float = 0.25,
+             **image_options) -> dict:
     model = service.load_model(ALICE, s.LoadModel(source=str(inputs["model"])))
     specs = [{"uri": str(inputs["root"] / name), **image_options} for name in images]
-    return service.create_project(ALICE, s.CreateProject(name="tasks", model=model["id"], images=specs))
+    return service.create_project(ALICE, s.CreateProject(name="tasks", model=model["id"], images=specs,
+                                                         holdout_fraction=holdout_fraction))
 
 
 def _annotate(service: BioadaptService, project: dict, count: int) -> None:
-    for patch in service.list_patches(ALICE, s.ListPatches(project_id=project["id"], limit=count)):
+    """Label the first ``count`` pending patches (as listed: the picks first) with the image's ground truth."""
+    for patch in service.list_patches(ALICE, s.ListPatches(project_id=project["id"], limit=count, status="pending")):
         row = next(i for i in project["images"] if i["id"] == patch["image_id"])
         truth = zarr.open_group(row["uri"], mode="r")["labels/ground_truth/0"]
         (y, x), (h, w) = patch["origin"], patch["shape"]
@@ -265,6 +273,84 @@ def test_a_deleted_project_leaves_nothing_opened_behind(service, inputs):
     assert not any(key[1] == project["id"] for key in service.opened.keys())
     assert len(service.opened) <= service.opened.capacity
     assert service.jobs.running() == []
+
+
+def _started(service: BioadaptService, function: str, **arguments) -> str:
+    return getattr(service, function)(ALICE, s.FUNCTIONS[function].args.model_validate(arguments))["job_id"]
+
+
+def _ended(service: BioadaptService, job_id: str, timeout_s: float = 300) -> dict:
+    return wait_until(lambda: (job := service.jobs.get(job_id)).state in ("done", "failed", "cancelled") and job,
+                      timeout_s, f"job {job_id} ended").to_dict()
+
+
+def test_concurrent_fine_tunes_get_their_own_version_before_they_train(service, inputs):
+    """Two fine-tunes of one project at once: each has its number from its start (recorded with the patches it
+    trains on), the numbers differ, and a cancelled one leaves its number unusable and never reused."""
+    project = _project(service, inputs, "b.ome.zarr")
+    pid = project["id"]
+    _run(service, "score", project_id=pid, n_patches=8, patch_shape=PATCH, mc_passes=2, actors=1)
+    _annotate(service, project, 6)
+    train = [p["id"] for p in service.store.patches(pid, status="annotated", split="train", order="annotated")]
+    assert 0 < len(train) < 6  # some were held out: they must not be trained on
+    long_job = _started(service, "fine_tune", project_id=pid, epochs=1000)
+    short_job = _started(service, "fine_tune", project_id=pid, epochs=1)
+    numbers = {job: wait_until(lambda: service.jobs.get(job).progress.get("version"), 60,
+                               f"fine-tune {job} reported its version") for job in (long_job, short_job)}
+    assert sorted(numbers.values()) == [1, 2]
+    assert service.jobs.get(long_job).state in ("queued", "running")
+    with pytest.raises(BioadaptError, match=f"no model version {numbers[long_job]} yet .*training"):
+        service.context.version(project, numbers[long_job])  # reserved, not usable while it trains
+    for job, number in numbers.items():
+        row = service.store.version(pid, number)
+        assert (row["job_id"], row["parent"], row["trained_on"]) == (job, 0, train)
+
+    assert _ended(service, short_job)["result"]["version"] == numbers[short_job]
+    service.cancel_job(ALICE, s.CancelJob(job_id=long_job))
+    assert _ended(service, long_job, 60)["state"] == "cancelled"
+    assert service.store.version(pid, numbers[long_job])["state"] == "failed"
+    with pytest.raises(BioadaptError, match=f"no model version {numbers[long_job]} .*did not finish"):
+        service.context.version(project, numbers[long_job])
+    listed = service.get_project(ALICE, s.GetProject(project_id=pid))["versions"]
+    assert [v["number"] for v in listed] == [0, numbers[short_job]]
+    assert _run(service, "fine_tune", project_id=pid, epochs=1)["result"]["version"] == 3  # 1 and 2 stay taken
+
+
+def _package_config(service: BioadaptService, job: dict) -> tuple[dict, str]:
+    """(rdf.yaml, README.md) of an export job's package."""
+    package = zipfile.ZipFile(io.BytesIO(service.job_output(ALICE, s.JobOutput(job_id=job["id"], name="package"))))
+    return yaml.safe_load(package.read("rdf.yaml")), package.read("README.md").decode()
+
+
+def test_an_export_lists_exactly_the_patches_its_version_was_trained_on(service, inputs):
+    """Held-out patches and patches labelled after a version was trained are not its training data; the base
+    model (version 0) was trained on none of the project's patches."""
+    project = _project(service, inputs, "a.ome.zarr", holdout_fraction=0.5)
+    pid = project["id"]
+    uri = project["images"][0]["uri"]
+    _run(service, "score", project_id=pid, n_patches=10, patch_shape=PATCH, mc_passes=2, actors=1)
+    _annotate(service, project, 4)
+    first = service.store.patches(pid, status="annotated", order="annotated")
+    train = [{"image": uri, "origin": p["origin"], "shape": p["shape"]} for p in first if p["split"] == "train"]
+    assert len(train) == 2  # and 2 held out
+    assert _run(service, "fine_tune", project_id=pid, epochs=1)["result"]["version"] == 1
+    _annotate(service, project, 2)  # labelled after version 1 was trained
+    later = [p for p in service.store.patches(pid, status="annotated", split="train") if p["id"] not in
+             {q["id"] for q in first}]
+    assert later  # one of them trains: version 2 learns from it, version 1 did not
+    assert _run(service, "fine_tune", project_id=pid, epochs=1, base_version=1)["result"]["version"] == 2
+
+    rdf, readme = _package_config(service, _run(service, "export_model", project_id=pid, version=1,
+                                                authors=["Alice"], license="CC-BY-4.0"))
+    assert rdf["config"]["bioadapt"]["regions"] == train
+    assert "on 2 corrected patches" in rdf["description"]
+    trained_by_2 = {tuple(p["origin"]) for p in trained_patches(service.context, project, 2)}  # what exports list
+    assert trained_by_2 == {tuple(r["origin"]) for r in train} | {tuple(p["origin"]) for p in later}
+    rdf, readme = _package_config(service, _run(service, "export_model", project_id=pid, version=0,
+                                                authors=["Alice"], license="CC-BY-4.0"))
+    assert rdf["config"]["bioadapt"]["regions"] == []
+    assert "fine-tuned on" not in rdf["description"] and "the base model, not fine-tuned" in rdf["description"]
+    assert "not fine-tuned" in readme and "Fine-tuned with bioadapt" not in readme
 
 
 def test_a_torchscript_zoo_model_is_scored_by_augmentation_and_its_scores_are_not_zero(service, inputs):

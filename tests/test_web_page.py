@@ -21,7 +21,9 @@ import pytest
 from model_factory import unet_package
 from service_helpers import ServiceProcess, client_for
 
+from bioadapt.adapters.base import DEFAULT_MC_PASSES
 from bioadapt.data.synthetic import write_synthetic_ome_zarr
+from bioadapt.service import schemas as s
 from bioadapt.service.hypha_server import mint_token
 from bioadapt.service.web import WEB_DIR, static_response
 
@@ -148,6 +150,9 @@ def test_label_tune_and_export_in_the_browser(browser_context, hypha_server, ser
 
     page = browser_context.new_page()
     crashes: list[str] = []
+    sent: list[bytes] = []  # every websocket message the page sends (msgpack: argument names are plain bytes)
+    page.on("websocket", lambda socket: socket.on("framesent", lambda payload: sent.append(
+        payload if isinstance(payload, bytes) else payload.encode())))
     page.on("pageerror", lambda error: crashes.append(str(error)))
     page.on("console", lambda message: print(f"browser {message.type}: {message.text}"))  # shown on failure
     page.goto(service.info["web_url"])
@@ -155,6 +160,10 @@ def test_label_tune_and_export_in_the_browser(browser_context, hypha_server, ser
     page.fill("#token", token)
     page.click("#connect")
     page.locator(f"#projects li[data-project-id='{project['id']}']").click(timeout=20_000)
+    # the score form starts from the service's defaults, read from the schema it publishes
+    shown = {field: page.input_value(f"#{field}") for field in ("n-patches", "patch-size", "mc-passes")}
+    assert shown == {"n-patches": str(s.DEFAULT_RANDOM_PATCHES), "patch-size": str(s.DEFAULT_PATCH_SHAPE[0]),
+                     "mc-passes": str(DEFAULT_MC_PASSES)}
     # the uncertainty overview of the image: one canvas pixel per pixel of its coarse level (512 px: level 0)
     page.wait_for_function("document.getElementById('overview-status').textContent.includes('% scored')",
                            timeout=20_000)
@@ -213,12 +222,14 @@ def test_label_tune_and_export_in_the_browser(browser_context, hypha_server, ser
     # job also refreshes the annotated patch's features under version 1)
     page.select_option("#strategy", "typical_bald")
     page.fill("#n-patches", "2")
-    page.fill("#patch-size", str(PATCH[0]))
-    page.fill("#mc-passes", "2")
+    page.fill("#patch-size", str(PATCH[0]))  # MC passes left as shown: not sent, the service's default applies
     page.click("#score")
     page.wait_for_function("document.getElementById('score-status').textContent.includes('patches scored')",
                            timeout=180_000)  # the job's progress reads "done: 2 / 2 patches" just before
     assert page.text_content("#score-status") == "done: 2 patches scored (typical_bald, model version 1)"
+    calls = [frame for frame in sent if b"typical_bald" in frame and b"n_patches" in frame]
+    assert len(calls) == 1 and b"patch_shape" in calls[0], "the score call was not seen as sent"
+    assert b"mc_passes" not in calls[0] and b"\xa4mode" not in calls[0], "the page sent values nobody changed"
     assert not crashes, crashes
 
     page.check("#show-uncertainty")

@@ -6,14 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bioadapt.adapters.base import Adapter, FineTuneParams, FineTuneResult, ModelInfo
+from bioadapt.adapters.base import (DEFAULT_DROPOUT_P, DEFAULT_MC_PASSES, Adapter, FineTuneParams, FineTuneResult,
+                                    ModelInfo)
 from bioadapt.errors import BioadaptError
 
-__all__ = ["Adapter", "FineTuneParams", "FineTuneResult", "ModelInfo", "load_adapter"]
+__all__ = ["DEFAULT_DROPOUT_P", "DEFAULT_MC_PASSES", "Adapter", "FineTuneParams", "FineTuneResult", "ModelInfo",
+           "load_adapter"]
 
 
-def load_adapter(source: str | Path, device: str = "auto", dropout_p: float = 0.05, threads: int | None = None,
-                 **options: Any) -> Adapter:
+def load_adapter(source: str | Path, device: str = "auto", dropout_p: float = DEFAULT_DROPOUT_P,
+                 threads: int | None = None, **options: Any) -> Adapter:
     """Load a model behind the adapter interface.
 
     ``threads``: torch's CPU thread count for this process (``torch.set_num_threads``; process-wide), or None

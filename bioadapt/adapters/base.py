@@ -15,6 +15,10 @@ from bioadapt.errors import BioadaptError
 OutputKind = Literal["sigmoid", "softmax", "cellpose"]
 Progress = Callable[[dict[str, Any]], None]
 Stop = Callable[[], bool]
+# Every adapter's defaults, read from here by the service's schemas, the clients, the page (through the schemas) and
+# the demo. The fine-tuning defaults are each adapter's params class (FineTuneParams, CellposeTrainParams).
+DEFAULT_MC_PASSES = 16  # T: stochastic passes per patch (ranking stability measured at 16: docs/design.md, 4.)
+DEFAULT_DROPOUT_P = 0.05  # where MC dropout is added (hooks) or replaces a layer's own p (element masks)
 
 
 @dataclass(frozen=True)
@@ -167,7 +171,8 @@ class Adapter(ABC):
         (C, *spatial) or a single-channel model's (*spatial), gives (K, *spatial) (see :func:`check_images`)."""
 
     @abstractmethod
-    def mc_proba(self, x: np.ndarray, passes: int = 16, *, seed: int = 0, scope: str | None = None) -> np.ndarray:
+    def mc_proba(self, x: np.ndarray, passes: int = DEFAULT_MC_PASSES, *, seed: int = 0,
+                 scope: str | None = None) -> np.ndarray:
         """(B, C, *spatial) -> (T, B, K, *spatial) float32 probabilities from T passes with dropout on; one image
         gives (T, K, *spatial)."""
 

@@ -27,8 +27,8 @@ from torch import nn
 
 from bioadapt.adapters.allocator import tune_malloc
 from bioadapt.adapters.augmentation import Augmentations
-from bioadapt.adapters.base import (Adapter, FineTuneParams, FineTuneResult, ModelInfo, Progress, Stop,
-                                    check_images, check_samples)
+from bioadapt.adapters.base import (DEFAULT_DROPOUT_P, DEFAULT_MC_PASSES, Adapter, FineTuneParams, FineTuneResult,
+                                    ModelInfo, Progress, Stop, check_images, check_samples)
 from bioadapt.adapters.bioimageio_layout import Layout
 from bioadapt.adapters.bioimageio_tiling import CoreTiling, Forward, Plan, Prepared
 from bioadapt.adapters.bioimageio_weights import (TRAINABLE_FORMATS, choose_format, held_network,
@@ -65,7 +65,7 @@ class BioimageioAdapter(Adapter):
     """A bioimage.io model with MC dropout, batched passes, segmentation and fine-tuning."""
 
     def __init__(self, descr: v0_5.ModelDescr, source: str, *, device: str | torch.device = "auto",
-                 dropout_p: float = 0.05, mc_scope: str = "full", output_activation: str | None = None,
+                 dropout_p: float = DEFAULT_DROPOUT_P, mc_scope: str = "full", output_activation: str | None = None,
                  weights_format: str | None = None, dropout_kind: DropoutKind = DEFAULT_DROPOUT_KIND,
                  memory_budget: int | None = None, output_targets: str | None = None,
                  affinity_offsets: Sequence[Sequence[int]] | None = None, sample_source: str = "auto"):
@@ -287,7 +287,8 @@ class BioimageioAdapter(Adapter):
                                                         rows_per_call=self._rows_per_call))
         return proba[0] if single else proba
 
-    def mc_proba(self, x: np.ndarray, passes: int = 16, *, seed: int = 0, scope: str | None = None) -> np.ndarray:
+    def mc_proba(self, x: np.ndarray, passes: int = DEFAULT_MC_PASSES, *, seed: int = 0,
+                 scope: str | None = None) -> np.ndarray:
         info = self.describe()
         if passes < 1:
             raise BioadaptError(f"passes must be >= 1, got {passes}")

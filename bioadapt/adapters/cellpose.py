@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from bioadapt.adapters.allocator import tune_malloc
-from bioadapt.adapters.base import (Adapter, FineTuneResult, ModelInfo, Progress, Stop, check_images,
-                                    check_samples, checked_params)
+from bioadapt.adapters.base import (DEFAULT_DROPOUT_P, DEFAULT_MC_PASSES, Adapter, FineTuneResult, ModelInfo,
+                                    Progress, Stop, check_images, check_samples, checked_params)
 from bioadapt.adapters.bioimageio import resolve_device
 from bioadapt.adapters.dropout import (CommonMasks, DropoutKind, HeadSplit, MCDropout, mc_strategy, round_masks,
                                        stacked_passes)
@@ -189,7 +189,7 @@ class CellposeAdapter(Adapter):
     """A Cellpose network with MC dropout through hooks, batched passes, flow-dynamics masks and train_seg."""
 
     def __init__(self, net: torch.nn.Module, source: str, *, device: torch.device, diam_mean: float = 30.0,
-                 diam_labels: float | None = None, dropout_p: float = 0.05, mc_scope: str = "full",
+                 diam_labels: float | None = None, dropout_p: float = DEFAULT_DROPOUT_P, mc_scope: str = "full",
                  channels: Sequence[int] = (0, 0), diameter: float | None = None, dropout_kind: DropoutKind = "channel",
                  memory_budget: int | None = None, flow_threshold: float = 0.4, cellprob_threshold: float = 0.0,
                  min_size: int = 15, input_channels: int = 1, sample_source: str = "auto"):
@@ -227,7 +227,7 @@ class CellposeAdapter(Adapter):
         MCDropout(self.net, dropout_p, dropout_kind)  # warns now if nothing can be made stochastic
 
     @classmethod
-    def load(cls, name: str, device: str = "auto", dropout_p: float = 0.05, bfloat16: bool | None = None,
+    def load(cls, name: str, device: str = "auto", dropout_p: float = DEFAULT_DROPOUT_P, bfloat16: bool | None = None,
              **options: Any) -> CellposeAdapter:
         """``cellpose:<name>``'s weights: a file, or a built-in model name (downloaded by Cellpose when missing).
         ``bfloat16``: None for Cellpose's choice on GPUs (Cellpose 4) and float32 on CPUs."""
@@ -390,7 +390,8 @@ class CellposeAdapter(Adapter):
         proba = self._to_original(self._two_classes(raw[:, 2]), x.shape[2:]).astype(np.float32)
         return proba[0] if single else proba
 
-    def mc_proba(self, x: np.ndarray, passes: int = 16, *, seed: int = 0, scope: str | None = None) -> np.ndarray:
+    def mc_proba(self, x: np.ndarray, passes: int = DEFAULT_MC_PASSES, *, seed: int = 0,
+                 scope: str | None = None) -> np.ndarray:
         """T passes with dropout. "full": dropout after every activation of the network (CPnet's ReLUs, the
         GELUs of CPSAM's encoder MLPs, feature-wise on its (B, H, W, C) tokens). "head": the network runs once to
         the readout's input, then T passes of dropout on those features + readout (+ CPSAM's upsampling). Every

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bioadapt.adapters.base import DEFAULT_DROPOUT_P
 from bioadapt.errors import BioadaptError
 
 Scope = Literal["full", "head"]
@@ -187,7 +188,7 @@ class MCDropout:
     every forward call of the whole module is one new pass, shared by all rows of that call.
     """
 
-    def __init__(self, module: nn.Module, p: float = 0.05, kind: DropoutKind = "channel",
+    def __init__(self, module: nn.Module, p: float = DEFAULT_DROPOUT_P, kind: DropoutKind = "channel",
                  masks: CommonMasks | None = None):
         """``masks``: a round's masks from an earlier wrapper of the same network, reused when the seed matches."""
         if not 0 <= p < 1:

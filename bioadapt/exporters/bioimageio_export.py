@@ -206,22 +206,26 @@ def _config(parent_config: Mapping[str, Any], model: BioimageioAdapter, training
 def _readme(model: BioimageioAdapter, meta: Metadata, training: Mapping[str, Any], weights: Mapping[str, str]) -> str:
     params, result = _training(model)
     regions = training.get("regions", [])
-    lines = [f"# {meta.name}", "", meta.description, "",
-             f"Fine-tuned with bioadapt from **{model.description.name}** (`{model.source}`"
-             + (f", zoo id `{model.description.id}`" if model.description.id else "") + ").", "",
-             "## Training", "",
-             f"- epochs run: {result.get('epochs_run')}, best epoch: {result.get('best_epoch')}",
-             f"- learning rate: {params.get('learning_rate')}, batch size: {params.get('batch_size')}, "
-             f"optimizer: AdamW (weight decay {params.get('weight_decay')})",
-             f"- loss: {'BCE + Dice' if model.output_kind == 'sigmoid' else 'CE + Dice'}",
-             f"- held-out Dice: {result.get('initial_val_score')} before, {result.get('best_val_score')} after",
-             f"- patches: {result.get('n_train')} for training, {result.get('n_val')} held out", ""]
+    parent = f"**{model.description.name}** (`{model.source}`" + (
+        f", zoo id `{model.description.id}`" if model.description.id else "") + ")"
+    if model.training_record is None:  # the parent's own weights
+        lines = [f"# {meta.name}", "", meta.description, "", f"Packaged with bioadapt from {parent}, not fine-tuned.",
+                 ""]
+    else:
+        lines = [f"# {meta.name}", "", meta.description, "", f"Fine-tuned with bioadapt from {parent}.", "",
+                 "## Training", "",
+                 f"- epochs run: {result.get('epochs_run')}, best epoch: {result.get('best_epoch')}",
+                 f"- learning rate: {params.get('learning_rate')}, batch size: {params.get('batch_size')}, "
+                 f"optimizer: AdamW (weight decay {params.get('weight_decay')})",
+                 f"- loss: {'BCE + Dice' if model.output_kind == 'sigmoid' else 'CE + Dice'}",
+                 f"- held-out Dice: {result.get('initial_val_score')} before, {result.get('best_val_score')} after",
+                 f"- patches: {result.get('n_train')} for training, {result.get('n_val')} held out", ""]
     metrics = training.get("metrics", {})
     if metrics:
         lines += ["## Metrics", ""] + [f"- {k}: {v}" for k, v in metrics.items()] + [""]
     lines += ["## Training regions", ""]
     lines += [f"- `{r.get('image')}` origin {r.get('origin')} shape {r.get('shape')}" for r in regions] or \
-        ["- not recorded"]
+        ["- none: not fine-tuned" if model.training_record is None else "- not recorded"]
     if training.get("label_store"):
         lines += ["", f"Corrected labels: `{training['label_store']}` (OME-Zarr label image)."]
     lines += ["", f"Weights: {', '.join(weights)}. Pre- and post-processing are the parent's.", ""]

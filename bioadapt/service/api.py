@@ -8,142 +8,64 @@ the Hypha layer runs it in a thread pool.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import shutil
 import threading
 import uuid
-from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bioadapt.data import ImageRef, LabelledRegion
 from bioadapt.data.stores import check_reachable, scheme_of
 from bioadapt.errors import AccessDenied, BioadaptError
 from bioadapt.service import schemas as s
+from bioadapt.service.context import DEFAULT_MAX_PATCH_PIXELS, Caller, ServiceContext
 from bioadapt.service.db import make_engine
-from bioadapt.service.execution import DEFAULT_ACTOR_IDLE_S, ModelPool, ModelSpec, describe, pool_size, run_once
-from bioadapt.service.jobs import Job, JobRunner, Jobs
-from bioadapt.service.limits import JobQuota, Limits
-from bioadapt.service.opened import OpenedCache
-from bioadapt.service.paths import PathGuard
-from bioadapt.service.store import ProjectStore
-from bioadapt.service.tasks import evaluate, export, fine_tune, predict, score
+from bioadapt.service.execution import DEFAULT_ACTOR_IDLE_S, ModelSpec, describe, run_once
+from bioadapt.service.jobs import Job
+from bioadapt.service.limits import Limits
+from bioadapt.service.tasks import score
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_PATCH_PIXELS = 2048 * 2048
 MAX_RETURNED_BYTES = 64 * 2**20
 PATCH_LOCKS = 64  # submissions to one patch are serialised; patches share these locks by their id
 DELETE_WAIT_S = 30  # how long delete_project waits for the project's cancelled jobs to stop
 
-
-@dataclass(frozen=True)
-class Caller:
-    id: str
-    anonymous: bool = False
+__all__ = ["BioadaptService", "Caller"]
 
 
 class BioadaptService:
+    """The quick calls, answered here, and the tasks of ``schemas.FUNCTIONS`` (a method each, made from that
+    registry, which hands the task's ``submit`` the service's ``context``)."""
+
     def __init__(self, data_dir: str | Path, *, database_url: str | None = None,
                  allow_paths: Sequence[str | Path] = (), public: bool = False,
                  max_patch_pixels: int = DEFAULT_MAX_PATCH_PIXELS, gpu_fraction: float = 0.5,
                  device: str = "auto", actor_idle_s: float = DEFAULT_ACTOR_IDLE_S, limits: Limits | None = None):
-        self.data_dir = Path(data_dir).expanduser().resolve()
-        (self.data_dir / "projects").mkdir(parents=True, exist_ok=True)
-        self.engine = make_engine(self.data_dir / "bioadapt.sqlite", database_url)
-        self.store = ProjectStore(self.engine)
-        self.jobs = Jobs(engine=self.engine)
-        self.interrupted = self.jobs.mark_interrupted()
-        self.guard = PathGuard(allow_paths, private=self.data_dir)
+        data_dir = Path(data_dir).expanduser().resolve()
+        (data_dir / "projects").mkdir(parents=True, exist_ok=True)
+        self.engine = make_engine(data_dir / "bioadapt.sqlite", database_url)
+        self.context = ServiceContext(data_dir, self.engine, allow_paths=allow_paths,
+                                      max_patch_pixels=max_patch_pixels, gpu_fraction=gpu_fraction, device=device,
+                                      actor_idle_s=actor_idle_s, limits=limits)
+        context = self.context  # the parts the quick calls use, by their names
+        self.data_dir, self.store, self.jobs, self.pool, self.opened = (context.data_dir, context.store, context.jobs,
+                                                                        context.pool, context.opened)
+        self.guard, self.limits = context.guard, context.limits
         self.public = public
-        self.max_patch_pixels = max_patch_pixels
-        self.gpu_fraction = gpu_fraction
-        self.device = device
-        self.pool = ModelPool(gpu_fraction, idle_s=actor_idle_s)
-        self.opened = OpenedCache()
         self._patch_locks = [threading.Lock() for _ in range(PATCH_LOCKS)]
-        self.draw_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)  # one draw per project
-        self.limits = limits or Limits.from_env()
-        self.job_quota = JobQuota(self.limits.jobs, self._running_jobs)
+        self.interrupted = len(self.jobs.fail_lapsed())  # only jobs whose replica stopped renewing their lease
 
     def close(self, wait_s: float = 10) -> None:
         """Cancel the running jobs (waiting up to ``wait_s``) and stop the idle model actors."""
         self.jobs.cancel_all(wait_s=wait_s)
+        self.jobs.close()
         self.pool.close()
-
-    # -- what the tasks use ---------------------------------------------------------------------------
-    def owned_project(self, caller: Caller, project_id: str) -> dict[str, Any]:
-        project = self.store.project(project_id)
-        if project is None or project["owner"] != caller.id:
-            raise BioadaptError(f"no project {project_id!r}; list_projects shows yours")
-        return project
-
-    def version(self, project: dict[str, Any], number: int | None) -> dict[str, Any]:
-        """A model version of the project (the latest with None)."""
-        version = self.store.version(project["id"], number)
-        if version is None:
-            known = [v["number"] for v in self.store.versions(project["id"])]
-            raise BioadaptError(f"project {project['id']!r} has no model version {number}; it has {known}")
-        return version
-
-    def model_spec(self, project: dict[str, Any], version: dict[str, Any]) -> ModelSpec:
-        return ModelSpec(project["model_source"], {**project["model_options"], "device": self.device},
-                         version["path"])
-
-    def pool_size(self, requested: int | None) -> int:
-        return pool_size(requested, self.gpu_fraction)
-
-    def image_row(self, project: dict[str, Any], image_id: str) -> dict[str, Any]:
-        image = self.store.image(project["id"], image_id)
-        if image is None:
-            raise BioadaptError(f"project {project['id']!r} has no image {image_id!r}; get_project lists them")
-        return image
-
-    @staticmethod
-    def image_ref(row: dict[str, Any]) -> ImageRef:
-        return ImageRef(row["uri"], row["axes"], tuple(row["channels"]) if row["channels"] else None,
-                        row.get("storage_options") or {})
-
-    def opened_image(self, row: dict[str, Any]) -> Any:
-        return self.opened.get(("image", row["project_id"], row["id"]), self.image_ref(row).open)
-
-    def _opened_store(self, kind: str, row: dict[str, Any]) -> Any:
-        from bioadapt.data import LabelStore, UncertaintyStore
-
-        opener = UncertaintyStore.open if kind == "uncertainty" else LabelStore.open
-        return self.opened.get((kind, row["project_id"], row[kind]), lambda: opener(row[kind]))
-
-    @staticmethod
-    def sampling_mask(image: Any, row: dict[str, Any]) -> Any:
-        from bioadapt.data.sampling import resolve_mask
-
-        return resolve_mask(image, row["mask"])
-
-    def regions(self, project: dict[str, Any], split: str) -> list[LabelledRegion]:
-        """The project's annotated patches of one split (train, holdout), oldest annotation first."""
-        rows = {row["id"]: row for row in self.store.images(project["id"])}
-        return [LabelledRegion(self.image_ref(rows[p["image_id"]]), rows[p["image_id"]]["labels"],
-                               tuple(p["origin"]), tuple(p["shape"]))
-                for p in self.store.patches(project["id"], status="annotated", split=split, order="annotated")]
-
-    def start_job(self, kind: str, work: Callable[[JobRunner], Any], caller: Caller, project: dict[str, Any],
-                  progress: Callable[[dict], Any] | None) -> JobRunner:
-        """Start a task's job, within the caller's limit of jobs running at once."""
-        with self.job_quota.reserve(caller.id):
-            return self.jobs.start(kind, work, project_id=project["id"], owner=caller.id, progress=progress)
-
-    def _running_jobs(self, user: str) -> int:
-        return sum(1 for runner in self.jobs.running() if runner.job.owner == user)
-
-    def job_folder(self, project: dict[str, Any], job_id: str) -> Path:
-        folder = Path(project["folder"]) / "jobs" / job_id
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
 
     # -- access ---------------------------------------------------------------------------------------
     def _may_create(self, caller: Caller) -> None:
@@ -195,7 +117,7 @@ class BioadaptService:
                  "patches": self.store.counts(p["id"])} for p in self.store.projects(caller.id)]
 
     def get_project(self, caller: Caller, args: s.GetProject) -> dict[str, Any]:
-        project = self.owned_project(caller, args.project_id)
+        project = self.context.owned_project(caller, args.project_id)
         return {"id": project["id"], "name": project["name"], "description": project["description"],
                 "owner": project["owner"], "created": project["created"], "folder": project["folder"],
                 "model": {"source": project["model_source"], "options": project["model_options"],
@@ -207,8 +129,8 @@ class BioadaptService:
     def delete_project(self, caller: Caller, args: s.DeleteProject) -> dict[str, Any]:
         """Cancel the project's jobs and wait (a while) for them to stop writing into its folder, then remove
         its records (jobs included), its folder and the idle actors holding its model versions."""
-        project = self.owned_project(caller, args.project_id)
-        specs = [self.model_spec(project, version) for version in self.store.versions(project["id"])]
+        project = self.context.owned_project(caller, args.project_id)
+        specs = [self.context.model_spec(project, version) for version in self.store.versions(project["id"])]
         self.jobs.cancel_all(project["id"], wait_s=DELETE_WAIT_S)
         self.pool.drop(specs)  # its jobs gave their actors back: none would serve this project again
         self._delete(project)
@@ -221,7 +143,7 @@ class BioadaptService:
 
     # -- images ---------------------------------------------------------------------------------------
     def add_image(self, caller: Caller, args: s.AddImage) -> dict[str, Any]:
-        project = self.owned_project(caller, args.project_id)
+        project = self.context.owned_project(caller, args.project_id)
         spec = s.ImageSpec(**args.model_dump(include=set(s.ImageSpec.model_fields)))
         image, spec = self._checked_image(spec, project["model_info"])
         return _public_image(self._store_image(project, image, spec))
@@ -265,11 +187,11 @@ class BioadaptService:
             "storage_options": spec.storage_options or {}})
 
     def get_overview(self, caller: Caller, args: s.GetOverview) -> dict[str, Any]:
-        project = self.owned_project(caller, args.project_id)
-        row = self.image_row(project, args.image_id)
-        uncertainty = self._opened_store("uncertainty", row)
+        project = self.context.owned_project(caller, args.project_id)
+        row = self.context.image_row(project, args.image_id)
+        uncertainty = self.context.opened_store("uncertainty", row)
         level, values = uncertainty.overview(args.max_pixels)
-        image = self.opened_image(row)
+        image = self.context.opened_image(row)
         fitting = [lv.index for lv in image.levels
                    if math.prod(image.spatial_shape_of(lv.index)) * image.n_channels <= args.max_pixels]
         answer = {"image_id": row["id"], "shape": list(image.spatial_shape), "spatial_axes": image.spatial_axes,
@@ -281,19 +203,16 @@ class BioadaptService:
             answer["image_factors"] = list(image.levels[fitting[0]].factors)
         return answer
 
-    # -- scoring and selection ------------------------------------------------------------------------
-    def score(self, caller: Caller, args: s.Score, progress: Callable[[dict], Any] | None = None) -> dict[str, Any]:
-        return score.submit(self, caller, args, progress)
-
+    # -- selection (scoring is the score task) -----------------------------------------------------------
     def select_patches(self, caller: Caller, args: s.SelectPatches) -> dict[str, Any]:
-        project = self.owned_project(caller, args.project_id)
+        project = self.context.owned_project(caller, args.project_id)
         name, strategy, key = score.strategy_of(args, project["model_info"])
-        picked = score.select_pending(self, project["id"], strategy.selection, key, args.select, seed=args.seed)
+        picked = score.select_pending(self.context, project["id"], strategy.selection, key, args.select, seed=args.seed)
         return {"strategy": name, "selection": strategy.selection, "selected": picked}
 
     # -- patches --------------------------------------------------------------------------------------
     def list_patches(self, caller: Caller, args: s.ListPatches) -> list[dict[str, Any]]:
-        project = self.owned_project(caller, args.project_id)
+        project = self.context.owned_project(caller, args.project_id)
         return self.store.patches(project["id"], order=args.order, status=args.status, image_id=args.image_id,
                                   limit=args.limit, offset=args.offset)
 
@@ -304,52 +223,35 @@ class BioadaptService:
         return patch
 
     def get_patch(self, caller: Caller, args: s.GetPatch) -> dict[str, Any]:
-        project = self.owned_project(caller, args.project_id)
+        project = self.context.owned_project(caller, args.project_id)
         patch = self._patch(project, args.patch_id)
-        if math.prod(patch["shape"]) > self.max_patch_pixels:
+        if math.prod(patch["shape"]) > self.context.max_patch_pixels:
             raise BioadaptError(f"patch {patch['id']} has {math.prod(patch['shape'])} pixels, over the transfer "
-                                f"limit of {self.max_patch_pixels}; read it from the Zarr stores instead")
-        row = self.image_row(project, patch["image_id"])
+                                f"limit of {self.context.max_patch_pixels}; read it from the Zarr stores instead")
+        row = self.context.image_row(project, patch["image_id"])
         origin, shape = patch["origin"], patch["shape"]
-        answer = {**patch, "image": self.opened_image(row).read(origin, shape),
-                  "predicted_labels": self._opened_store("predictions", row).read(origin, shape),
-                  "uncertainty": self._opened_store("uncertainty", row).read(origin, shape)}
+        answer = {**patch, "image": self.context.opened_image(row).read(origin, shape),
+                  "predicted_labels": self.context.opened_store("predictions", row).read(origin, shape),
+                  "uncertainty": self.context.opened_store("uncertainty", row).read(origin, shape)}
         if patch["status"] == "annotated":
-            answer["labels"] = self._opened_store("labels", row).read(origin, shape)
+            answer["labels"] = self.context.opened_store("labels", row).read(origin, shape)
         return answer
 
     def submit_labels(self, caller: Caller, args: s.SubmitLabels) -> dict[str, Any]:
-        project = self.owned_project(caller, args.project_id)
+        project = self.context.owned_project(caller, args.project_id)
         patch = self._patch(project, args.patch_id)
         labels = _labels(args.labels, patch["shape"])
-        row = self.image_row(project, patch["image_id"])
+        row = self.context.image_row(project, patch["image_id"])
         with self._patch_locks[patch["id"] % PATCH_LOCKS]:
-            self._opened_store("labels", row).write(patch["origin"], labels, author=caller.id)
+            self.context.opened_store("labels", row).write(patch["origin"], labels, author=caller.id)
             return self.store.mark_annotated(project["id"], patch["id"], caller.id, project["holdout_fraction"])
 
     def skip_patch(self, caller: Caller, args: s.SkipPatch) -> dict[str, Any]:
-        project = self.owned_project(caller, args.project_id)
+        project = self.context.owned_project(caller, args.project_id)
         patch = self._patch(project, args.patch_id)
         if patch["status"] == "annotated":
             raise BioadaptError(f"patch {patch['id']} is already annotated; it cannot be skipped")
         return self.store.set_status(project["id"], patch["id"], "skipped")
-
-    # -- the other tasks ------------------------------------------------------------------------------
-    def fine_tune(self, caller: Caller, args: s.FineTune, progress: Callable[[dict], Any] | None = None
-                  ) -> dict[str, Any]:
-        return fine_tune.submit(self, caller, args, progress)
-
-    def evaluate(self, caller: Caller, args: s.Evaluate, progress: Callable[[dict], Any] | None = None
-                 ) -> dict[str, Any]:
-        return evaluate.submit(self, caller, args, progress)
-
-    def predict(self, caller: Caller, args: s.Predict, progress: Callable[[dict], Any] | None = None
-                ) -> dict[str, Any]:
-        return predict.submit(self, caller, args, progress)
-
-    def export_model(self, caller: Caller, args: s.ExportModel, progress: Callable[[dict], Any] | None = None
-                     ) -> dict[str, Any]:
-        return export.submit(self, caller, args, progress)
 
     # -- jobs -----------------------------------------------------------------------------------------
     def _job(self, caller: Caller, job_id: str) -> Job:
@@ -366,7 +268,7 @@ class BioadaptService:
 
     def list_jobs(self, caller: Caller, args: s.ListJobs) -> list[dict[str, Any]]:
         if args.project_id is not None:
-            self.owned_project(caller, args.project_id)
+            self.context.owned_project(caller, args.project_id)
         return [self._public_job(job) for job in self.jobs.list(project_id=args.project_id, owner=caller.id)]
 
     def _public_job(self, job: Job) -> dict[str, Any]:
@@ -416,3 +318,19 @@ def _public_model(model: dict[str, Any]) -> dict[str, Any]:
 def _public_image(row: dict[str, Any]) -> dict[str, Any]:
     """An image as callers see it: never its storage options (they may hold credentials)."""
     return {k: row[k] for k in ("id", "uri", "axes", "channels", "mask", "shape", "spatial_axes", "created")}
+
+
+def _task_method(name: str, task: str) -> Callable[..., dict[str, Any]]:
+    def run(self: BioadaptService, caller: Caller, args: s.Args, progress: Callable[[dict], Any] | None = None
+            ) -> dict[str, Any]:
+        submit = importlib.import_module(f"bioadapt.service.tasks.{task}").submit
+        return submit(self.context, caller, args, progress)
+
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = s.FUNCTIONS[name].args.__doc__
+    return run
+
+
+for _name, _function in s.FUNCTIONS.items():
+    if _function.task is not None:
+        setattr(BioadaptService, _name, _task_method(_name, _function.task))

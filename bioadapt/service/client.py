@@ -209,12 +209,12 @@ def defaults(function: str) -> dict[str, Any]:
     """The defaults the service applies to ``function``'s parameters a caller leaves out (None: decided later,
     e.g. by the model's adapter)."""
     return {name: field.get_default(call_default_factory=True)
-            for name, field in schemas.FUNCTIONS[function].model_fields.items() if not field.is_required()}
+            for name, field in schemas.FUNCTIONS[function].args.model_fields.items() if not field.is_required()}
 
 
 def _signature(function: str) -> inspect.Signature:
     """The method's signature from the function's schema: required parameters first, in schema order."""
-    fields = schemas.FUNCTIONS[function].model_fields
+    fields = schemas.FUNCTIONS[function].args.model_fields
     required = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=field.annotation)
                 for name, field in fields.items() if field.is_required()]
     optional = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=field.annotation,
@@ -228,7 +228,7 @@ def _signature(function: str) -> inspect.Signature:
 
 
 def _doc(function: str) -> str:
-    model = schemas.FUNCTIONS[function]
+    model = schemas.FUNCTIONS[function].args
     lines = [inspect.cleandoc(model.__doc__ or function), ""]
     for name, field in model.model_fields.items():
         shown = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"

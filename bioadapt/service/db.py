@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sqlalchemy import (Column, Connection, Engine, Float, ForeignKey, Integer, MetaData, String, Table, Text,
-                        create_engine, event, text)
+                        create_engine, event, inspect, text)
 
 metadata = MetaData()
 
@@ -45,20 +45,26 @@ patches = Table(
     Column("split", String), Column("annotator", String), Column("created", Float, nullable=False),
     Column("scored", Float), Column("annotated", Float))
 
+# A version's number is reserved (state "training") before its fine-tune trains, so concurrent fine-tunes of a
+# project get distinct numbers; it becomes "ready" with its weights, or "failed" (never usable, its number never
+# reused). NULL state: a row written before states existed, always a finished version. trained_on: the ids of the
+# patches it was trained on (JSON list), recorded when its training started; NULL in rows written before that.
 versions = Table(
     "versions", metadata,
     Column("project_id", String, ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True),
     Column("number", Integer, primary_key=True), Column("parent", Integer), Column("path", Text),
     Column("metrics", Text, default="{}"), Column("params", Text, default="{}"), Column("job_id", String),
-    Column("created", Float, nullable=False))
+    Column("created", Float, nullable=False), Column("state", String), Column("trained_on", Text))
 
+# replica: the id of the service process running a job; lease_until: until when (time.time()) that replica holds
+# it, renewed every few seconds (jobs.Lease). NULL in rows written before leases: taken for lapsed.
 jobs = Table(
     "jobs", metadata,
     Column("id", String, primary_key=True), Column("kind", String, nullable=False),
     Column("state", String, nullable=False), Column("progress", Text, default="{}"),
     Column("result", Text, default="null"), Column("error", Text), Column("created", Float),
     Column("started", Float), Column("finished", Float), Column("project_id", String, index=True),
-    Column("owner", String, index=True))
+    Column("owner", String, index=True), Column("replica", String), Column("lease_until", Float))
 
 
 #: Key of the PostgreSQL advisory lock held while the tables are created (any constant; "bioadapt" in ASCII).
@@ -96,7 +102,20 @@ def make_engine(path: str | Path | None = None, database_url: str | None = None)
         elif engine.dialect.name == "sqlite":
             conn.exec_driver_sql("BEGIN IMMEDIATE")  # pysqlite opens no transaction for reads or DDL by itself
         metadata.create_all(conn)
+        _add_missing_columns(conn)
     return engine
+
+
+def _add_missing_columns(conn: Connection) -> None:
+    """Columns added to the tables since a database was created, added to it (nullable, without a default: every
+    column added after the first release is), so databases of earlier versions keep working."""
+    inspector = inspect(conn)
+    for table in metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present:
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
 
 
 def lock_project(conn: Connection, project_id: str) -> None:

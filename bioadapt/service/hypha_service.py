@@ -24,10 +24,6 @@ from bioadapt.service.limits import CallGate, Limits
 
 log = logging.getLogger(__name__)
 SERVICE_ID = "bioadapt"
-# functions that may take long: they run in their own pool and count against a user's slow-call limit
-SLOW_FUNCTIONS = frozenset({"load_model", "create_project", "add_image", "score", "select_patches", "get_patch",
-                            "get_overview", "job_output", "fine_tune", "evaluate", "predict", "export_model",
-                            "delete_project"})
 
 
 def caller_of(context: dict[str, Any] | None) -> Caller:
@@ -41,7 +37,7 @@ def _arguments(name: str, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]
     """Keyword arguments from a call: keywords (Python), one object (ImJoy / JavaScript) or positional values."""
     if args and len(args) == 1 and isinstance(args[0], dict) and not kwargs:
         return dict(args[0])
-    fields = list(schemas.FUNCTIONS[name].model_fields)
+    fields = list(schemas.FUNCTIONS[name].args.model_fields)
     if name in schemas.JOB_FUNCTIONS:
         fields.append("progress")
     if len(args) > len(fields):
@@ -96,8 +92,8 @@ def build_service(api: BioadaptService, *, public: bool = False, pools: CallPool
 
     def make(name: str):
         method = getattr(api, name)
-        model = schemas.FUNCTIONS[name]
-        slow = name in SLOW_FUNCTIONS
+        model = schemas.FUNCTIONS[name].args
+        slow = name in schemas.SLOW_FUNCTIONS
 
         async def call(*args: Any, context: dict[str, Any] | None = None, **kwargs: Any) -> Any:
             running = asyncio.get_running_loop()

@@ -1,23 +1,29 @@
-"""The arguments of every service function as pydantic models: they give each function its JSON schema (for
-ImJoy, napari and LLM agents), validate every call (Hypha publishes schemas but does not check calls), and are
-the one place that declares each function's parameters and defaults: the Python client's methods are made from
-them, and a parameter the caller leaves out keeps the default declared here (or, for fine-tuning, the adapter's
-own)."""
+"""The service's functions: their arguments as pydantic models, and the registry of functions (``FUNCTIONS``:
+name -> arguments -> task). The models give each function its JSON schema (for ImJoy, napari, the page and LLM
+agents), validate every call (Hypha publishes schemas but does not check calls), and are the one place that
+declares each function's parameters and defaults: the Python client's methods are made from them, and a parameter
+the caller leaves out keeps the default declared here (or, for model settings, the adapter's own)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from bioadapt.active import ACQUISITIONS, DEFAULT_STRATEGY, STRATEGIES
+from bioadapt.adapters.base import DEFAULT_DROPOUT_P, DEFAULT_MC_PASSES
 from bioadapt.errors import BioadaptError
 
 Acquisition = Literal[tuple(ACQUISITIONS)]  # per-pixel maps, by their names in bioadapt.active
 StrategyName = Literal[tuple(STRATEGIES)]  # acquisition + patch score + selection over the pool (bioadapt.active)
 PatchOrder = Literal["selection", "score", "id", "created", "annotated"]
 PatchStatus = Literal["pending", "annotated", "skipped"]
-DEFAULT_RANDOM_PATCHES = 64
+# The service's own defaults (the model's are the adapters': bioadapt.adapters.base). Clients read them from the
+# argument models below, or from the JSON schemas the service publishes (the page).
+DEFAULT_RANDOM_PATCHES = 64  # patches a random-mode score draws without n_patches
+DEFAULT_PATCH_SHAPE = (256, 256)
+DEFAULT_SELECT = 32  # patches picked for annotation
 MAX_PATCHES = 100_000
 FEATURELESS_STRATEGY = "bald"  # the default strategy for models without patch features (Cellpose)
 MAX_INT = 2**53  # ids, offsets, seeds, coordinates: what a database integer and a JavaScript number both hold
@@ -62,7 +68,8 @@ class LoadModel(Args):
     or weights path>'), check that it runs, and register it for your projects."""
 
     source: Uri = Field(description="bioimage.io package path/URL/zoo id, or cellpose:<name or weights path>")
-    dropout_p: float = Field(0.05, gt=0, lt=1, description="MC-dropout probability where dropout is added")
+    dropout_p: float = Field(DEFAULT_DROPOUT_P, gt=0, lt=1,
+                             description="MC-dropout probability where dropout is added")
     mc_scope: Literal["full", "head"] | None = Field(None, description="layers MC dropout runs over")
     sample_source: Literal["auto", "dropout", "tta"] | None = Field(
         None, description="where MC passes differ: dropout, or test-time augmentation (flips, rotations, contrast) "
@@ -125,9 +132,10 @@ class Score(ProjectRef):
     tile inside the mask (a whole slide), with an uncertainty overview of the image (get_overview)."""
 
     n_patches: int | None = Field(None, ge=1, le=MAX_PATCHES, description=f"random: how many patches (default "
-                                  f"{DEFAULT_RANDOM_PATCHES}); grid: at most this many tiles (default: every tile)")
-    patch_shape: Shape = Field(default_factory=lambda: [256, 256], min_length=2, max_length=3)
-    mc_passes: int = Field(16, ge=2, le=256)
+                                  f"{DEFAULT_RANDOM_PATCHES}); grid: at most this many tiles (default: every tile)",
+                                  json_schema_extra={"random_default": DEFAULT_RANDOM_PATCHES})
+    patch_shape: Shape = Field(list(DEFAULT_PATCH_SHAPE), min_length=2, max_length=3)  # copied per call
+    mc_passes: int = Field(DEFAULT_MC_PASSES, ge=2, le=256, description="MC-dropout passes (T) per patch")
     strategy: StrategyName | None = Field(None, description="how patches are scored and the ones to annotate "
                                           "picked: a name of bioadapt.active.STRATEGIES (acquisition map, patch "
                                           f"score, selection over the pool); default {DEFAULT_STRATEGY!r}, or "
@@ -142,7 +150,7 @@ class Score(ProjectRef):
     mode: Literal["random", "grid"] = "random"
     stride: Shape | None = Field(None, min_length=2, max_length=3, description="grid: tile step (default: the "
                                                                                "patch shape)")
-    select: int = Field(32, ge=1, le=MAX_PATCHES, description="how many patches to pick for annotation")
+    select: int = Field(DEFAULT_SELECT, ge=1, le=MAX_PATCHES, description="how many patches to pick for annotation")
 
 
 class SelectPatches(ProjectRef):
@@ -151,7 +159,7 @@ class SelectPatches(ProjectRef):
 
     strategy: StrategyName | None = Field(None, description="a name of bioadapt.active.STRATEGIES (default: as "
                                                              "for score)")
-    select: int = Field(32, ge=1, le=MAX_PATCHES)
+    select: int = Field(DEFAULT_SELECT, ge=1, le=MAX_PATCHES)
     acquisition: Acquisition | None = Field(None, description="rank by this acquisition's scores (default: the "
                                                               "strategy's)")
     seed: Count = 0
@@ -320,21 +328,47 @@ class ExportModel(ProjectRef):
     license: Name | None = None
 
 
-FUNCTIONS: dict[str, type[Args]] = {
-    "load_model": LoadModel, "list_models": ListModels, "create_project": CreateProject,
-    "list_projects": ListProjects, "get_project": GetProject, "delete_project": DeleteProject,
-    "add_image": AddImage, "score": Score, "select_patches": SelectPatches, "list_patches": ListPatches,
-    "get_patch": GetPatch, "get_overview": GetOverview, "submit_labels": SubmitLabels, "skip_patch": SkipPatch,
-    "fine_tune": FineTune, "job_status": JobStatus, "list_jobs": ListJobs, "cancel_job": CancelJob,
-    "job_output": JobOutput, "evaluate": Evaluate, "predict": Predict, "export_model": ExportModel,
+@dataclass(frozen=True)
+class Function:
+    """One service function: its arguments (their model gives its JSON schema and validates its calls); ``task``:
+    the module of ``bioadapt.service.tasks`` whose ``submit(context, caller, args, progress)`` runs it as a job,
+    or None for a call ``BioadaptService`` answers itself (its method of the same name); ``slow``: it may take
+    long (opening images, loading models, reading pixels), so it runs in its own threads and counts against the
+    caller's slow calls. Jobs are slow: their submission checks images and draws."""
+
+    args: type[Args]
+    task: str | None = None
+    slow: bool = False
+
+    @property
+    def is_slow(self) -> bool:
+        return self.slow or self.task is not None
+
+
+#: The registry of the service's functions, from which the service (``api``), its Hypha face
+#: (``hypha_service``) and the Python client (``client``) make theirs. A new task: its module in
+#: ``service/tasks/`` and one line here, with its arguments' model above.
+FUNCTIONS: dict[str, Function] = {
+    "load_model": Function(LoadModel, slow=True), "list_models": Function(ListModels),
+    "create_project": Function(CreateProject, slow=True), "list_projects": Function(ListProjects),
+    "get_project": Function(GetProject), "delete_project": Function(DeleteProject, slow=True),
+    "add_image": Function(AddImage, slow=True), "score": Function(Score, task="score"),
+    "select_patches": Function(SelectPatches, slow=True), "list_patches": Function(ListPatches),
+    "get_patch": Function(GetPatch, slow=True), "get_overview": Function(GetOverview, slow=True),
+    "submit_labels": Function(SubmitLabels), "skip_patch": Function(SkipPatch),
+    "fine_tune": Function(FineTune, task="fine_tune"), "job_status": Function(JobStatus),
+    "list_jobs": Function(ListJobs), "cancel_job": Function(CancelJob), "job_output": Function(JobOutput, slow=True),
+    "evaluate": Function(Evaluate, task="evaluate"), "predict": Function(Predict, task="predict"),
+    "export_model": Function(ExportModel, task="export"),
 }
 #: Functions that start a job (they return {"job_id", ...} at once and take an optional progress callback).
-JOB_FUNCTIONS = ("score", "fine_tune", "evaluate", "predict", "export_model")
+JOB_FUNCTIONS = tuple(name for name, function in FUNCTIONS.items() if function.task is not None)
+SLOW_FUNCTIONS = frozenset(name for name, function in FUNCTIONS.items() if function.is_slow)
 
 
 def function_schema(name: str) -> dict[str, Any]:
     """The schema Hypha publishes for a function: name, description, JSON-schema parameters."""
-    model = FUNCTIONS[name]
+    model = FUNCTIONS[name].args
     parameters = model.model_json_schema()
     parameters.pop("title", None)
     description = parameters.pop("description", (model.__doc__ or "").strip())

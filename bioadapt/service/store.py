@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine, func, or_, select
 
 from bioadapt.errors import BioadaptError
 from bioadapt.service import db
@@ -21,7 +21,8 @@ from bioadapt.service import db
 PATCH_STATES = ("pending", "annotated", "skipped")
 Window = tuple[Sequence[int], Sequence[int]]  # (origin, shape)
 JSON_COLUMNS = {"options", "info", "model_options", "model_info", "channels", "shape", "origin", "scores", "metrics",
-                "params", "storage_options", "features"}
+                "params", "storage_options", "features", "trained_on"}
+READY = or_(db.versions.c.state.is_(None), db.versions.c.state == "ready")  # NULL: a row older than states
 
 
 def _row(row: Any) -> dict[str, Any]:
@@ -72,7 +73,8 @@ class ProjectStore:
         with self.engine.begin() as conn:
             conn.execute(db.projects.insert().values(**row))
             conn.execute(db.versions.insert().values(project_id=project_id, number=0, parent=None, path=None,
-                                                     metrics="{}", params="{}", created=now))
+                                                     metrics="{}", params="{}", created=now, state="ready",
+                                                     trained_on="[]"))
         return _row(row)
 
     def projects(self, owner: str) -> list[dict[str, Any]]:
@@ -256,23 +258,59 @@ class ProjectStore:
 
     # -- model versions -------------------------------------------------------------------------------
     def versions(self, project_id: str) -> list[dict[str, Any]]:
-        return self._all(select(db.versions).where(db.versions.c.project_id == project_id)
+        """The project's usable versions (ready: not reserved by a fine-tune still training, nor failed)."""
+        return self._all(select(db.versions).where(db.versions.c.project_id == project_id, READY)
                          .order_by(db.versions.c.number))
 
     def version(self, project_id: str, number: int | None = None) -> dict[str, Any] | None:
-        """A version by number; the latest with ``None``."""
-        found = self.versions(project_id)
+        """A version by number, whatever its state (see ``db.versions``); the latest ready one with ``None``."""
+        query = select(db.versions).where(db.versions.c.project_id == project_id)
         if number is None:
-            return found[-1] if found else None
-        return next((v for v in found if v["number"] == number), None)
+            return self._first(query.where(READY).order_by(db.versions.c.number.desc()).limit(1))
+        return self._first(query.where(db.versions.c.number == number))
 
-    def add_version(self, project_id: str, number: int, parent: int, path: str, params: dict[str, Any],
-                    metrics: dict[str, Any], job_id: str | None) -> dict[str, Any]:
-        row = {"project_id": project_id, "number": number, "parent": parent, "path": path,
-               "params": json.dumps(params), "metrics": json.dumps(metrics), "job_id": job_id, "created": time.time()}
+    def reserve_version(self, project_id: str, parent: int, params: dict[str, Any], trained_on: Sequence[int],
+                        job_id: str | None) -> int:
+        """The project's next version number, taken under the project's lock (so concurrent fine-tunes, in any
+        replica, never get the same one) and recorded as "training" with what it trains on."""
         with self.engine.begin() as conn:
-            conn.execute(db.versions.insert().values(**row))
-        return _row(row)
+            db.lock_project(conn, project_id)
+            last = conn.execute(select(func.max(db.versions.c.number))
+                                .where(db.versions.c.project_id == project_id)).scalar_one()
+            number = int(last or 0) + 1
+            conn.execute(db.versions.insert().values(
+                project_id=project_id, number=number, parent=parent, path=None, params=json.dumps(params),
+                metrics="{}", job_id=job_id, created=time.time(), state="training",
+                trained_on=json.dumps([int(i) for i in trained_on])))
+        return number
+
+    def finish_version(self, project_id: str, number: int, path: str, metrics: dict[str, Any]) -> bool:
+        """A reserved version ready with its weights; False when it is no longer reserved (its project was deleted,
+        or it was failed meanwhile)."""
+        where = ((db.versions.c.project_id == project_id) & (db.versions.c.number == number)
+                 & (db.versions.c.state == "training"))
+        with self.engine.begin() as conn:
+            return conn.execute(db.versions.update().where(where).values(
+                state="ready", path=path, metrics=json.dumps(metrics))).rowcount > 0
+
+    def fail_versions(self, job_ids: Sequence[str]) -> int:
+        """Versions still reserved by these (fine-tune) jobs marked failed: never usable. How many."""
+        if not job_ids:
+            return 0
+        with self.engine.begin() as conn:
+            return conn.execute(db.versions.update().where(db.versions.c.job_id.in_(list(job_ids)),
+                                                           db.versions.c.state == "training")
+                                .values(state="failed")).rowcount
+
+    def lineage(self, project_id: str, number: int) -> list[dict[str, Any]]:
+        """A version and its ancestors (its parent, the parent's parent, ... version 0), that order."""
+        rows = {row["number"]: row for row in self._all(select(db.versions)
+                                                        .where(db.versions.c.project_id == project_id))}
+        chain, current = [], rows.get(number)
+        while current is not None and len(chain) <= len(rows):
+            chain.append(current)
+            current = rows.get(current["parent"]) if current["parent"] is not None else None
+        return chain
 
     def update_version_metrics(self, project_id: str, number: int, metrics: dict[str, Any]) -> None:
         where = (db.versions.c.project_id == project_id) & (db.versions.c.number == number)

@@ -6,7 +6,8 @@ import { OverviewView } from "./overview.js";
 
 const $ = (id) => document.getElementById(id);
 const STORAGE = { serverUrl: "bioadapt.server_url", workspace: "bioadapt.workspace" };
-const state = { service: null, server: null, project: null, patches: [], patch: null, busy: new Set() };
+const state = { service: null, server: null, project: null, patches: [], patch: null, busy: new Set(),
+  defaultPatchShape: [] };
 const view = new PatchView($("patch-canvas"));
 const overview = new OverviewView($("overview-canvas"));
 
@@ -70,6 +71,7 @@ $("connect-form").addEventListener("submit", (event) => {
     localStorage.setItem(STORAGE.workspace, workspace);
     $("connection").textContent = `connected to ${server.config.workspace} as ${server.config.user?.id ?? "?"}`;
     $("connection").classList.remove("muted");
+    showScoreDefaults();
     await loadProjects();
   }).finally(() => { $("connect").disabled = false; });
 });
@@ -154,15 +156,37 @@ async function refreshCounts() {
 }
 
 // -- scoring --------------------------------------------------------------------------------------------------
+/** The score form's fields, each starting from the service's default as its published schema of score states it
+ * (no default is written in this page); a field is sent only when the user changed it. */
+const SCORE_FIELDS = {
+  "mode": (p) => p.mode?.default,
+  "n-patches": (p) => p.n_patches?.random_default,
+  "patch-size": (p) => p.patch_shape?.default?.[0],
+  "mc-passes": (p) => p.mc_passes?.default,
+};
+
+function showScoreDefaults() {
+  const properties = state.service.score.__schema__?.parameters?.properties ?? {};
+  state.defaultPatchShape = properties.patch_shape?.default ?? [];
+  for (const [id, read] of Object.entries(SCORE_FIELDS)) {
+    const value = read(properties);
+    $(id).dataset.default = value ?? "";
+    if (value !== undefined) $(id).value = value;
+  }
+}
+
+const changed = (id) => $(id).value !== $(id).dataset.default;
+
 $("score-form").addEventListener("submit", (event) => {
   event.preventDefault();
   const size = Number($("patch-size").value), dims = state.project.images[0]?.spatial_axes?.length || 2;
-  const args = {
-    project_id: state.project.id, mode: $("mode").value, mc_passes: Number($("mc-passes").value),
-    patch_shape: Array(dims).fill(size),
-  };
+  const args = { project_id: state.project.id };
+  if (changed("mode")) args.mode = $("mode").value;
+  if (changed("mc-passes")) args.mc_passes = Number($("mc-passes").value);
+  // a 3D image needs a 3D patch even when the 2D default size is kept
+  if (changed("patch-size") || dims !== state.defaultPatchShape.length) args.patch_shape = Array(dims).fill(size);
   for (const name of ["strategy", "acquisition"]) if ($(name).value) args[name] = $(name).value;  // "": the service's
-  if (args.mode === "random") args.n_patches = Number($("n-patches").value);
+  if ($("mode").value === "random" && changed("n-patches")) args.n_patches = Number($("n-patches").value);
   act($("score"), "Scoring", async () => {
     $("score-progress").value = 0;
     const job = await runJob(state.service, (progress) => state.service.score({ ...args, progress }), (info) => {

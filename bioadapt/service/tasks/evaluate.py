@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from bioadapt.data import LabelledRegion
 from bioadapt.errors import BioadaptError
 from bioadapt.service import schemas as s
-
-if TYPE_CHECKING:
-    from bioadapt.service.api import BioadaptService, Caller
-    from bioadapt.service.jobs import JobRunner
+from bioadapt.service.context import Caller, ServiceContext
+from bioadapt.service.jobs import JobRunner
 
 
 def evaluate_regions(adapter: Any, regions: Sequence[LabelledRegion], *, stop: threading.Event | None = None,
@@ -46,21 +44,21 @@ def evaluate_regions(adapter: Any, regions: Sequence[LabelledRegion], *, stop: t
     return {"metric": "dice", "dice": float(np.mean(dices)) if dices else None, "patches": len(dices)}
 
 
-def submit(service: "BioadaptService", caller: "Caller", args: s.Evaluate,
+def submit(context: ServiceContext, caller: Caller, args: s.Evaluate,
            progress: Callable[[dict], Any] | None = None) -> dict[str, Any]:
-    project = service.owned_project(caller, args.project_id)
-    numbers = args.versions or sorted({0, service.version(project, None)["number"]})
-    versions = [service.version(project, number) for number in numbers]  # every one checked first
-    regions = service.regions(project, "holdout")
+    project = context.owned_project(caller, args.project_id)
+    numbers = args.versions or sorted({0, context.version(project, None)["number"]})
+    versions = [context.version(project, number) for number in numbers]  # every one checked first
+    regions = context.regions(project, "holdout")
     if not regions:
         raise BioadaptError("no held-out annotated patches: annotate more patches (a share of them, "
                             f"holdout_fraction={project['holdout_fraction']}, is kept for evaluation)")
-    runner = service.start_job("evaluate", lambda job: _evaluate(service, job, project, versions, regions), caller,
+    runner = context.start_job("evaluate", lambda job: _evaluate(context, job, project, versions, regions), caller,
                                project, progress)
     return {"job_id": runner.job.id, "versions": numbers, "patches": len(regions)}
 
 
-def _evaluate(service: "BioadaptService", runner: "JobRunner", project: dict[str, Any],
+def _evaluate(context: ServiceContext, runner: JobRunner, project: dict[str, Any],
               versions: list[dict[str, Any]], regions: list[LabelledRegion]) -> dict[str, Any]:
     from bioadapt.service.execution import run_body
 
@@ -69,8 +67,8 @@ def _evaluate(service: "BioadaptService", runner: "JobRunner", project: dict[str
         if runner.cancelled.is_set():
             break
         runner.report(version=version["number"], versions_done=index, versions=len(versions))
-        spec = service.model_spec(project, version)
-        actors = service.pool.lease(spec, 1, cancelled=runner.cancelled)
+        spec = context.model_spec(project, version)
+        actors = context.pool.lease(spec, 1, cancelled=runner.cancelled)
         if not actors:
             break
         healthy = False
@@ -78,10 +76,10 @@ def _evaluate(service: "BioadaptService", runner: "JobRunner", project: dict[str
             metrics = run_body(runner, actors[0], evaluate_regions, regions, what="evaluation")
             healthy = True
         finally:
-            service.pool.release(spec, actors, healthy=healthy)
+            context.pool.release(spec, actors, healthy=healthy)
         if runner.cancelled.is_set():
             break
-        service.store.update_version_metrics(project["id"], version["number"], {"holdout": metrics})
+        context.store.update_version_metrics(project["id"], version["number"], {"holdout": metrics})
         results[str(version["number"])] = metrics
     runner.report(versions_done=len(results))
     return {"versions": results, "holdout_patches": len(regions)}

@@ -9,15 +9,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bioadapt.data import LabelledRegion
 from bioadapt.errors import BioadaptError
 from bioadapt.service import schemas as s
-
-if TYPE_CHECKING:
-    from bioadapt.service.api import BioadaptService, Caller
-    from bioadapt.service.jobs import JobRunner
+from bioadapt.service.context import Caller, ServiceContext
+from bioadapt.service.jobs import JobRunner
 
 
 def export_package(adapter: Any, out: str, metadata: dict[str, Any], training: dict[str, Any],
@@ -37,30 +35,48 @@ def export_package(adapter: Any, out: str, metadata: dict[str, Any], training: d
     return str(export_bioimageio(adapter, out, training=training, **metadata))
 
 
-def submit(service: "BioadaptService", caller: "Caller", args: s.ExportModel,
+def submit(context: ServiceContext, caller: Caller, args: s.ExportModel,
            progress: Callable[[dict], Any] | None = None) -> dict[str, Any]:
-    project = service.owned_project(caller, args.project_id)
-    version = service.version(project, args.version)
-    regions = service.regions(project, "train") or service.regions(project, "holdout")
-    if not regions:
+    project = context.owned_project(caller, args.project_id)
+    version = context.version(project, args.version)
+    trained = trained_patches(context, project, version["number"])
+    test_patches = trained or context.annotated(project, "train") or context.annotated(project, "holdout")
+    if not test_patches:
         raise BioadaptError("export needs one annotated patch for the package's test tensors: annotate a patch")
-    images = {i["id"]: i for i in service.store.images(project["id"])}
-    trained = [{"image": images[p["image_id"]]["uri"], "origin": p["origin"], "shape": p["shape"]}
-               for p in service.store.patches(project["id"], status="annotated", order="annotated")]
+    images = {i["id"]: i for i in context.store.images(project["id"])}
+    regions = [{"image": images[p["image_id"]]["uri"], "origin": p["origin"], "shape": p["shape"]} for p in trained]
     name = args.name or re.sub(r"[^A-Za-z0-9_+\- ()]+", "-", f"{project['name']} (bioadapt v{version['number']})")
+    model_name = project["model_info"].get("name", "model")
+    what = (f"fine-tuned with bioadapt on {len(regions)} corrected patches" if version["number"] else
+            "packaged by bioadapt as it was loaded (the base model, not fine-tuned)")
     metadata = {"name": name, "authors": args.authors or [caller.id], "license": args.license,
-                "description": args.description or f"{project['model_info'].get('name', 'model')} fine-tuned "
-                f"with bioadapt on {len(trained)} corrected patches (project {project['name']!r}, version "
+                "description": args.description or f"{model_name} {what} (project {project['name']!r}, version "
                 f"{version['number']})."}
     record = {"params": version["params"], "result": version["metrics"].get("training", {})} \
         if version["number"] else None
-    training = {"regions": trained, "metrics": version["metrics"].get("holdout", {})}
-    runner = service.start_job("export", lambda job: _export(service, job, project, version, metadata, training,
-                                                             regions[0], record), caller, project, progress)
+    training = {"regions": regions, "metrics": version["metrics"].get("holdout", {})}
+    test_region = context.regions_of(project, test_patches[:1])[0]
+    runner = context.start_job("export", lambda job: _export(context, job, project, version, metadata, training,
+                                                             test_region, record), caller, project, progress)
     return {"job_id": runner.job.id, "version": version["number"]}
 
 
-def _export(service: "BioadaptService", runner: "JobRunner", project: dict[str, Any], version: dict[str, Any],
+def trained_patches(context: ServiceContext, project: dict[str, Any], number: int) -> list[dict[str, Any]]:
+    """The patches a version's weights were trained on: its own training patches and its ancestors', as each
+    fine-tune recorded them when it started (oldest annotation first). Versions written before that record
+    existed count the training patches annotated before they were made."""
+    ids: set[int] = set()
+    legacy_before = None
+    for row in context.store.lineage(project["id"], number):
+        if row["trained_on"] is not None:
+            ids.update(row["trained_on"])
+        elif row["number"]:
+            legacy_before = max(legacy_before or 0.0, row["created"])
+    patches = context.annotated(project, "train")
+    return [p for p in patches if p["id"] in ids or (legacy_before is not None and p["annotated"] <= legacy_before)]
+
+
+def _export(context: ServiceContext, runner: JobRunner, project: dict[str, Any], version: dict[str, Any],
             metadata: dict[str, Any], training: dict[str, Any], test_region: LabelledRegion,
             record: dict[str, Any] | None) -> dict[str, Any]:
     from bioadapt.service.execution import run_body
@@ -68,8 +84,8 @@ def _export(service: "BioadaptService", runner: "JobRunner", project: dict[str, 
     folder = Path(project["folder"]) / "exports"
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / f"v{version['number']}-{time.strftime('%Y%m%d-%H%M%S')}-{runner.job.id}.zip"
-    spec = service.model_spec(project, version)
-    actors = service.pool.lease(spec, 1, cancelled=runner.cancelled)
+    spec = context.model_spec(project, version)
+    actors = context.pool.lease(spec, 1, cancelled=runner.cancelled)
     if not actors:
         return {"version": version["number"]}
     healthy = False
@@ -78,6 +94,6 @@ def _export(service: "BioadaptService", runner: "JobRunner", project: dict[str, 
                              what="export"))
         healthy = True
     finally:
-        service.pool.release(spec, actors, healthy=healthy)
+        context.pool.release(spec, actors, healthy=healthy)
     return {"path": str(path), "version": version["number"], "size": path.stat().st_size,
             "outputs": {"package": str(path)}}

@@ -11,16 +11,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bioadapt.data import LabelledRegion
 from bioadapt.errors import BioadaptError
 from bioadapt.service import schemas as s
-
-if TYPE_CHECKING:
-    from bioadapt.service.api import BioadaptService, Caller
-    from bioadapt.service.jobs import JobRunner
-
+from bioadapt.service.context import Caller, ServiceContext
+from bioadapt.service.jobs import JobRunner
 
 
 @dataclass(frozen=True)
@@ -48,42 +45,56 @@ def params_of(args: s.FineTune, kind: str) -> dict[str, Any]:
     return {**s.tuning_params(kind, args.params), **named}
 
 
-def submit(service: "BioadaptService", caller: "Caller", args: s.FineTune,
+def submit(context: ServiceContext, caller: Caller, args: s.FineTune,
            progress: Callable[[dict], Any] | None = None) -> dict[str, Any]:
-    project = service.owned_project(caller, args.project_id)
+    project = context.owned_project(caller, args.project_id)
     params = params_of(args, project["model_info"].get("kind", "bioimageio"))  # refused before anything else
-    base = service.version(project, args.base_version)
-    regions = service.regions(project, "train")
-    if not regions:
+    base = context.version(project, args.base_version)
+    patches = context.annotated(project, "train")
+    if not patches:
         raise BioadaptError("no annotated training patches yet: submit labels for some patches first (a share "
                             "of them is held out for evaluation)")
-    runner = service.start_job("fine_tune", lambda job: _fine_tune(service, job, project, base, regions, params),
-                               caller, project, progress)
+    regions = context.regions_of(project, patches)
+    trained_on = [p["id"] for p in patches]
+    runner = context.start_job("fine_tune", lambda job: _fine_tune(context, job, project, base, regions, trained_on,
+                                                                   params), caller, project, progress)
     return {"job_id": runner.job.id, "patches": len(regions), "base_version": base["number"]}
 
 
-def _fine_tune(service: "BioadaptService", runner: "JobRunner", project: dict[str, Any], base: dict[str, Any],
-               regions: list[LabelledRegion], params: dict[str, Any]) -> dict[str, Any]:
+def _fine_tune(context: ServiceContext, runner: JobRunner, project: dict[str, Any], base: dict[str, Any],
+               regions: list[LabelledRegion], trained_on: list[int], params: dict[str, Any]) -> dict[str, Any]:
+    """Reserve the version's number first (with the patches it trains on), train, then make it ready; a job
+    that does not get that far leaves its number failed, never usable."""
     from bioadapt.service.execution import run_body
 
-    spec = service.model_spec(project, base)
-    actors = service.pool.lease(spec, 1, kind="fine_tune", cancelled=runner.cancelled)
-    if not actors:
-        return {"result": None, "version": None}
+    number = context.store.reserve_version(project["id"], base["number"], params, trained_on, runner.job.id)
+    runner.report(version=number)
+    ready = False
     try:
-        outcome = run_body(runner, actors[0], fine_tune_on, FineTuneRequest(tuple(regions), params),
-                           what="fine-tuning")
+        spec = context.model_spec(project, base)
+        actors = context.pool.lease(spec, 1, kind="fine_tune", cancelled=runner.cancelled)
+        if not actors:
+            return {"result": None, "version": None}
+        try:
+            outcome = run_body(runner, actors[0], fine_tune_on, FineTuneRequest(tuple(regions), params),
+                               what="fine-tuning")
+        finally:
+            context.pool.release(spec, actors, kind="fine_tune", healthy=False)  # its weights are not the spec's now
+        if runner.cancelled.is_set():
+            return {"result": outcome["result"], "version": None}
+        folder = Path(project["folder"]) / "versions"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{uuid.uuid4().hex[:12]}.pt"
+        partial = path.with_suffix(".partial")
+        partial.write_bytes(outcome["weights"])
+        partial.rename(path)
+        ready = context.store.finish_version(project["id"], number, str(path),
+                                             {"training": outcome["result"], "patches": len(regions)})
+        if not ready:
+            path.unlink(missing_ok=True)
+            raise BioadaptError(f"version {number} was given up while it trained (its project was deleted, or its "
+                                "job was taken for interrupted)")
+        return {"result": outcome["result"], "version": number, "parent": base["number"], "path": str(path)}
     finally:
-        service.pool.release(spec, actors, kind="fine_tune", healthy=False)  # its weights are not the spec's now
-    if runner.cancelled.is_set():
-        return {"result": outcome["result"], "version": None}
-    folder = Path(project["folder"]) / "versions"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{uuid.uuid4().hex[:12]}.pt"
-    partial = path.with_suffix(".partial")
-    partial.write_bytes(outcome["weights"])
-    partial.rename(path)
-    number = service.store.version(project["id"])["number"] + 1
-    service.store.add_version(project["id"], number, base["number"], str(path), params,
-                              {"training": outcome["result"], "patches": len(regions)}, runner.job.id)
-    return {"result": outcome["result"], "version": number, "parent": base["number"], "path": str(path)}
+        if not ready:
+            context.store.fail_versions([runner.job.id])

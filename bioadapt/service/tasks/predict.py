@@ -6,17 +6,16 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from bioadapt.data import ImageRef
 from bioadapt.errors import BioadaptError
 from bioadapt.service import schemas as s
+from bioadapt.service.context import Caller, ServiceContext
+from bioadapt.service.jobs import JobRunner
 
-if TYPE_CHECKING:
-    from bioadapt.service.api import BioadaptService, Caller
-    from bioadapt.service.jobs import JobRunner
 
 TILE = 512
 
@@ -50,44 +49,44 @@ def predict_region(adapter: Any, image: ImageRef, origin: Sequence[int], shape: 
     return {"labels": out, "origin": list(origin), "shape": list(shape), "tiles": tiles} if store else labels
 
 
-def submit(service: "BioadaptService", caller: "Caller", args: s.Predict,
+def submit(context: ServiceContext, caller: Caller, args: s.Predict,
            progress: Callable[[dict], Any] | None = None) -> dict[str, Any]:
     from bioadapt.data.windows import check_window
 
-    project = service.owned_project(caller, args.project_id)
-    row = service.image_row(project, args.image_id)
-    version = service.version(project, args.version)
+    project = context.owned_project(caller, args.project_id)
+    row = context.image_row(project, args.image_id)
+    version = context.version(project, args.version)
     if len(args.origin) != len(row["spatial_axes"]) or len(args.shape) != len(row["spatial_axes"]):
         raise BioadaptError(f"origin and shape need one value per spatial axis {row['spatial_axes']!r}")
-    if args.return_array and math.prod(args.shape) > service.max_patch_pixels:
-        raise BioadaptError(f"a region of {args.shape} is over the transfer limit of {service.max_patch_pixels} "
+    if args.return_array and math.prod(args.shape) > context.max_patch_pixels:
+        raise BioadaptError(f"a region of {args.shape} is over the transfer limit of {context.max_patch_pixels} "
                             "pixels; leave return_array off to write it to the project's prediction store")
-    check_window(args.origin, args.shape, service.opened_image(row).spatial_shape, axes=row["spatial_axes"],
+    check_window(args.origin, args.shape, context.opened_image(row).spatial_shape, axes=row["spatial_axes"],
                  where=f"image {row['id']}")
-    runner = service.start_job("predict", lambda job: _predict(service, job, project, version, row, args), caller,
+    runner = context.start_job("predict", lambda job: _predict(context, job, project, version, row, args), caller,
                                project, progress)
     return {"job_id": runner.job.id}
 
 
-def _predict(service: "BioadaptService", runner: "JobRunner", project: dict[str, Any], version: dict[str, Any],
+def _predict(context: ServiceContext, runner: JobRunner, project: dict[str, Any], version: dict[str, Any],
              row: dict[str, Any], args: s.Predict) -> dict[str, Any]:
     from bioadapt.service.execution import run_body
 
-    spec = service.model_spec(project, version)
-    actors = service.pool.lease(spec, 1, cancelled=runner.cancelled)
+    spec = context.model_spec(project, version)
+    actors = context.pool.lease(spec, 1, cancelled=runner.cancelled)
     if not actors:
         return {"tiles": 0}
     healthy = False
     try:
-        result = run_body(runner, actors[0], predict_region, service.image_ref(row), tuple(args.origin),
+        result = run_body(runner, actors[0], predict_region, context.image_ref(row), tuple(args.origin),
                           tuple(args.shape), None if args.return_array else row["predictions"], what="prediction")
         healthy = True
     finally:
-        service.pool.release(spec, actors, healthy=healthy)
+        context.pool.release(spec, actors, healthy=healthy)
     answer = {"origin": args.origin, "shape": args.shape, "version": version["number"]}
     if not args.return_array:
         return {**answer, **result}
-    path = service.job_folder(project, runner.job.id) / "labels.npy"
+    path = context.job_folder(project, runner.job.id) / "labels.npy"
     np.save(path, result)
     return {**answer, "outputs": {"labels": str(path)}}
 

@@ -17,18 +17,18 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from bioadapt.active import DEFAULT_ACQUISITION, DEFAULT_STRATEGY, STRATEGIES, Strategy
+from bioadapt.adapters.base import DEFAULT_MC_PASSES
 from bioadapt.data import ImageRef
 from bioadapt.errors import BioadaptError
 from bioadapt.service import schemas as s
+from bioadapt.service.context import Caller, ServiceContext
+from bioadapt.service.jobs import JobRunner
 
-if TYPE_CHECKING:
-    from bioadapt.service.api import BioadaptService, Caller
-    from bioadapt.service.jobs import JobRunner
 
 SHARD_SIZE = 32
 TOP = 20  # highest-scoring patches a score job's result lists
@@ -42,7 +42,7 @@ class ScoreRequest:
 
     image: ImageRef
     patch_shape: tuple[int, ...]
-    passes: int = 16
+    passes: int = DEFAULT_MC_PASSES
     acquisition: str = DEFAULT_ACQUISITION
     reduce: str = "mean"  # see bioadapt.active.patch_score
     seed: int = 0
@@ -152,46 +152,46 @@ def _features(adapter: Any, pixels: np.ndarray) -> list[float]:
 
 
 # -- the driver -----------------------------------------------------------------------------------------------
-def submit(service: "BioadaptService", caller: "Caller", args: s.Score,
+def submit(context: ServiceContext, caller: Caller, args: s.Score,
            progress: Callable[[dict], Any] | None = None) -> dict[str, Any]:
     """Check the call (project, version, images, patch shape) and start the job; patches are drawn in the job."""
-    project = service.owned_project(caller, args.project_id)
-    version = service.version(project, args.version)
-    rows = [service.image_row(project, args.image_id)] if args.image_id else service.store.images(project["id"])
+    project = context.owned_project(caller, args.project_id)
+    version = context.version(project, args.version)
+    rows = [context.image_row(project, args.image_id)] if args.image_id else context.store.images(project["id"])
     if not rows:
         raise BioadaptError(f"project {project['id']!r} has no images; add one with add_image")
-    if math.prod(args.patch_shape) > service.max_patch_pixels:
-        raise BioadaptError(f"patches of {args.patch_shape} exceed {service.max_patch_pixels} pixels; use smaller "
+    if math.prod(args.patch_shape) > context.max_patch_pixels:
+        raise BioadaptError(f"patches of {args.patch_shape} exceed {context.max_patch_pixels} pixels; use smaller "
                             "patches")
     strategy_of(args, project["model_info"])  # refused now when the model cannot serve the strategy
     if args.stride is not None and (args.mode != "grid" or len(args.stride) != len(args.patch_shape)):
         raise BioadaptError(f"stride {args.stride} applies to mode='grid' only, with one value per patch axis")
     for row in rows:  # every image checked before the job starts
-        image = service.opened_image(row)
+        image = context.opened_image(row)
         if len(args.patch_shape) != len(image.spatial_axes):
             raise BioadaptError(f"patch_shape {args.patch_shape} has {len(args.patch_shape)} dimensions; the "
                                 f"image has spatial axes {image.spatial_axes!r}")
         if any(p > n for p, n in zip(args.patch_shape, image.spatial_shape)):
             raise BioadaptError(f"patch_shape {args.patch_shape} must fit in the image's spatial shape "
                                 f"{list(image.spatial_shape)} ({row['uri']})")
-    runner = service.start_job("score", lambda job: _score(service, job, project, version, rows, args), caller,
+    runner = context.start_job("score", lambda job: _score(context, job, project, version, rows, args), caller,
                                project, progress)
     return {"job_id": runner.job.id, "patches": args.n_patches or (s.DEFAULT_RANDOM_PATCHES
                                                                    if args.mode == "random" else None)}
 
 
-def _score(service: "BioadaptService", runner: "JobRunner", project: dict[str, Any], version: dict[str, Any],
+def _score(context: ServiceContext, runner: JobRunner, project: dict[str, Any], version: dict[str, Any],
            rows: list[dict[str, Any]], args: s.Score) -> dict[str, Any]:
     runner.report(stage="drawing patches")
-    plan = _plan(service, project, rows, args)
+    plan = _plan(context, project, rows, args)
     total = sum(len(todo) for _, todo in plan)
     if total == 0:
         raise BioadaptError("no new patch fits: the image (or its mask) is covered by earlier patches or too "
                             "small for this patch shape")
     runner.report(stage="scoring", done=0, total=total)
     name, strategy, key = strategy_of(args, project["model_info"])
-    spec = service.model_spec(project, version)
-    actors = service.pool.lease(spec, min(service.pool_size(args.actors), math.ceil(total / SHARD_SIZE)),
+    spec = context.model_spec(project, version)
+    actors = context.pool.lease(spec, min(context.pool_size(args.actors), math.ceil(total / SHARD_SIZE)),
                                 cancelled=runner.cancelled)
     scored, top = 0, []  # the job's count and its 20 highest scores (a whole slide's results stay in the store)
     healthy = False
@@ -199,11 +199,11 @@ def _score(service: "BioadaptService", runner: "JobRunner", project: dict[str, A
         for row, todo in plan:
             if runner.cancelled.is_set() or not actors:
                 break
-            request = ScoreRequest(image=service.image_ref(row), patch_shape=tuple(args.patch_shape),
+            request = ScoreRequest(image=context.image_ref(row), patch_shape=tuple(args.patch_shape),
                                    passes=args.mc_passes, acquisition=strategy.acquisition, reduce=strategy.reduce,
                                    seed=args.seed, predictions=row["predictions"], uncertainty=row["uncertainty"],
                                    mask=row["mask"], features=strategy.needs_features)
-            commit = _Commit(service, project["id"], row, args, key, version["number"])
+            commit = _Commit(context, project["id"], row, args, key, version["number"])
             try:
                 results = score_shards(runner, actors, request, todo, on_shard=commit, done_before=scored,
                                        total=total)
@@ -212,18 +212,18 @@ def _score(service: "BioadaptService", runner: "JobRunner", project: dict[str, A
                 commit.overview()  # the overview shows every map written, also when the job stops early
         if strategy.needs_features and actors and not runner.cancelled.is_set():
             runner.report(stage="features of the annotated patches")
-            _refresh_labelled_features(service, project["id"], actors[0])
+            _refresh_labelled_features(context, project["id"], actors[0])
         healthy = True
     finally:
-        service.pool.release(spec, actors, healthy=healthy)
+        context.pool.release(spec, actors, healthy=healthy)
     runner.report(stage="selecting")
-    picked = select_pending(service, project["id"], strategy.selection, key, args.select, seed=args.seed)
+    picked = select_pending(context, project["id"], strategy.selection, key, args.select, seed=args.seed)
     return {"scored": scored, "version": version["number"], "strategy": name,
             "acquisition": strategy.acquisition, "reduce": strategy.reduce, "mode": args.mode,
             "selection": strategy.selection, "selected": len(picked), "top": top}
 
 
-def _refresh_labelled_features(service: "BioadaptService", project_id: str, actor: Any) -> None:
+def _refresh_labelled_features(context: ServiceContext, project_id: str, actor: Any) -> None:
     """The annotated patches' features under the model that just scored the pool: selection rules that read
     features (typicality, core-set) compare the pending patches with the annotated ones, and features an earlier
     model version gave sit in another feature space. One forward pass per annotated patch, on one actor."""
@@ -231,36 +231,36 @@ def _refresh_labelled_features(service: "BioadaptService", project_id: str, acto
 
     from bioadapt.service.execution import remote_cause
 
-    images = {row["id"]: row for row in service.store.images(project_id)}
+    images = {row["id"]: row for row in context.store.images(project_id)}
     groups: dict[tuple[str, tuple[int, ...]], list[tuple[int, list[int]]]] = {}
-    for row in service.store.patches(project_id, status="annotated", order="id"):
+    for row in context.store.patches(project_id, status="annotated", order="id"):
         if row["image_id"] in images:
             groups.setdefault((row["image_id"], tuple(row["shape"])), []).append((row["id"], row["origin"]))
     for (image_id, shape), patches in groups.items():
-        request = ScoreRequest(image=service.image_ref(images[image_id]), patch_shape=shape, features=True)
+        request = ScoreRequest(image=context.image_ref(images[image_id]), patch_shape=shape, features=True)
         try:
             features = ray.get(actor.run.remote(patch_features_of, request, patches))
         except ray.exceptions.RayError as e:
             raise BioadaptError(f"the scores are stored, but the annotated patches' features could not be computed "
                                 f"({remote_cause(e)}); score again before selecting") from e
-        service.store.record_features(project_id, features)
+        context.store.record_features(project_id, features)
 
 
-def _plan(service: "BioadaptService", project: dict[str, Any], rows: list[dict[str, Any]], args: s.Score
+def _plan(context: ServiceContext, project: dict[str, Any], rows: list[dict[str, Any]], args: s.Score
           ) -> list[tuple[dict[str, Any], list[tuple[int, list[int]]]]]:
     """(image row, [(patch id, origin)]) to score: windows drawn for every image first, then written in one
     transaction; one draw per project at a time in this process, and the store drops a window that overlaps one
     another replica stored meanwhile."""
-    with service.draw_locks[project["id"]]:
-        seen = service.store.last_patch_id(project["id"])
-        drawn = _draw(service, project, rows, args)
-        added = service.store.add_drawn(project["id"], {row["id"]: [(w.origin, w.shape) for w in windows]
+    with context.draw_locks[project["id"]]:
+        seen = context.store.last_patch_id(project["id"])
+        drawn = _draw(context, project, rows, args)
+        added = context.store.add_drawn(project["id"], {row["id"]: [(w.origin, w.shape) for w in windows]
                                                         for row, windows, _ in drawn}, seen=seen)
     return [(row, todo + [(i, list(w.origin)) for i, w in zip(added[row["id"]], windows) if i is not None])
             for row, windows, todo in drawn]
 
 
-def _draw(service: "BioadaptService", project: dict[str, Any], rows: list[dict[str, Any]], args: s.Score
+def _draw(context: ServiceContext, project: dict[str, Any], rows: list[dict[str, Any]], args: s.Score
           ) -> list[tuple[dict[str, Any], list[Any], list[tuple[int, list[int]]]]]:
     """(image row, new windows, earlier pending patches to re-score) for every image."""
     from bioadapt.data import PatchWindow, sample_patches
@@ -270,9 +270,9 @@ def _draw(service: "BioadaptService", project: dict[str, Any], rows: list[dict[s
         [wanted // len(rows) + (i < wanted % len(rows)) for i in range(len(rows))]
     drawn = []  # (image row, new windows, earlier patches to re-score)
     for row, n in zip(rows, shares):
-        image = service.opened_image(row)
-        earlier = service.store.patches(project["id"], image_id=row["id"], order="id")
-        mask = service.sampling_mask(image, row)
+        image = context.opened_image(row)
+        earlier = context.store.patches(project["id"], image_id=row["id"], order="id")
+        mask = context.sampling_mask(image, row)
         if args.mode == "grid":
             tiles = sample_patches(image, n, args.patch_shape, mask=mask, seed=args.seed, mode="grid",
                                    stride=args.stride)
@@ -297,15 +297,15 @@ class _Commit:
     """What happens to each finished shard: scores into the database, the image's overview refreshed every
     ``OVERVIEW_EVERY_S`` seconds over the patches scored since."""
 
-    def __init__(self, service: "BioadaptService", project_id: str, row: dict[str, Any], args: s.Score, key: str,
+    def __init__(self, context: ServiceContext, project_id: str, row: dict[str, Any], args: s.Score, key: str,
                  version: int):
-        self.service, self.project_id, self.row, self.args, self.version = service, project_id, row, args, version
+        self.context, self.project_id, self.row, self.args, self.version = context, project_id, row, args, version
         self.key = key
         self.touched: list[tuple[list[int], list[int]]] = []
         self.refreshed = time.monotonic()
 
     def __call__(self, results: list[dict[str, Any]]) -> None:
-        self.service.store.record_scores(self.project_id, results, self.key, self.version)
+        self.context.store.record_scores(self.project_id, results, self.key, self.version)
         self.touched += [(r["origin"], self.args.patch_shape) for r in results]
         if time.monotonic() - self.refreshed > OVERVIEW_EVERY_S:
             self.overview()
@@ -318,7 +318,7 @@ class _Commit:
         self.touched, self.refreshed = [], time.monotonic()
 
 
-def score_shards(runner: "JobRunner", actors: list[Any], request: ScoreRequest, patches: Patches, *,
+def score_shards(runner: JobRunner, actors: list[Any], request: ScoreRequest, patches: Patches, *,
                  shard_size: int = SHARD_SIZE, retries: int = 2,
                  on_shard: Callable[[list[dict[str, Any]]], Any] | None = None, done_before: int = 0,
                  total: int | None = None) -> list[dict[str, Any]]:
@@ -395,7 +395,7 @@ def _drain(in_flight: dict[Any, tuple[int, Any]], actors: list[Any], timeout_s: 
 
 
 # -- selection ------------------------------------------------------------------------------------------------
-def select_pending(service: "BioadaptService", project_id: str, selection: str, key: str, k: int, *,
+def select_pending(context: ServiceContext, project_id: str, selection: str, key: str, k: int, *,
                    seed: int = 0) -> list[int]:
     """Pick ``k`` patches to annotate from every pending patch of the project scored under ``key`` (see
     ``score_key``) with a selection rule of ``bioadapt.active.SELECTIONS``; the annotated patches count as
@@ -404,17 +404,17 @@ def select_pending(service: "BioadaptService", project_id: str, selection: str, 
     from bioadapt.active import SELECTIONS, select
 
     needs_features = SELECTIONS[selection][1]
-    scored = [row for row in service.store.patches(project_id, status="pending", order="id")
+    scored = [row for row in context.store.patches(project_id, status="pending", order="id")
               if row["scores"].get(key) is not None]
     pending = [row for row in scored if row["features"] or not needs_features]
     if scored and not pending:
         raise BioadaptError(f"selection {selection!r} picks by the model's features of each patch, and the pending "
                             "patches were scored without them: score with this strategy (rescore_pending=True "
                             "re-scores them)")
-    labelled = [row for row in service.store.patches(project_id, status="annotated", order="id")
+    labelled = [row for row in context.store.patches(project_id, status="annotated", order="id")
                 if row["features"]] if needs_features else []
     if not pending:
-        service.store.set_selection(project_id, [])
+        context.store.set_selection(project_id, [])
         return []
     pool = pending + labelled
     scores = [row["scores"].get(key) or 0.0 for row in pool]
@@ -424,5 +424,5 @@ def select_pending(service: "BioadaptService", project_id: str, selection: str, 
     features = np.array([row["features"] for row in pool], dtype=np.float64) if needs_features else None
     chosen = select(selection, k, scores, features, labelled=range(len(pending), len(pool)), seed=seed)
     ids = [pool[i]["id"] for i in chosen]
-    service.store.set_selection(project_id, ids)
+    context.store.set_selection(project_id, ids)
     return ids
