@@ -299,6 +299,8 @@ def test_concurrent_fine_tunes_get_their_own_version_before_they_train(service, 
                                f"fine-tune {job} reported its version") for job in (long_job, short_job)}
     assert sorted(numbers.values()) == [1, 2]
     assert service.jobs.get(long_job).state in ("queued", "running")
+    with pytest.raises(BioadaptError, match=r"no model version 99; it has \[0\]"):
+        service.context.version(project, 99)
     with pytest.raises(BioadaptError, match=f"no model version {numbers[long_job]} yet .*training"):
         service.context.version(project, numbers[long_job])  # reserved, not usable while it trains
     for job, number in numbers.items():

@@ -59,13 +59,15 @@ class ServiceContext:
     def version(self, project: dict[str, Any], number: int | None) -> dict[str, Any]:
         """A usable model version of the project (the latest with None)."""
         version = self.store.version(project["id"], number)
-        if version is None or version["state"] not in (None, "ready"):
-            known = [v["number"] for v in self.store.versions(project["id"])]
-            why = {"training": f" yet (job {version['job_id']} is training it)",
-                   "failed": f" (its fine-tune, job {version['job_id']}, did not finish)"}.get(
-                (version or {}).get("state"), "")
-            raise BioadaptError(f"project {project['id']!r} has no model version {number}{why}; it has {known}")
-        return version
+        if version is not None and version["state"] in (None, "ready"):
+            return version
+        why = ""
+        if version is not None and version["state"] == "training":
+            why = f" yet (job {version['job_id']} is training it)"
+        elif version is not None:
+            why = f" (its fine-tune, job {version['job_id']}, did not finish)"
+        known = [v["number"] for v in self.store.versions(project["id"])]
+        raise BioadaptError(f"project {project['id']!r} has no model version {number}{why}; it has {known}")
 
     def image_row(self, project: dict[str, Any], image_id: str) -> dict[str, Any]:
         image = self.store.image(project["id"], image_id)

@@ -39,14 +39,13 @@ class Lease:
     renews it (``renew_s``). A replica stalled for longer than the lease loses its jobs."""
 
     lease_s: float = 30.0
-    renew_s: float = 5.0
+    renew_s: float = 5.0  # a sixth of the lease: a replica misses five renewals before it loses its jobs
 
     @classmethod
     def from_env(cls) -> "Lease":
         """From $BIOADAPT_JOB_LEASE_S and $BIOADAPT_JOB_RENEW_S (default: a sixth of the lease) where set."""
         lease_s = float(os.environ.get(LEASE_VARIABLE, cls.lease_s))
-        renew_s = float(os.environ.get(RENEW_VARIABLE, cls.renew_s if LEASE_VARIABLE not in os.environ
-                                       else lease_s / 6))
+        renew_s = float(os.environ.get(RENEW_VARIABLE, lease_s / 6))
         if not 0 < renew_s < lease_s:
             raise BioadaptError(f"a job lease of {lease_s} s renewed every {renew_s} s cannot hold: set "
                                 f"${RENEW_VARIABLE} below ${LEASE_VARIABLE}, both above 0")
@@ -130,13 +129,16 @@ class JobStore:
             query = query.where(_jobs.c.project_id == project_id)
         if owner is not None:
             query = query.where(_jobs.c.owner == owner)
-        with self.engine.connect() as conn:
-            found = [_job(row) for row in conn.execute(query).mappings()]
+        found = self._all(query)
         lapsed = [job.id for job in found if job.state in LIVE and _lapsed(job.lease_until)]
         if lapsed:
             self.fail_lapsed(lapsed)
-            return self.list(project_id, owner)
+            found = self._all(query)
         return found
+
+    def _all(self, query: Any) -> list[Job]:
+        with self.engine.connect() as conn:
+            return [_job(row) for row in conn.execute(query).mappings()]
 
     def fail_lapsed(self, job_ids: list[str] | None = None) -> list[str]:
         """Queued or running jobs (of ``job_ids``, or all) whose lease lapsed, or that have none (records written
