@@ -315,7 +315,8 @@ def test_a_user_labels_and_tunes_through_the_widget(make_napari_viewer, qtbot, s
 
         # 8. evaluate both versions on the held-out patch: F1 and AP columns fill in
         _click(qtbot, versions_panel.evaluate_button)
-        until(lambda: versions_panel.table.item(1, 3).text() != "")
+        # (version 1's came with its fine-tune, which scored it on the held-out patch: wait for version 0's)
+        until(lambda: all(versions_panel.table.item(row, 3).text() != "" for row in (0, 1)))
         for row in (0, 1):
             assert 0 <= float(versions_panel.table.item(row, 3).text()) <= 1  # F1
             assert 0 <= float(versions_panel.table.item(row, 4).text()) <= 1  # AP
