@@ -129,6 +129,9 @@ def _one_round(svc: Any, workdir: Path, base: Path, image_path: Path, truth: np.
     job = svc.fine_tune(project_id, epochs=epochs, learning_rate=LEARNING_RATE, batch_size=4)
     tuned = svc.wait(job["job_id"])
     version = tuned["result"]["version"]
+    verdict = tuned["result"]["verdict"]
+    print(f"    version {version} against version 0 on the held-out patches: {verdict['verdict']} "
+          f"({verdict['reason']})")
     print(f"7/8 evaluating versions 0 and {version} on the held-out corrected patches ...")
     evaluation = svc.wait(svc.evaluate(project_id, versions=[0, version]))["result"]
     print("8/8 exporting the fine-tuned model as a bioimage.io package and testing it ...")
@@ -147,6 +150,7 @@ def _one_round(svc: Any, workdir: Path, base: Path, image_path: Path, truth: np.
                                                                         "initial_val_score", "best_val_score")},
             "f1_before": before.get("f1"), "f1_after": after.get("f1"), "ap_before": before.get("ap"),
             "ap_after": after.get("ap"), "version": version, "package": str(package),
+            "learning_curve": svc.get_project(project_id)["learning_curve"],
             "package_test": test_status, "png": str(png)}
 
 
@@ -206,6 +210,15 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(f"  F1 @ IoU 0.5 on {summary['holdout_patches']} held-out corrected patches: "
           f"{summary['f1_before']:.3f} (v0) -> {summary['f1_after']:.3f} (v{summary['version']});  "
           f"AP {summary['ap_before']:.3f} -> {summary['ap_after']:.3f}")
+    print("  learning curve (held-out score of each fine-tune and of its parent, on the same patches):")
+    for row in summary["learning_curve"]:
+        print(f"    v{row['parent']} -> v{row['version']}: {row['parent_labels']} -> {row['labels']} training labels, "
+              f"{row['metric']} {_score(row['parent_score'])} -> {_score(row['score'])} on {row['holdout_patches']} "
+              f"patches: {row['verdict']}")
     print(f"  package    {summary['package']}  (bioimageio.core test: {summary['package_test']})")
     print(f"  figure     {summary['png']}")
     print(f"  time       {summary['seconds']} s")
+
+
+def _score(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"

@@ -304,6 +304,13 @@ def test_a_user_labels_and_tunes_through_the_widget(make_napari_viewer, qtbot, s
         assert tune_panel.progress.value() == tune_panel.progress.maximum() == 2
         assert tune_panel.loss.text().startswith("loss by epoch: ") and "2: " in tune_panel.loss.text()
         assert [session.project["versions"][i]["parent"] for i in (0, 1)] == [None, 0]
+        # the fine-tune judged version 1 against version 0 on the one held-out patch: too few to judge, and the
+        # learning curve shows that one step
+        until(lambda: len(versions_panel.curve.points()) == 1)
+        [(point_row, _)] = versions_panel.curve.points()
+        assert (point_row["version"], point_row["labels"], point_row["verdict"]) == (1, 3, "undecided")
+        assert versions_panel.table.item(1, 6).text() == "undecided"
+        assert "too few to judge" in versions_panel.table.item(1, 6).toolTip()
 
         # ... a long one is cancelled once it trains: no new version
         tune_panel.epochs.setValue(1000)
@@ -318,7 +325,8 @@ def test_a_user_labels_and_tunes_through_the_widget(make_napari_viewer, qtbot, s
 
         # 8. evaluate both versions on the held-out patch: F1 and AP columns fill in
         _click(qtbot, versions_panel.evaluate_button)
-        until(lambda: versions_panel.table.item(1, 3).text() != "")
+        # (version 1's came with its fine-tune, which scored it on the held-out patch: wait for version 0's)
+        until(lambda: all(versions_panel.table.item(row, 3).text() != "" for row in (0, 1)))
         for row in (0, 1):
             assert 0 <= float(versions_panel.table.item(row, 3).text()) <= 1  # F1
             assert 0 <= float(versions_panel.table.item(row, 4).text()) <= 1  # AP

@@ -376,3 +376,60 @@ def test_a_torchscript_zoo_model_is_scored_by_augmentation_and_its_scores_are_no
                select=2)
     scores = [p["score"] for p in service.list_patches(ALICE, s.ListPatches(project_id=project["id"], limit=3))]
     assert job["result"]["scored"] == 3 and len(scores) == 3 and min(scores) > 0, (job["result"], scores)
+
+
+def test_a_version_trained_on_wrong_labels_is_judged_worse_and_never_the_default(service, inputs):
+    """A fine-tune on deliberately wrong labels (every training patch 'corrected' to its inverse: the background as
+    one object, the cells as background) gives a version far worse on the held-out patches: the same job judges it
+    worse than its parent, so scoring, predict, export and the next fine-tune keep using the parent unless the worse
+    version is named; get_project's learning curve shows both scores and why."""
+    from bioadapt.demo import build_base_model
+
+    root = inputs["root"]
+    if not (root / "base.zip").exists():
+        build_base_model(root / "base.zip", epochs=20, seed=0)
+    write_synthetic_ome_zarr(root / "nuclei.ome.zarr", (384, 384), "nuclei", seed=3)
+    model = service.load_model(ALICE, s.LoadModel(source=str(root / "base.zip")))
+    project = service.create_project(ALICE, s.CreateProject(name="wrong labels", model=model["id"], images=[
+        {"uri": str(root / "nuclei.ome.zarr")}], holdout_fraction=0.34))
+    pid = project["id"]
+    _run(service, "score", project_id=pid, n_patches=12, patch_shape=PATCH, mc_passes=2, actors=1)
+    _annotate(service, project, 9)  # the truth first: the held-out patches keep it
+    train = service.store.patches(pid, status="annotated", split="train")
+    truth = zarr.open_group(str(root / "nuclei.ome.zarr"), mode="r")["labels/ground_truth/0"]
+    for patch in train:
+        (y, x), (h, w) = patch["origin"], patch["shape"]
+        inverse = (np.asarray(truth[y:y + h, x:x + w]) == 0).astype(np.uint32)
+        service.submit_labels(ALICE, s.SubmitLabels(project_id=pid, patch_id=patch["id"], labels=inverse))
+    held_out = len(service.store.patches(pid, status="annotated", split="holdout"))
+    assert len(train) >= 4 and held_out >= 2
+
+    tuned = _run(service, "fine_tune", project_id=pid, epochs=30, learning_rate=3e-3)["result"]
+    verdict = tuned["verdict"]
+    assert (tuned["version"], verdict["verdict"]) == (1, "worse"), verdict
+    assert verdict["parent"] > 0.5 and verdict["interval"][1] < 0 and verdict["patches"] == held_out
+    assert tuned["default_version"] == 0
+
+    answer = service.get_project(ALICE, s.GetProject(project_id=pid))
+    assert answer["default_version"] == 0 and [v["number"] for v in answer["versions"]] == [0, 1]
+    [row] = answer["learning_curve"]
+    assert (row["version"], row["parent"], row["labels"], row["parent_labels"], row["verdict"]) == (
+        1, 0, len(train), 0, "worse")
+    assert row["parent_score"] == verdict["parent"] and row["score"] == verdict["version"]
+    assert "worse than its parent beyond the noise" in row["reason"]
+
+    assert _run(service, "score", project_id=pid, n_patches=2, patch_shape=PATCH, mc_passes=2)["result"][
+        "version"] == 0
+    image = project["images"][0]
+    assert _run(service, "predict", project_id=pid, image_id=image["id"], origin=[0, 0], shape=[64, 64])[
+        "result"]["version"] == 0
+    assert _run(service, "predict", project_id=pid, image_id=image["id"], origin=[0, 0], shape=[64, 64],
+                version=1)["result"]["version"] == 1  # still usable when named
+    exported = _run(service, "export_model", project_id=pid, authors=["Alice"], license="CC-BY-4.0")
+    assert exported["result"]["version"] == 0
+    rdf, readme = _package_config(service, _run(service, "export_model", project_id=pid, version=1,
+                                                authors=["Alice"], license="CC-BY-4.0"))
+    assert "## Learning curve" in readme and f"| 1 | 0 | {len(train)} | {held_out} |" in readme
+    assert readme.rstrip().count("| worse |") == 1
+    assert rdf["config"]["bioadapt"]["learning_curve"][0]["verdict"] == "worse"
+    assert _run(service, "fine_tune", project_id=pid, epochs=1)["result"]["parent"] == 0  # not built on v1

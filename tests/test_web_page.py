@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 from conftest import needs
 from model_factory import unet_package
 from service_helpers import ServiceProcess, client_for
@@ -244,4 +245,34 @@ def test_label_tune_and_export_in_the_browser(browser_context, hypha_server, ser
     page.check("#show-uncertainty")
     screenshot = os.environ.get("BIOADAPT_WEB_SCREENSHOT")
     page.screenshot(path=screenshot or str(tmp_path / "web-page.png"))
+    page.close()
+
+
+@needs_browser
+def test_the_learning_curve_shows_each_version_against_its_parent(browser_context, hypha_server, service, webuser):
+    """A project with held-out patches, fine-tuned through the Python client: the page draws the fine-tune as a
+    point of the learning curve whose title says its verdict and why."""
+    created = webuser.create_project("web curve", str(service.inputs / "model.zip"),
+                                     [{"uri": str(service.inputs / "image.ome.zarr")}], holdout_fraction=0.5)
+    started = webuser.score(created["id"], n_patches=4, patch_shape=PATCH, mc_passes=2, seed=1)
+    assert webuser.wait(started["job_id"], progress=False, timeout_s=120)["state"] == "done"
+    truth = zarr.open_group(str(service.inputs / "image.ome.zarr"), mode="r")["labels/ground_truth/0"]
+    for patch in webuser.list_patches(created["id"], limit=4):
+        (y, x), (h, w) = patch["origin"], patch["shape"]
+        webuser.submit_labels(created["id"], patch["id"], np.asarray(truth[y:y + h, x:x + w], np.uint32))
+    tuned = webuser.wait(webuser.fine_tune(created["id"], epochs=1)["job_id"], progress=False, timeout_s=180)
+    verdict = tuned["result"]["verdict"]
+    assert tuned["state"] == "done" and verdict["patches"] == 2
+
+    page = browser_context.new_page()
+    page.goto(service.info["web_url"])
+    page.fill("#token", mint_token("webuser", workspaces={WORKSPACE: "r"}, jwt_secret=hypha_server.jwt_secret))
+    page.click("#connect")
+    page.locator(f"#projects li[data-project-id='{created['id']}']").click(timeout=20_000)
+    point = page.locator("#learning-curve circle.point")
+    point.wait_for(timeout=20_000)
+    assert point.count() == 1
+    assert (point.get_attribute("data-version"), point.get_attribute("data-verdict")) == ("1", verdict["verdict"])
+    assert page.text_content("#learning-curve circle.point title") == f"v1 ({verdict['verdict']}): {verdict['reason']}"
+    assert "model version" in page.text_content("#project-info")
     page.close()

@@ -28,6 +28,7 @@ from bioadapt.adapters.bioimageio import BioimageioAdapter
 from bioadapt.errors import BioadaptError
 from bioadapt.exporters.fresh import _predict_test_output
 from bioadapt.exporters.metadata import Metadata, annotated_patch, bump_version, write_cover
+from bioadapt.exporters.readme import training_sections
 
 TOLERANCE = 1e-4  # torchscript re-export must reproduce the state-dict module's outputs to this
 
@@ -199,13 +200,13 @@ def _config(parent_config: Mapping[str, Any], model: BioimageioAdapter, training
                       "best_val_score": result.get("best_val_score"), "n_train": result.get("n_train"),
                       "n_val": result.get("n_val")},
         "metrics": dict(training.get("metrics", {})),
+        "learning_curve": [dict(r) for r in training.get("learning_curve", [])],
     }
     return config
 
 
 def _readme(model: BioimageioAdapter, meta: Metadata, training: Mapping[str, Any], weights: Mapping[str, str]) -> str:
     params, result = _training(model)
-    regions = training.get("regions", [])
     parent = f"**{model.description.name}** (`{model.source}`" + (
         f", zoo id `{model.description.id}`" if model.description.id else "") + ")"
     if model.training_record is None:  # the parent's own weights
@@ -220,14 +221,7 @@ def _readme(model: BioimageioAdapter, meta: Metadata, training: Mapping[str, Any
                  f"- loss: {'BCE + Dice' if model.output_kind == 'sigmoid' else 'CE + Dice'}",
                  f"- held-out Dice: {result.get('initial_val_score')} before, {result.get('best_val_score')} after",
                  f"- patches: {result.get('n_train')} for training, {result.get('n_val')} held out", ""]
-    metrics = training.get("metrics", {})
-    if metrics:
-        lines += ["## Metrics", ""] + [f"- {k}: {v}" for k, v in metrics.items()] + [""]
-    lines += ["## Training regions", ""]
-    lines += [f"- `{r.get('image')}` origin {r.get('origin')} shape {r.get('shape')}" for r in regions] or \
-        ["- none: not fine-tuned" if model.training_record is None else "- not recorded"]
-    if training.get("label_store"):
-        lines += ["", f"Corrected labels: `{training['label_store']}` (OME-Zarr label image)."]
+    lines += training_sections(training, fine_tuned=model.training_record is not None)
     lines += ["", f"Weights: {', '.join(weights)}. Pre- and post-processing are the parent's.", ""]
     return "\n".join(lines)
 

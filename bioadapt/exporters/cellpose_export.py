@@ -39,6 +39,7 @@ from bioadapt.errors import BioadaptError
 from bioadapt.exporters.bioimageio_export import _save_and_test
 from bioadapt.exporters.fresh import _predict_test_output
 from bioadapt.exporters.metadata import Metadata, annotated_patch, write_cover
+from bioadapt.exporters.readme import training_sections
 
 CELLPOSE3_ARCHITECTURE = Path(__file__).with_name("cellpose_arch.py")
 CPSAM_ARCHITECTURE = Path(__file__).resolve().parent.parent / "adapters" / "cpsam.py"
@@ -158,7 +159,8 @@ def _describe(model: CellposeAdapter, folder: Path, meta: Metadata, training: Ma
                                      "regions": [dict(r) for r in training.get("regions", [])],
                                      "label_store": training.get("label_store"),
                                      "fine_tune": {"params": params, "epochs_run": result.get("epochs_run")},
-                                     "metrics": dict(training.get("metrics", {}))}},
+                                     "metrics": dict(training.get("metrics", {})),
+                                     "learning_curve": [dict(r) for r in training.get("learning_curve", [])]}},
             )
     except ValidationError as e:
         raise BioadaptError(f"the exported Cellpose description is invalid: {e}") from e
@@ -191,7 +193,6 @@ def _usage(model: CellposeAdapter) -> list[str]:
 def _readme(model: CellposeAdapter, meta: Metadata, training: Mapping[str, Any]) -> str:
     record = model.training_record
     params, result = (record.params, record.result) if record is not None else ({}, {})
-    regions = training.get("regions", [])
     lines = [f"# {meta.name}", "", meta.description, "",
              f"A Cellpose {model.generation} network fine-tuned with bioadapt from `{model.source}` through "
              "`cellpose.train.train_seg`.", "",
@@ -205,11 +206,5 @@ def _readme(model: CellposeAdapter, meta: Metadata, training: Mapping[str, Any])
              f"up from 0 over the first 10 epochs), batch size {params.get('batch_size')}, weight decay "
              f"{params.get('weight_decay')}",
              f"- patches: {result.get('n_train')} for training, {result.get('n_val')} held out", ""]
-    if training.get("metrics"):
-        lines += ["## Metrics", ""] + [f"- {k}: {v}" for k, v in training["metrics"].items()] + [""]
-    lines += ["## Training regions", ""]
-    lines += [f"- `{r.get('image')}` origin {r.get('origin')} shape {r.get('shape')}" for r in regions] or \
-        ["- not recorded"]
-    if training.get("label_store"):
-        lines += ["", f"Corrected labels: `{training['label_store']}` (OME-Zarr label image)."]
+    lines += training_sections(training, fine_tuned=True)
     return "\n".join(lines) + "\n"

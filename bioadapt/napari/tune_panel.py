@@ -78,7 +78,7 @@ class TunePanel(QWidget):
         if job["state"] == "failed":
             self.session.fail("fine-tuning", BioadaptError(job["error"] or "the job failed"))
         elif job["state"] == "done" and (job.get("result") or {}).get("version") is not None:
-            self.session.say(f"fine-tuning done: version {job['result']['version']}")
+            self.session.say(verdict_message(job["result"]))
         else:
             self.session.say(f"fine-tuning {job['state']}: no new version")
         self.session.reload_project(then_emit=self.session.versions_changed)
@@ -100,3 +100,14 @@ def _loss_text(losses: dict[int, float], validation: Any) -> str:
     if isinstance(validation, (int, float)):
         text += f" · validation {validation:.3f}"
     return text
+
+
+def verdict_message(result: dict[str, Any]) -> str:
+    """What a finished fine-tune made, and what its judgement against its parent means for the user."""
+    verdict = result.get("verdict") or {}
+    said = f"fine-tuning done: version {result['version']}, {verdict.get('verdict', 'not judged')}"
+    if verdict.get("verdict") == "worse":
+        return (f"{said}: {verdict.get('reason')}. It is kept but not used unless you name it; version "
+                f"{result.get('default_version')} stays the default")
+    return f"{said}: {verdict.get('reason', '')}".rstrip(": ")
+

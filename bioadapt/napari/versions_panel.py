@@ -1,6 +1,7 @@
-"""The project's model versions with their held-out scores: Evaluate compares versions (F1 and AP at IoU 0.5 for
-instance models, Dice for semantic ones), Export writes a version as a bioimage.io package to a chosen file. Both
-are service jobs, followed like scoring and fine-tuning."""
+"""The project's model versions with their held-out scores and verdicts, and its learning curve: every fine-tune
+is judged against its parent on the held-out patches; a version judged worse is marked and is not the default.
+Evaluate compares versions (F1 and AP at IoU 0.5 for instance models, Dice for semantic ones), Export writes a
+version as a bioimage.io package to a chosen file. Both are service jobs, followed like scoring and fine-tuning."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from qtpy.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QPushBu
                             QWidget)
 
 from bioadapt.errors import BioadaptError
+from bioadapt.napari.curve_plot import LearningCurvePlot
 from bioadapt.napari.fields import read_only_table
 from bioadapt.napari.session import Session
 
-COLUMNS = ("version", "from", "patches", "F1", "AP", "Dice")
+COLUMNS = ("version", "from", "patches", "F1", "AP", "Dice", "verdict")
 METRIC_COLUMNS = {"F1": "f1", "AP": "ap", "Dice": "dice"}
 FINISHED_BADLY = ("failed", "cancelled")
 
@@ -31,11 +33,13 @@ class VersionsPanel(QWidget):
                               "(default: the latest)")
         self.evaluate_button = QPushButton("Evaluate")
         self.export_button = QPushButton("Export…")
+        self.curve = LearningCurvePlot()
         buttons = QHBoxLayout()
         buttons.addWidget(self.evaluate_button)
         buttons.addWidget(self.export_button)
         layout = QVBoxLayout(self)
         layout.addWidget(self.table, 1)
+        layout.addWidget(self.curve)
         layout.addLayout(buttons)
         self.evaluate_button.clicked.connect(lambda: session.act("evaluating", self.evaluate))
         self.export_button.clicked.connect(lambda: session.act("exporting", self._export_clicked))
@@ -43,19 +47,27 @@ class VersionsPanel(QWidget):
         session.versions_changed.connect(self._fill)
 
     def _fill(self) -> None:
-        self.versions = list((self.session.project or {}).get("versions", []))
+        project = self.session.project or {}
+        self.versions = list(project.get("versions", []))
+        curve = {row["version"]: row for row in project.get("learning_curve", [])}
+        self.curve.set_rows(list(curve.values()))
         shown = [column for column, key in METRIC_COLUMNS.items()
                  if any(key in (v["metrics"].get("holdout") or {}) for v in self.versions)]
         self.table.setRowCount(len(self.versions))
         for row, version in enumerate(self.versions):
             holdout = version["metrics"].get("holdout") or {}
-            cells = {"version": str(version["number"]),
+            judged = curve.get(version["number"], {})
+            default = " (default)" if version["number"] == project.get("default_version") else ""
+            cells = {"version": str(version["number"]) + default,
                      "from": "" if version["parent"] is None else str(version["parent"]),
                      "patches": str(version["metrics"].get("patches", "")),
-                     **{column: _number(holdout.get(key)) for column, key in METRIC_COLUMNS.items()}}
+                     **{column: _number(holdout.get(key)) for column, key in METRIC_COLUMNS.items()},
+                     "verdict": judged.get("verdict", "")}
             for column, name in enumerate(COLUMNS):
                 item = QTableWidgetItem(cells[name])
                 item.setData(Qt.ItemDataRole.UserRole, version["number"])
+                if judged:
+                    item.setToolTip(judged["reason"])
                 self.table.setItem(row, column, item)
         for column, name in enumerate(COLUMNS):
             self.table.setColumnHidden(column, name in METRIC_COLUMNS and name not in shown)

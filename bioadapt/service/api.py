@@ -26,6 +26,7 @@ from bioadapt.service import schemas as s
 from bioadapt.service.context import DEFAULT_MAX_PATCH_PIXELS, Caller, ServiceContext
 from bioadapt.service.db import make_engine
 from bioadapt.service.execution import DEFAULT_ACTOR_IDLE_S, ModelSpec, describe, run_once
+from bioadapt.service.holdout import learning_curve
 from bioadapt.service.jobs import Job
 from bioadapt.service.limits import Limits
 from bioadapt.service.public import model_name, public_image, public_model, public_result, public_version
@@ -120,6 +121,7 @@ class BioadaptService:
 
     def get_project(self, caller: Caller, args: s.GetProject) -> dict[str, Any]:
         project = self.context.owned_project(caller, args.project_id)
+        versions = self.store.versions(project["id"])
         return {"id": project["id"], "name": project["name"], "description": project["description"],
                 "owner": project["owner"], "created": project["created"],
                 "model": {"name": model_name(project["model_info"], project["model_source"]),
@@ -127,8 +129,9 @@ class BioadaptService:
                           "info": project["model_info"]},
                 "holdout_fraction": project["holdout_fraction"],
                 "images": [public_image(i) for i in self.store.images(project["id"])],
-                "versions": [public_version(v) for v in self.store.versions(project["id"])],
-                "patches": self.store.counts(project["id"])}
+                "versions": [public_version(v) for v in versions],
+                "default_version": self.store.version(project["id"])["number"],
+                "learning_curve": learning_curve(versions), "patches": self.store.counts(project["id"])}
 
     def delete_project(self, caller: Caller, args: s.DeleteProject) -> dict[str, Any]:
         """Cancel the project's jobs and wait (a while) for them to stop writing into its folder, then remove

@@ -49,12 +49,15 @@ patches = Table(
 # project get distinct numbers; it becomes "ready" with its weights, or "failed" (never usable, its number never
 # reused). NULL state: a row written before states existed, always a finished version. trained_on: the ids of the
 # patches it was trained on (JSON list), recorded when its training started; NULL in rows written before that.
+# verdict: the version against its parent on the held-out patches when it was made (active.verdict: better, same,
+# worse, undecided); a worse one is never the project's default version. NULL: not judged (version 0, older rows).
 versions = Table(
     "versions", metadata,
     Column("project_id", String, ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True),
     Column("number", Integer, primary_key=True), Column("parent", Integer), Column("path", Text),
     Column("metrics", Text, default="{}"), Column("params", Text, default="{}"), Column("job_id", String),
-    Column("created", Float, nullable=False), Column("state", String), Column("trained_on", Text))
+    Column("created", Float, nullable=False), Column("state", String), Column("trained_on", Text),
+    Column("verdict", String))
 
 # replica: the id of the service process running a job; lease_until: until when (time.time()) that replica holds
 # it, renewed every few seconds (jobs.Lease). NULL in rows written before leases: taken for lapsed.

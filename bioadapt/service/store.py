@@ -23,6 +23,7 @@ Window = tuple[Sequence[int], Sequence[int]]  # (origin, shape)
 JSON_COLUMNS = {"options", "info", "model_options", "model_info", "channels", "shape", "origin", "scores", "metrics",
                 "params", "storage_options", "features", "trained_on"}
 READY = or_(db.versions.c.state.is_(None), db.versions.c.state == "ready")  # NULL: a row older than states
+DEFAULTABLE = or_(db.versions.c.verdict.is_(None), db.versions.c.verdict != "worse")  # worse: only when named
 
 
 def _row(row: Any) -> dict[str, Any]:
@@ -263,10 +264,11 @@ class ProjectStore:
                          .order_by(db.versions.c.number))
 
     def version(self, project_id: str, number: int | None = None) -> dict[str, Any] | None:
-        """A version by number, whatever its state (see ``db.versions``); the latest ready one with ``None``."""
+        """A version by number, whatever its state and verdict (see ``db.versions``); with ``None`` the project's
+        default: the latest ready version not judged worse than its parent."""
         query = select(db.versions).where(db.versions.c.project_id == project_id)
         if number is None:
-            return self._first(query.where(READY).order_by(db.versions.c.number.desc()).limit(1))
+            return self._first(query.where(READY, DEFAULTABLE).order_by(db.versions.c.number.desc()).limit(1))
         return self._first(query.where(db.versions.c.number == number))
 
     def reserve_version(self, project_id: str, parent: int, params: dict[str, Any], trained_on: Sequence[int],
@@ -284,14 +286,15 @@ class ProjectStore:
                 trained_on=json.dumps([int(i) for i in trained_on])))
         return number
 
-    def finish_version(self, project_id: str, number: int, path: str, metrics: dict[str, Any]) -> bool:
-        """A reserved version ready with its weights; False when it is no longer reserved (its project was deleted,
-        or it was failed meanwhile)."""
+    def finish_version(self, project_id: str, number: int, path: str, metrics: dict[str, Any],
+                       verdict: str | None = None) -> bool:
+        """A reserved version ready with its weights and its verdict against its parent; False when it is no longer
+        reserved (its project was deleted, or it was failed meanwhile)."""
         where = ((db.versions.c.project_id == project_id) & (db.versions.c.number == number)
                  & (db.versions.c.state == "training"))
         with self.engine.begin() as conn:
             return conn.execute(db.versions.update().where(where).values(
-                state="ready", path=path, metrics=json.dumps(metrics))).rowcount > 0
+                state="ready", path=path, metrics=json.dumps(metrics), verdict=verdict)).rowcount > 0
 
     def fail_versions(self, job_ids: Sequence[str]) -> int:
         """Versions still reserved by these (fine-tune) jobs marked failed: never usable. How many."""

@@ -3,6 +3,7 @@
 import { connect, errorMessage, fromNdarray, runJob, toNdarray } from "./rpc.js";
 import { PatchView, labelColor } from "./patch-view.js";
 import { OverviewView } from "./overview.js";
+import { drawLearningCurve, verdictText } from "./curve.js";
 
 const $ = (id) => document.getElementById(id);
 const STORAGE = { serverUrl: "bioadapt.server_url", workspace: "bioadapt.workspace" };
@@ -149,9 +150,10 @@ $("show-overview").addEventListener("change", () => {
 /** Fetch the project and show its summary (versions, patch counts). */
 async function showProject(projectId) {
   state.project = await state.service.get_project({ project_id: projectId });
-  const p = state.project, latest = p.versions[p.versions.length - 1];
+  const p = state.project;
   $("project-info").textContent = `${p.name} (${p.id}) · model ${p.model.name} · ${p.images.length} image(s) · ` +
-    `model version ${latest ? latest.number : 0} · patches: ${countsText(p.patches) || "none"}`;
+    `model version ${p.default_version} · patches: ${countsText(p.patches) || "none"}`;
+  drawLearningCurve($("learning-curve"), p.learning_curve || []);
 }
 
 /** After labels changed: the patch list, the project's counts and the project list. */
@@ -375,7 +377,7 @@ $("tune-form").addEventListener("submit", (event) => {
     if (job.state !== "done") throw new Error(`the fine-tuning job ${job.state}: ${job.error || ""}`);
     $("tune-progress").value = 1;
     $("tune-status").textContent = `done: model version ${job.result.version} (from ${job.result.parent}); ` +
-      $("tune-status").textContent.replace(/^\w+: /, "");
+      $("tune-status").textContent.replace(/^\w+: /, "") + `. ${verdictText(job.result)}`;
     await showProject(state.project.id);
   });
 });

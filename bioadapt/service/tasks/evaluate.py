@@ -4,44 +4,15 @@ metrics are stored with each version."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
-
-import numpy as np
 
 from bioadapt.data import LabelledRegion
 from bioadapt.errors import BioadaptError
 from bioadapt.service import schemas as s
 from bioadapt.service.context import Caller, ServiceContext
+from bioadapt.service.holdout import evaluate_regions
 from bioadapt.service.jobs import JobRunner
-
-
-def evaluate_regions(adapter: Any, regions: Sequence[LabelledRegion], *, stop: threading.Event | None = None,
-                     progress: Callable[..., None] | None = None) -> dict[str, Any]:
-    """The worker body: the model's segmentation of each region against its labels."""
-    from bioadapt.active.metrics import dice, match_instances, summarize_matches
-
-    if not regions:
-        raise BioadaptError("nothing to evaluate: no held-out annotated patches yet; annotate more patches")
-    instances = adapter.describe().instances  # the adapter's own targets say (affinities give instances too)
-    matches, dices = [], []
-    for done, region in enumerate(regions, start=1):
-        if stop is not None and stop.is_set():
-            break
-        pixels, truth = region.read()
-        predicted = adapter.segment(pixels[None])[0]
-        if instances:
-            matches.append(match_instances(predicted, truth, 0.5))
-        else:
-            dices.append(dice(predicted, truth))
-        if progress is not None:
-            progress(done=done, total=len(regions))
-    if instances:
-        summary = summarize_matches(matches)
-        return {"metric": "f1@0.5", "f1": summary["f1"], "ap": summary["ap"], "tp": summary["tp"],
-                "fp": summary["fp"], "fn": summary["fn"], "patches": len(matches)}
-    return {"metric": "dice", "dice": float(np.mean(dices)) if dices else None, "patches": len(dices)}
 
 
 def submit(context: ServiceContext, caller: Caller, args: s.Evaluate,

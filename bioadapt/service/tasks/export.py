@@ -15,6 +15,7 @@ from bioadapt.data import LabelledRegion
 from bioadapt.errors import BioadaptError
 from bioadapt.service import schemas as s
 from bioadapt.service.context import Caller, ServiceContext
+from bioadapt.service.holdout import learning_curve
 from bioadapt.service.jobs import JobRunner
 
 
@@ -54,7 +55,10 @@ def submit(context: ServiceContext, caller: Caller, args: s.ExportModel,
                 f"{version['number']})."}
     record = {"params": version["params"], "result": version["metrics"].get("training", {})} \
         if version["number"] else None
-    training = {"regions": regions, "metrics": version["metrics"].get("holdout", {})}
+    lineage = {row["number"] for row in context.store.lineage(project["id"], version["number"])}
+    curve = [row for row in learning_curve(context.store.versions(project["id"])) if row["version"] in lineage]
+    holdout = {k: v for k, v in (version["metrics"].get("holdout") or {}).items() if k != "per_patch"}
+    training = {"regions": regions, "metrics": holdout, "learning_curve": curve}
     test_region = context.regions_of(project, test_patches[:1])[0]
     runner = context.start_job("export", lambda job: _export(context, job, project, version, metadata, training,
                                                              test_region, record), caller, project, progress)

@@ -1,0 +1,91 @@
+"""Held-out evaluation, shared by the evaluate and fine_tune tasks: the worker body that segments the held-out
+annotated patches (F1 and AP at IoU 0.5 pooled over the patches for instance models, mean Dice for semantic ones,
+and the same per patch), and the verdict on a version against its parent from two such evaluations."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from bioadapt.data import LabelledRegion
+from bioadapt.errors import BioadaptError
+
+
+def evaluate_regions(adapter: Any, regions: Sequence[LabelledRegion], *, stop: threading.Event | None = None,
+                     progress: Callable[..., None] | None = None) -> dict[str, Any]:
+    """The worker body: the model's segmentation of each region against its labels, pooled and per patch
+    (``per_patch``: (tp, fp, fn) for instance models; (Dice, predicts foreground, labels hold foreground) for
+    semantic ones), so that two versions can be compared patch by patch (``verdict_of``)."""
+    from bioadapt.active.metrics import dice, match_instances, summarize_matches
+
+    if not regions:
+        raise BioadaptError("nothing to evaluate: no held-out annotated patches yet; annotate more patches")
+    instances = adapter.describe().instances  # the adapter's own targets say (affinities give instances too)
+    matches, per_patch = [], []
+    for done, region in enumerate(regions, start=1):
+        if stop is not None and stop.is_set():
+            break
+        pixels, truth = region.read()
+        predicted = adapter.segment(pixels[None])[0]
+        if instances:
+            match = match_instances(predicted, truth, 0.5)
+            matches.append(match)
+            per_patch.append([match.tp, match.fp, match.fn])
+        else:
+            per_patch.append([dice(predicted, truth), bool((predicted > 0).any()), bool((truth > 0).any())])
+        if progress is not None:
+            progress(done=done, total=len(regions))
+    if instances:
+        summary = summarize_matches(matches)
+        return {"metric": "f1@0.5", "f1": summary["f1"], "ap": summary["ap"], "tp": summary["tp"],
+                "fp": summary["fp"], "fn": summary["fn"], "patches": len(matches), "per_patch": per_patch}
+    return {"metric": "dice", "dice": float(np.mean([p[0] for p in per_patch])) if per_patch else None,
+            "patches": len(per_patch), "per_patch": per_patch}
+
+
+def verdict_of(parent: dict[str, Any] | None, version: dict[str, Any] | None) -> dict[str, Any]:
+    """The version against its parent (``evaluate_regions`` results on the same held-out patches), as
+    ``bioadapt.active.verdict`` judges it; undecided, saying why, without held-out patches."""
+    from bioadapt.active.verdict import judge_dice, judge_instances
+
+    if not parent or not version or not parent.get("per_patch"):
+        return {"verdict": "undecided", "reason": "no held-out patches to judge it on yet: annotate more patches "
+                "(a share of them is held out)", "metric": (version or {}).get("metric"), "patches": 0}
+    if parent["metric"] == "dice":
+        judged = judge_dice(*zip(*[(p[0], v[0], p[1], v[1], p[2]) for p, v in zip(parent["per_patch"],
+                                                                                  version["per_patch"])]))
+    else:
+        judged = judge_instances(parent["per_patch"], version["per_patch"])
+    return judged.to_dict()
+
+
+def score_of(metrics: dict[str, Any] | None) -> float | None:
+    """The one number a held-out evaluation is judged by: F1 for instance models, Dice for semantic ones."""
+    if not metrics:
+        return None
+    return metrics.get("dice") if metrics.get("metric") == "dice" else metrics.get("f1")
+
+
+def learning_curve(versions: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The project's learning curve: one row per fine-tuned version with the training labels it learnt from (its
+    parent's count beside it), its held-out score and its parent's on the same held-out patches when it was made,
+    and the verdict with its reason. Rows of different versions may rest on different held-out patches (the set
+    grows with the labels); each row's two scores share theirs."""
+    labels = {v["number"]: len(v["trained_on"]) if v.get("trained_on") is not None else
+              int(v["metrics"].get("patches", 0)) for v in versions}
+    rows = []
+    for version in versions:
+        if not version["number"]:
+            continue
+        metrics = version["metrics"]
+        verdict = metrics.get("verdict") or {}
+        rows.append({"version": version["number"], "parent": version["parent"],
+                     "labels": labels[version["number"]], "parent_labels": labels.get(version["parent"], 0),
+                     "metric": verdict.get("metric") or (metrics.get("holdout") or {}).get("metric"),
+                     "score": score_of(metrics.get("holdout")), "parent_score": score_of(metrics.get("parent_holdout")),
+                     "holdout_patches": verdict.get("patches", 0), "verdict": version.get("verdict") or "undecided",
+                     "reason": verdict.get("reason", "judged before verdicts were recorded")})
+    return rows
