@@ -86,3 +86,19 @@ def ray_cpus_free(n: float = 2.0) -> bool:
     import ray
 
     return ray.available_resources().get("CPU", 0) >= n
+
+
+def crowded_inputs(folder: Path, size: int) -> dict:
+    """A synthetic 'crowded' OME-Zarr of ``size`` x ``size`` pixels with its ground truth, and a small U-Net
+    package, in ``folder`` (a folder the service is allowed to read)."""
+    import numpy as np
+    import zarr
+    from model_factory import unet_package
+
+    from bioadapt.data.synthetic import write_synthetic_ome_zarr
+
+    image = folder / "image.ome.zarr"
+    write_synthetic_ome_zarr(image, (size, size), "crowded", seed=0)
+    model = unet_package(folder / "model.zip", features=4, weights=("pytorch_state_dict",))
+    truth = np.asarray(zarr.open_group(str(image), mode="r")["labels/ground_truth/0"][:])
+    return {"allowed": folder, "image": image, "model": model, "truth": truth}

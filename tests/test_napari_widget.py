@@ -23,13 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
 from conftest import import_or_missing, missing
-from model_factory import unet_package
-from service_helpers import ServiceProcess, client_for, project_folder
+from service_helpers import ServiceProcess, client_for, crowded_inputs, project_folder
 
 from bioadapt.data import LabelStore
-from bioadapt.data.synthetic import write_synthetic_ome_zarr
 from bioadapt.napari.layers import IMAGE_LAYER, LABELS_LAYER, UNCERTAINTY_LAYER
 from bioadapt.napari.overview import OVERVIEW_IMAGE_LAYER, OVERVIEW_LAYER
 from bioadapt.napari.settings import SETTINGS_ENV, load_connection
@@ -92,11 +89,7 @@ def _start_xvfb(xvfb: str) -> tuple[subprocess.Popen, str]:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    allowed = tmp_path_factory.mktemp("napari-inputs")
-    write_synthetic_ome_zarr(allowed / "image.ome.zarr", (512, 512), "crowded", seed=0)
-    model = unet_package(allowed / "model.zip", features=4, weights=("pytorch_state_dict",))
-    truth = np.asarray(zarr.open_group(str(allowed / "image.ome.zarr"), mode="r")["labels/ground_truth/0"][:])
-    return {"allowed": allowed, "image": allowed / "image.ome.zarr", "model": model, "truth": truth}
+    return crowded_inputs(tmp_path_factory.mktemp("napari-inputs"), 512)
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,9 @@ import time
 
 import numpy as np
 import pytest
-import zarr
-from model_factory import unet_package
 from ray_nodes import LoopbackCluster
-from service_helpers import ServiceProcess, client_for
+from service_helpers import ServiceProcess, client_for, crowded_inputs
 
-from bioadapt.data.synthetic import write_synthetic_ome_zarr
 
 USER = "svc-cluster"
 WORKSPACE = f"ws-user-{USER}"
@@ -34,11 +31,7 @@ JOB_TIMEOUT_S = 300
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    allowed = tmp_path_factory.mktemp("cluster-inputs")
-    write_synthetic_ome_zarr(allowed / "image.ome.zarr", (1024, 1024), "crowded", seed=0)
-    model = unet_package(allowed / "model.zip", features=4, weights=("pytorch_state_dict",))
-    truth = np.asarray(zarr.open_group(str(allowed / "image.ome.zarr"), mode="r")["labels/ground_truth/0"][:])
-    return {"allowed": allowed, "image": allowed / "image.ome.zarr", "model": model, "truth": truth}
+    return crowded_inputs(tmp_path_factory.mktemp("cluster-inputs"), 1024)
 
 
 @pytest.fixture(scope="module")
