@@ -33,8 +33,9 @@ from bioadapt.adapters.bioimageio_layout import Layout
 from bioadapt.adapters.bioimageio_tiling import CoreTiling, Forward, Plan, Prepared
 from bioadapt.adapters.bioimageio_weights import (TRAINABLE_FORMATS, choose_format, held_network,
                                                   load_core_adapter, torchscript_as_state_dict)
-from bioadapt.adapters.dropout import (CommonMasks, DropoutKind, HeadSplit, MCDropout, is_scripted, mc_strategy,
-                                       round_masks, stacked_passes)
+from bioadapt.adapters.dropout import (MC_SCOPES, CommonMasks, DropoutKind, HeadSplit, MCDropout, check_scope,
+                                       is_scripted, mc_strategy, round_masks, stacked_passes)
+from bioadapt.adapters.partial import PartialSplit, partial_passes
 from bioadapt.adapters.segmentation import labels_from_probabilities
 from bioadapt.adapters.shapes import activation_bytes, default_input_budget, default_memory_budget
 from bioadapt.adapters.sources import load_model_description
@@ -49,6 +50,8 @@ __all__ = ["BioimageioAdapter", "resolve_device"]
 # across round seeds (Spearman 0.92 at T = 16 on the benchmark pool, 0.47 with channel dropout at the same
 # p = 0.05: benchmarks/bench_ranking.py, results/ranking.md).
 DEFAULT_DROPOUT_KIND: DropoutKind = "element"
+DEFAULT_MC_SCOPE = "full"
+DEFAULT_MC_DEPTH = 2  # mc_scope="partial": dropout sites (activation calls) from the end that stay stochastic
 SAMPLE_SOURCES = ("auto", "dropout", "tta")
 
 
@@ -65,22 +68,22 @@ class BioimageioAdapter(Adapter):
     """A bioimage.io model with MC dropout, batched passes, segmentation and fine-tuning."""
 
     def __init__(self, descr: v0_5.ModelDescr, source: str, *, device: str | torch.device = "auto",
-                 dropout_p: float = 0.05, mc_scope: str = "full", output_activation: str | None = None,
+                 dropout_p: float = 0.05, mc_scope: str = DEFAULT_MC_SCOPE, mc_depth: int = DEFAULT_MC_DEPTH,
+                 output_activation: str | None = None,
                  weights_format: str | None = None, dropout_kind: DropoutKind = DEFAULT_DROPOUT_KIND,
                  memory_budget: int | None = None, output_targets: str | None = None,
                  affinity_offsets: Sequence[Sequence[int]] | None = None, sample_source: str = "auto"):
         self.description = descr
         self.source = source
         self.device = resolve_device(device)
-        if mc_scope not in ("full", "head"):
-            raise BioadaptError(f"mc_scope must be 'full' or 'head', got {mc_scope!r}")
+        check_scope(mc_scope, mc_depth)
         self.layout = Layout(descr)  # refusals that need no weights come first
         self.weights_format = choose_format(descr, weights_format)
         pre_ops, post_ops = setup_pre_and_postprocessing(descr, dataset_for_initial_statistics=[])
         self.tiling = CoreTiling(descr, self.layout, pre_ops)
         self.dropout_p = dropout_p
         self.dropout_kind = dropout_kind
-        self.mc_scope = mc_scope
+        self.mc_scope, self.mc_depth = mc_scope, int(mc_depth)
         self.memory_budget = memory_budget or default_memory_budget(self.device)  # one batched forward call
         self.input_budget = memory_budget or default_input_budget(self.device)  # one image before it goes in blocks
         if self.device.type == "cpu":
@@ -113,6 +116,7 @@ class BioimageioAdapter(Adapter):
             descr.name)
         self._head: HeadSplit | None = None
         self._head_masks: CommonMasks | None = None  # the head scope's round masks (the full scope's live in mc)
+        self._partial: PartialSplit | None = None
         self._voxel_bytes: float | None = None
 
     # -- loading -----------------------------------------------------------------------------------------------
@@ -180,7 +184,7 @@ class BioimageioAdapter(Adapter):
     def describe(self) -> ModelInfo:
         lay = self.layout
         hookable = self.module is not None and not is_scripted(self.module)
-        scopes = ("full", "head") if hookable and self.sample_source == "dropout" else ("full",)
+        scopes = MC_SCOPES if hookable and self.sample_source == "dropout" else ("full",)
         return ModelInfo(
             kind="bioimageio", name=self.description.name, source=self.source, axes=lay.axes,
             input_channels=lay.input_channels, min_shape=lay.min_shape, step=lay.step, halo=self.tiling.halo,
@@ -249,7 +253,18 @@ class BioimageioAdapter(Adapter):
             raw = self._head.passes(features, self._head_masks, len(passes))
             return raw.cpu().numpy()
 
-        return head if scope == "head" else full
+        def partial(batch: np.ndarray, passes: Sequence[int] | None) -> np.ndarray:
+            x = torch.from_numpy(batch).to(self.device)
+            if self._partial is None:
+                self._partial = PartialSplit(self.mc, self._module_output, x[:1], self.mc_depth)
+            rows = self._rows_per_call(batch[:1])
+            return partial_passes(self._partial, self.mc, x, len(passes), rows, seed).cpu().numpy()
+
+        return {"head": head, "partial": partial}.get(scope, full)
+
+    def _module_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's raw output for network inputs ``x`` (the model's axis order), called directly."""
+        return _first_output(self.module(x))
 
     def _head_features(self, batch: np.ndarray) -> torch.Tensor:
         """What the output layer reads for network inputs ``batch``, in calls sized by the memory budget."""
