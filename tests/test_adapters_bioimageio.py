@@ -58,7 +58,7 @@ def test_loads_from_zip_folder_and_rdf_with_the_same_description(packages, tmp_p
     assert (info.axes, info.input_channels, info.output_kind, info.n_classes) == ("cyx", 1, "sigmoid", 2)
     assert info.class_names == ("foreground", "boundaries")
     assert info.weights_format == "pytorch_state_dict" and info.trainable and info.mc_dropout == "existing"
-    assert info.mc_scopes == ("full", "head")
+    assert info.mc_scopes == ("full", "partial", "head")
 
 
 def test_predict_proba_equals_bioimageio_core(packages, image2d):
@@ -130,8 +130,8 @@ def _forward_calls(model):
 
 
 def test_passes_are_split_into_calls_that_fit_the_memory_budget(packages, image2d):
-    roomy = load_adapter(packages["plain2d"], device="cpu", dropout_p=1e-9)
-    tight = load_adapter(packages["plain2d"], device="cpu", dropout_p=1e-9,
+    roomy = load_adapter(packages["plain2d"], device="cpu", dropout_p=1e-9, mc_scope="full")
+    tight = load_adapter(packages["plain2d"], device="cpu", dropout_p=1e-9, mc_scope="full",
                          memory_budget=_one_row_budget(packages["plain2d"], image2d[0]))
     assert tight.tiling_plan((64, 64)) == roomy.tiling_plan((64, 64))  # the budget holds one whole image
     roomy_calls, tight_calls = _forward_calls(roomy), _forward_calls(tight)
@@ -184,9 +184,10 @@ def test_partial_scope_is_the_full_scope_without_the_early_masks(packages, image
     """mc_scope="partial" keeps the masks of the last mc_depth dropout sites, with the full scope's keys: as deep as
     the network it is the full scope exactly; shallower, its passes differ less from each other than the full
     scope's, and with p ~ 0 it predicts as the network does."""
-    full = load_adapter(packages["plain2d"], device="cpu", dropout_p=0.3, dropout_kind="element")
+    full = load_adapter(packages["plain2d"], device="cpu", dropout_p=0.3, dropout_kind="element", mc_scope="full")
     sites = full.mc.patched_layers
     assert full.describe().mc_scopes == ("full", "partial", "head")
+    assert load_adapter(packages["plain2d"], device="cpu").mc_scope == "partial"  # the default where it works
     whole = load_adapter(packages["plain2d"], device="cpu", dropout_p=0.3, dropout_kind="element",
                          mc_scope="partial", mc_depth=sites)
     np.testing.assert_allclose(whole.mc_proba(image2d, passes=4, seed=3), full.mc_proba(image2d, passes=4, seed=3),
