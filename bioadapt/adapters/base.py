@@ -13,6 +13,8 @@ import numpy as np
 from bioadapt.errors import BioadaptError
 
 OutputKind = Literal["sigmoid", "softmax", "cellpose"]
+MC_SCOPES: tuple[str, ...] = ("full", "partial", "head")  # where MC dropout acts (see adapters/dropout.py)
+DROPOUT_KINDS: tuple[str, ...] = ("channel", "element")
 Progress = Callable[[dict[str, Any]], None]
 Stop = Callable[[], bool]
 

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bioadapt.adapters.base import DROPOUT_KINDS, MC_SCOPES
 from bioadapt.errors import BioadaptError
 
 Scope = Literal["full", "partial", "head"]
-MC_SCOPES: tuple[str, ...] = ("full", "partial", "head")
 DropoutKind = Literal["channel", "element"]
 
 DROPOUT_TYPES = ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout")
@@ -202,6 +202,8 @@ class MCDropout:
         """``masks``: a round's masks from an earlier wrapper of the same network, reused when the seed matches."""
         if not 0 <= p < 1:
             raise BioadaptError(f"dropout_p must be in [0, 1), got {p}")
+        if kind not in DROPOUT_KINDS:
+            raise BioadaptError(f"dropout_kind must be one of {DROPOUT_KINDS}, got {kind!r}")
         self.module = module
         self.p = p
         self.kind = kind
