@@ -202,6 +202,17 @@ def test_partial_scope_is_the_full_scope_without_the_early_masks(packages, image
         load_adapter(packages["plain2d"], device="cpu", mc_scope="partial", mc_depth=0)
 
 
+def test_each_pass_is_segmented_as_the_prediction_is(packages, image2d):
+    """segment_samples gives each MC pass's instances by the model's own rule (the pass-disagreement map reads them):
+    with p ~ 0 every pass is the prediction, so its labels are segment()'s."""
+    quiet = load_adapter(packages["plain2d"], device="cpu", dropout_p=1e-9)
+    assert quiet.describe().segments_passes
+    labels = quiet.segment_samples(quiet.mc_proba(image2d, passes=2))
+    assert labels.shape == (2, *image2d.shape[:1], *image2d.shape[2:])
+    np.testing.assert_array_equal(labels[1], quiet.segment(image2d))
+    assert labels.max() > 0
+
+
 def test_torchscript_weights_predict_like_the_state_dict_and_use_their_dropout(packages, image2d):
     script = load_adapter(packages["dropout2d"], device="cpu", weights_format="torchscript")
     state = load_adapter(packages["dropout2d"], device="cpu")
