@@ -96,7 +96,7 @@ def test_a_rounds_masks_are_drawn_once_for_all_its_patches(weights, images, scop
 def test_head_scope_differs_from_full_but_predicts_the_same(weights, images):
     """For CPSAM the head is the 1x1 readout plus the fixed conv_transpose2d upsampling (W2): with p ~ 0 its
     passes must reproduce the deterministic prediction exactly as the whole network computes it."""
-    full = load_adapter(f"cellpose:{weights}", device="cpu", dropout_p=0.2)
+    full = load_adapter(f"cellpose:{weights}", device="cpu", dropout_p=0.2, mc_scope="full")
     head = load_adapter(f"cellpose:{weights}", device="cpu", dropout_p=0.2, mc_scope="head")
     np.testing.assert_array_equal(full.predict_proba(images), head.predict_proba(images))
     a, b = full.mc_proba(images, passes=4), head.mc_proba(images, passes=4)
@@ -118,7 +118,8 @@ def test_every_patch_sees_the_same_masks_whatever_the_batch(weights, images, sco
 def test_partial_scope_keeps_the_last_sites_masks_and_computes_the_rest_once(weights, images):
     """Partial MC: the network up to the last mc_depth activation calls runs once per patch, the passes repeat only
     the rest, with the full scope's masks there (as deep as the network: the full scope itself)."""
-    full = load_adapter(f"cellpose:{weights}", device="cpu", dropout_p=0.2)
+    full = load_adapter(f"cellpose:{weights}", device="cpu", dropout_p=0.2, mc_scope="full")
+    assert load_adapter(f"cellpose:{weights}", device="cpu").mc_scope == "partial"  # the default
     sites = len([m for m in full.net.modules() if isinstance(m, (torch.nn.ReLU, torch.nn.GELU))])
     whole = load_adapter(f"cellpose:{weights}", device="cpu", dropout_p=0.2, mc_scope="partial", mc_depth=sites)
     np.testing.assert_allclose(whole.mc_proba(images, passes=3, seed=2), full.mc_proba(images, passes=3, seed=2),
@@ -320,7 +321,7 @@ def test_on_the_gpu_in_cellposes_precision(weights, images, tmp_path):
     assert gpu.dtype == (torch.bfloat16 if CPSAM else torch.float32)
     assert next(gpu.net.parameters()).is_cuda
     np.testing.assert_allclose(gpu.predict_proba(images), cpu.predict_proba(images), atol=0.05 if CPSAM else 1e-3)
-    for scope in ("full", "head"):
+    for scope in ("full", "partial", "head"):
         samples = gpu.mc_proba(images, passes=4, scope=scope)
         assert samples.shape == (4, 2, 2, 64, 64) and np.abs(samples[0] - samples[1]).max() > 0
     assert gpu.segment(images).shape == (2, 64, 64)

@@ -62,9 +62,14 @@ GENERATION = _installed_generation()
 CPSAM_DIAMETER = 30.0  # Cellpose 4's eval resizes images by 30 / diameter
 CPSAM_TILE = 256  # the only input size CPSAM's position embedding fits
 _NITER = 200  # flow-dynamics steps at network scale (Cellpose's default; its eval scales it by 1 / rescale)
-DEFAULT_MC_SCOPE = "full"
-DEFAULT_MC_DEPTH = 2  # mc_scope="partial": dropout sites (activation calls) from the end that stay stochastic
-DEFAULT_DROPOUT_KIND: DropoutKind = "channel"
+# MC defaults, from benchmarks/bench_cellpose_defaults.py and bench_napari_activelearning.py (results/*.md):
+# partial MC over the last MLP activation of Cellpose-SAM (one ViT-L forward, then 16 cheap passes; full MC took
+# ~15 minutes a patch) or the last DEPTH_CPNET activations of CPnet; element masks, because channel masks gave
+# pool rankings that did not repeat between round seeds (Spearman -0.55 on a random CPSAM, element 0.999).
+DEFAULT_MC_SCOPE = "partial"
+DEPTH_CPSAM, DEPTH_CPNET = 1, 2
+DEFAULT_MC_DEPTH = DEPTH_CPSAM if GENERATION >= 4 else DEPTH_CPNET  # dropout sites from the end (mc_scope="partial")
+DEFAULT_DROPOUT_KIND: DropoutKind = "element"
 
 
 @dataclass

@@ -163,8 +163,7 @@ class PartialSplit:
                 running.setdefault(id(call.module), []).append(call.index)
         self._running = running
         # per dropout site: its calls a pass runs, so the masks of the stochastic ones keep the full scope's keys
-        self.site_order = {layer: running.get(id(m), []) for m, layer in
-                           ((m, i) for i, m in enumerate(mc.sites))}
+        self.site_order = {layer: running.get(id(m), []) for layer, m in enumerate(mc.sites)}
 
     def capture(self, batch: torch.Tensor) -> Capture:
         """The cached calls' outputs for ``batch``: the network runs up to the split only."""
