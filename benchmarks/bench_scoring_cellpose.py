@@ -105,8 +105,8 @@ def synchronize(device: torch.device) -> None:
 
 def mc_rates(model, patches: np.ndarray, passes: int, rounds: int, bare_module: torch.nn.Module,
              bare_shape: tuple[int, ...], dtype: torch.dtype = torch.float32, per_call: int = 1,
-             ways: tuple[str, ...] = ("full", "head", "bare")) -> dict[str, float]:
-    """Patches per second of mc_proba's full and head scopes (``per_call`` patches per call; the service scores
+             ways: tuple[str, ...] = ("full", "partial", "head", "bare")) -> dict[str, float]:
+    """Patches per second of mc_proba's full, partial (the model's default depth) and head scopes (``per_call`` patches per call; the service scores
     one) and of the bare forward passes (T per patch: one call per ``per_call`` patches on a GPU, one row at a time
     on a CPU, as mc_proba runs there), best of ``rounds``."""
     device = model.device
@@ -117,6 +117,10 @@ def mc_rates(model, patches: np.ndarray, passes: int, rounds: int, bare_module: 
     def full() -> None:
         for group in groups:
             model.mc_proba(group, passes=passes, scope="full")
+
+    def partial() -> None:
+        for group in groups:
+            model.mc_proba(group, passes=passes, scope="partial")
 
     def head() -> None:
         for group in groups:
@@ -129,9 +133,12 @@ def mc_rates(model, patches: np.ndarray, passes: int, rounds: int, bare_module: 
                     bare_module(bare_input[i:min(i + rows, passes * len(group))])
         synchronize(device)
 
-    chosen = {name: run for name, run in {"full": full, "head": head, "bare": bare}.items() if name in ways}
-    # warm-up: the head split, the memory-budget probe, the allocator (and on a GPU every way's kernels)
+    chosen = {name: run for name, run in {"full": full, "partial": partial, "head": head, "bare": bare}.items()
+              if name in ways}
+    # warm-up: the head and partial splits, the memory-budget probe, the allocator (and on a GPU every way's kernels)
     model.mc_proba(groups[0], passes=1, scope="head")
+    if "partial" in chosen:
+        model.mc_proba(groups[0], passes=1, scope="partial")
     model.mc_proba(groups[0], passes=2, scope="full")
     if device.type == "cuda":
         for run in chosen.values():
@@ -255,7 +262,7 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--small", action="store_true", help="the reduced test encoder (no results file)")
     parser.add_argument("--bfloat16", action="store_true", default=None)
-    parser.add_argument("--ways", default="full,head,bare", help="which of full, head, bare to time")
+    parser.add_argument("--ways", default="full,head,bare", help="which of full, partial, head, bare to time")
     arguments = parser.parse_args()
     arguments.ways = tuple(arguments.ways.split(","))
     arguments.passes = [int(t) for t in arguments.passes.split(",")]

@@ -169,7 +169,7 @@ def _summary_png(out: Path, svc: Any, project_id: str, image_id: str, shown: lis
     import matplotlib.pyplot as plt
     from skimage.color import label2rgb
 
-    columns = ["image", "BALD uncertainty", "base model (v0)", f"fine-tuned (v{version})", "ground truth"]
+    columns = ["image", "uncertainty (where MC passes disagree)", "base model (v0)", f"fine-tuned (v{version})", "ground truth"]
     figure, axes = plt.subplots(len(shown), len(columns), figsize=(3 * len(columns), 3 * len(shown)),
                                 squeeze=False)
     for row, patch in enumerate(shown):

@@ -58,7 +58,7 @@ def test_loads_from_zip_folder_and_rdf_with_the_same_description(packages, tmp_p
     assert (info.axes, info.input_channels, info.output_kind, info.n_classes) == ("cyx", 1, "sigmoid", 2)
     assert info.class_names == ("foreground", "boundaries")
     assert info.weights_format == "pytorch_state_dict" and info.trainable and info.mc_dropout == "existing"
-    assert info.mc_scopes == ("full", "head")
+    assert info.mc_scopes == ("full", "partial", "head")
 
 
 def test_predict_proba_equals_bioimageio_core(packages, image2d):
@@ -130,8 +130,8 @@ def _forward_calls(model):
 
 
 def test_passes_are_split_into_calls_that_fit_the_memory_budget(packages, image2d):
-    roomy = load_adapter(packages["plain2d"], device="cpu", dropout_p=1e-9)
-    tight = load_adapter(packages["plain2d"], device="cpu", dropout_p=1e-9,
+    roomy = load_adapter(packages["plain2d"], device="cpu", dropout_p=1e-9, mc_scope="full")
+    tight = load_adapter(packages["plain2d"], device="cpu", dropout_p=1e-9, mc_scope="full",
                          memory_budget=_one_row_budget(packages["plain2d"], image2d[0]))
     assert tight.tiling_plan((64, 64)) == roomy.tiling_plan((64, 64))  # the budget holds one whole image
     roomy_calls, tight_calls = _forward_calls(roomy), _forward_calls(tight)
@@ -139,7 +139,8 @@ def test_passes_are_split_into_calls_that_fit_the_memory_budget(packages, image2
     assert tight_calls == [1] * 6 and roomy_calls == [6]
 
 
-@pytest.mark.parametrize("name,scope", [("plain2d", "full"), ("dropout2d", "full"), ("plain2d", "head")])
+@pytest.mark.parametrize("name,scope", [("plain2d", "full"), ("dropout2d", "full"), ("plain2d", "head"),
+                                        ("plain2d", "partial"), ("dropout2d", "partial")])
 def test_a_patch_gets_the_same_mc_samples_whatever_its_batch(packages, image2d, name, scope):
     """Common random numbers: the masks of a round are the same for every patch and every batching, so a
     patch's samples (and its score) do not depend on which patches share its forward calls."""
@@ -164,9 +165,9 @@ def test_head_scope(packages, image2d):
     np.testing.assert_allclose(quiet.mc_proba(image2d, passes=2)[1], quiet.predict_proba(image2d), atol=ATOL)
 
 
-@pytest.mark.parametrize("scope", ["full", "head"])
+@pytest.mark.parametrize("scope", ["full", "partial", "head"])
 def test_a_rounds_masks_are_drawn_once_for_all_its_patches(packages, image2d, scope, mask_draws):
-    """The service scores a round patch by patch: both scopes keep the round's masks between calls and draw
+    """The service scores a round patch by patch: every scope keeps the round's masks between calls and draw
     new ones only for a new seed."""
     model = load_adapter(packages["plain2d"], device="cpu", mc_scope=scope, dropout_p=0.3, dropout_kind="element")
     first = model.mc_proba(image2d[:1], passes=3, seed=7)
@@ -177,6 +178,39 @@ def test_a_rounds_masks_are_drawn_once_for_all_its_patches(packages, image2d, sc
     assert len(mask_draws) == drawn
     model.mc_proba(image2d[:1], passes=3, seed=8)
     assert len(mask_draws) == 2 * drawn
+
+
+def test_partial_scope_is_the_full_scope_without_the_early_masks(packages, image2d):
+    """mc_scope="partial" keeps the masks of the last mc_depth dropout sites, with the full scope's keys: as deep as
+    the network it is the full scope exactly; shallower, its passes differ less from each other than the full
+    scope's, and with p ~ 0 it predicts as the network does."""
+    full = load_adapter(packages["plain2d"], device="cpu", dropout_p=0.3, dropout_kind="element", mc_scope="full")
+    sites = full.mc.patched_layers
+    assert full.describe().mc_scopes == ("full", "partial", "head")
+    assert load_adapter(packages["plain2d"], device="cpu").mc_scope == "partial"  # the default where it works
+    whole = load_adapter(packages["plain2d"], device="cpu", dropout_p=0.3, dropout_kind="element",
+                         mc_scope="partial", mc_depth=sites)
+    np.testing.assert_allclose(whole.mc_proba(image2d, passes=4, seed=3), full.mc_proba(image2d, passes=4, seed=3),
+                               atol=ATOL)
+    last = load_adapter(packages["plain2d"], device="cpu", dropout_p=0.3, dropout_kind="element",
+                        mc_scope="partial", mc_depth=2)
+    spread = [np.ptp(m.mc_proba(image2d, passes=6, seed=3), axis=0).mean() for m in (last, full)]
+    assert 1e-4 < spread[0] < spread[1], spread
+    quiet = load_adapter(packages["plain2d"], device="cpu", dropout_p=1e-9, mc_scope="partial")
+    np.testing.assert_allclose(quiet.mc_proba(image2d, passes=2)[1], quiet.predict_proba(image2d), atol=ATOL)
+    with pytest.raises(BioadaptError, match="mc_depth must be >= 1"):
+        load_adapter(packages["plain2d"], device="cpu", mc_scope="partial", mc_depth=0)
+
+
+def test_each_pass_is_segmented_as_the_prediction_is(packages, image2d):
+    """segment_samples gives each MC pass's instances by the model's own rule (the pass-disagreement map reads them):
+    with p ~ 0 every pass is the prediction, so its labels are segment()'s."""
+    quiet = load_adapter(packages["plain2d"], device="cpu", dropout_p=1e-9)
+    assert quiet.describe().segments_passes
+    labels = quiet.segment_samples(quiet.mc_proba(image2d, passes=2))
+    assert labels.shape == (2, *image2d.shape[:1], *image2d.shape[2:])
+    np.testing.assert_array_equal(labels[1], quiet.segment(image2d))
+    assert labels.max() > 0
 
 
 def test_torchscript_weights_predict_like_the_state_dict_and_use_their_dropout(packages, image2d):

@@ -78,7 +78,7 @@ def test_mc_samples_vary_with_dropout_and_the_network_is_unchanged(weights, imag
     np.testing.assert_allclose(off[0], before, atol=1e-5)
 
 
-@pytest.mark.parametrize("scope", ["full", "head"])
+@pytest.mark.parametrize("scope", ["full", "partial", "head"])
 def test_a_rounds_masks_are_drawn_once_for_all_its_patches(weights, images, scope, mask_draws):
     """The service scores a round patch by patch: the adapter keeps the round's masks between calls (drawing
     element masks is a large share of a CPU pass) and draws new ones only for a new seed."""
@@ -96,7 +96,7 @@ def test_a_rounds_masks_are_drawn_once_for_all_its_patches(weights, images, scop
 def test_head_scope_differs_from_full_but_predicts_the_same(weights, images):
     """For CPSAM the head is the 1x1 readout plus the fixed conv_transpose2d upsampling (W2): with p ~ 0 its
     passes must reproduce the deterministic prediction exactly as the whole network computes it."""
-    full = load_adapter(f"cellpose:{weights}", device="cpu", dropout_p=0.2)
+    full = load_adapter(f"cellpose:{weights}", device="cpu", dropout_p=0.2, mc_scope="full")
     head = load_adapter(f"cellpose:{weights}", device="cpu", dropout_p=0.2, mc_scope="head")
     np.testing.assert_array_equal(full.predict_proba(images), head.predict_proba(images))
     a, b = full.mc_proba(images, passes=4), head.mc_proba(images, passes=4)
@@ -105,7 +105,7 @@ def test_head_scope_differs_from_full_but_predicts_the_same(weights, images):
     np.testing.assert_allclose(quiet.mc_proba(images, passes=2)[1], quiet.predict_proba(images), atol=1e-5)
 
 
-@pytest.mark.parametrize("scope", ["full", "head"])
+@pytest.mark.parametrize("scope", ["full", "partial", "head"])
 def test_every_patch_sees_the_same_masks_whatever_the_batch(weights, images, scope):
     """Common random numbers: a patch's T samples do not depend on which other patches share the call."""
     model = load_adapter(f"cellpose:{weights}", device="cpu", dropout_p=0.2, mc_scope=scope)
@@ -113,6 +113,27 @@ def test_every_patch_sees_the_same_masks_whatever_the_batch(weights, images, sco
     for i in range(len(images)):
         np.testing.assert_allclose(model.mc_proba(images[i], passes=3, seed=7), together[:, i], atol=1e-5)
     assert np.abs(model.mc_proba(images, passes=3, seed=8) - together).max() > 1e-3
+
+
+def test_partial_scope_keeps_the_last_sites_masks_and_computes_the_rest_once(weights, images):
+    """Partial MC: the network up to the last mc_depth activation calls runs once per patch, the passes repeat only
+    the rest, with the full scope's masks there (as deep as the network: the full scope itself)."""
+    full = load_adapter(f"cellpose:{weights}", device="cpu", dropout_p=0.2, mc_scope="full")
+    assert load_adapter(f"cellpose:{weights}", device="cpu").mc_scope == "partial"  # the default
+    sites = len([m for m in full.net.modules() if isinstance(m, (torch.nn.ReLU, torch.nn.GELU))])
+    whole = load_adapter(f"cellpose:{weights}", device="cpu", dropout_p=0.2, mc_scope="partial", mc_depth=sites)
+    np.testing.assert_allclose(whole.mc_proba(images, passes=3, seed=2), full.mc_proba(images, passes=3, seed=2),
+                               atol=1e-5)
+    last = load_adapter(f"cellpose:{weights}", device="cpu", dropout_p=0.2, mc_scope="partial", mc_depth=1)
+    last.mc_proba(images, passes=4, seed=1)  # traces the network once
+    first_stage = last.net.encoder.blocks[0] if CPSAM else last.net.downsample
+    first_layer = next(m for m in first_stage.modules() if not list(m.children()))  # a replayed stage's hooks run
+    rows = []
+    first_layer.register_forward_pre_hook(lambda module, inputs: rows.append(len(inputs[0])))
+    samples = last.mc_proba(images, passes=4, seed=2)
+    assert sum(rows) == len(images)  # once per image, never in the 4 passes
+    assert np.abs(samples[0] - samples[1]).max() > 1e-4
+    assert np.abs(samples - full.mc_proba(images, passes=4, seed=2)).max() > 1e-4
 
 
 @cpsam_only
@@ -300,7 +321,7 @@ def test_on_the_gpu_in_cellposes_precision(weights, images, tmp_path):
     assert gpu.dtype == (torch.bfloat16 if CPSAM else torch.float32)
     assert next(gpu.net.parameters()).is_cuda
     np.testing.assert_allclose(gpu.predict_proba(images), cpu.predict_proba(images), atol=0.05 if CPSAM else 1e-3)
-    for scope in ("full", "head"):
+    for scope in ("full", "partial", "head"):
         samples = gpu.mc_proba(images, passes=4, scope=scope)
         assert samples.shape == (4, 2, 2, 64, 64) and np.abs(samples[0] - samples[1]).max() > 0
     assert gpu.segment(images).shape == (2, 64, 64)

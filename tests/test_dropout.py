@@ -255,3 +255,101 @@ def test_head_split_refuses_networks_that_compute_after_the_last_layer():
 def test_bad_p():
     with pytest.raises(BioadaptError, match="dropout_p"):
         MCDropout(UNet(), p=1.0)
+
+
+class InplaceUNet(nn.Module):
+    """Two levels, a skip connection, one max-pool module called twice, in-place ReLUs after two convolutions per
+    stage (as unet2d_nuclei_broad's stages are built)."""
+
+    def __init__(self):
+        super().__init__()
+        stage = lambda a, b: nn.Sequential(nn.Conv2d(a, b, 3, padding=1), nn.Conv2d(b, b, 3, padding=1),  # noqa: E731
+                                           nn.ReLU(inplace=True))
+        self.enc, self.mid, self.deep = stage(1, 4), stage(4, 8), stage(8, 8)
+        self.pool = nn.MaxPool2d(2)
+        self.up = nn.Upsample(scale_factor=4)
+        self.dec = stage(12, 4)
+        self.out = nn.Conv2d(4, 1, 1)
+
+    def forward(self, x):
+        skip = self.enc(x)
+        deep = self.deep(self.pool(self.mid(self.pool(skip))))
+        return self.out(self.dec(torch.cat([skip, self.up(deep)], 1)))
+
+
+def _masked_at(mc, net, x, passes, seed, only):
+    """The full network with masks at the (layer, call) pairs ``only``: what partial passes must equal."""
+    with mc.enabled(seed, only=only), mc.rows([row // len(x) for row in range(passes * len(x))]):
+        return net(x.repeat(passes, 1, 1, 1))
+
+
+@pytest.mark.parametrize("net_class", [UNet, InplaceUNet])
+def test_partial_passes_are_the_network_with_masks_at_its_last_sites_only(net_class):
+    """The split replays every tensor the stochastic part reads (skip connections, a module called twice,
+    outputs an in-place ReLU changes), so partial passes equal whole forwards with the early masks left out."""
+    from bioadapt.adapters.partial import PartialSplit, partial_passes
+
+    torch.manual_seed(0)
+    net = net_class().eval()
+    mc = MCDropout(net, p=0.3, kind="element")
+    with torch.no_grad():
+        for patches in (torch.randn(1, 1, 16, 16), torch.randn(3, 1, 16, 16)):
+            for depth in (1, 2, mc.patched_layers):
+                split = PartialSplit(mc, net, patches[:1], depth)
+                assert split.depth == depth and len(split.stochastic) == depth
+                expected = _masked_at(mc, net, patches, 4, 5, split.stochastic)
+                for chunk_rows in (1, 5, 12):  # served as views (one patch) or copies, in any batching
+                    torch.testing.assert_close(partial_passes(split, mc, patches, 4, chunk_rows, seed=5), expected,
+                                               atol=1e-6, rtol=0)
+            whole = PartialSplit(mc, net, patches[:1], 100)  # deeper than the network: the full scope
+            torch.testing.assert_close(partial_passes(whole, mc, patches, 3, 4, seed=5),
+                                       stacked_passes(mc, net, patches, 3, 4, seed=5), atol=1e-6, rtol=0)
+    assert not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in net.modules())
+
+
+class CountingConv(nn.Conv2d):
+    """A convolution that counts the rows it computes (hooks would count replayed calls too)."""
+
+    rows = 0
+
+    def forward(self, x):
+        self.rows += len(x)
+        return super().forward(x)
+
+
+def test_partial_passes_compute_the_early_network_once_per_patch():
+    from bioadapt.adapters.partial import PartialSplit, partial_passes
+
+    net = InplaceUNet().eval()
+    net.enc[0], net.dec[1] = CountingConv(1, 4, 3, padding=1), CountingConv(4, 4, 3, padding=1)
+    mc = MCDropout(net, p=0.2)
+    patches = torch.randn(2, 1, 16, 16)
+    split = PartialSplit(mc, net, patches[:1], 1)  # the last ReLU is the only stochastic site
+    net.enc[0].rows = net.dec[1].rows = 0
+    with torch.no_grad():
+        samples = partial_passes(split, mc, patches, 8, 4, seed=0)
+    assert net.enc[0].rows == net.dec[1].rows == 2  # once per patch, not in the 8 passes
+    assert (samples[0] - samples[2]).abs().max() > 1e-4  # pass 0 and pass 1 of the first patch differ
+
+
+def test_partial_split_refuses_what_it_cannot_replay():
+    from bioadapt.adapters.partial import PartialSplit, partial_passes
+
+    class ByValue(nn.Module):  # calls another module when the input is bright: no static split
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.act, self.out = nn.Conv2d(1, 2, 1), nn.Conv2d(1, 2, 1), nn.ReLU(), nn.Conv2d(2, 1, 1)
+
+        def forward(self, x):
+            return self.out(self.act(self.a(x) if x.mean() < 0 else self.b(x)))
+
+    net = ByValue().eval()
+    mc = MCDropout(net, p=0.2)
+    split = PartialSplit(mc, net, -torch.ones(1, 1, 4, 4), 1)
+    with pytest.raises(BioadaptError, match="ran other modules"), torch.no_grad():
+        partial_passes(split, mc, torch.ones(1, 1, 4, 4), 2, 2, seed=0)
+    with pytest.raises(BioadaptError, match="mc_depth must be >= 1"):
+        PartialSplit(mc, net, torch.ones(1, 1, 4, 4), 0)
+    with pytest.raises(BioadaptError, match="TorchScript"):
+        PartialSplit(MCDropout(torch.jit.script(UNet(dims=2, features=4, dropout=0.3).eval())), net,
+                     torch.ones(1, 1, 4, 4), 1)

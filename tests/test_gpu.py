@@ -19,7 +19,7 @@ def test_unet_on_the_gpu_matches_the_cpu_and_trains(tmp_path):
     pairs = cell_patches("crowded", 6, seed=2)
     images = np.stack([p[0] for p in pairs])
     np.testing.assert_allclose(gpu.predict_proba(images), cpu.predict_proba(images), atol=1e-3)
-    for scope in ("full", "head"):
+    for scope in ("full", "partial", "head"):
         samples = gpu.mc_proba(images, passes=4, seed=1, scope=scope)
         np.testing.assert_allclose(samples, cpu.mc_proba(images, passes=4, seed=1, scope=scope), atol=1e-3)
         assert np.abs(samples[0] - samples[1]).max() > 1e-4

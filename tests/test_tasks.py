@@ -225,6 +225,36 @@ def test_scoring_computes_what_a_strategy_needs_and_picks_by_its_rule(service, i
     assert all({"bald", "bald:object_mean"} <= set(row["scores"]) for row in rows[:10])
 
 
+def test_load_model_sets_the_mc_scope_its_depth_and_the_dropout_kind_that_scoring_uses(service, inputs):
+    """What load_model is told reaches the actors: a patch's stored score is the one the adapter gives with those
+    options (partial MC over the last activation call, channel dropout) for the round's seed; the map get_patch
+    gives (what napari and the page show) is the default readable map of those passes."""
+    from bioadapt.active import DEFAULT_STRATEGY, STRATEGIES, bald, patch_score
+    from bioadapt.active.maps import DEFAULT_MAP, readable_map
+    from bioadapt.adapters import load_adapter
+
+    options = {"mc_scope": "partial", "mc_depth": 1, "dropout_kind": "channel"}
+    model = service.load_model(ALICE, s.LoadModel(source=str(inputs["model"]), dropout_p=0.2, **options))
+    assert model["options"] == {"dropout_p": 0.2, **options} and "partial" in model["info"]["mc_scopes"]
+    project = service.create_project(ALICE, s.CreateProject(
+        name="scope", model=model["id"], images=[{"uri": str(inputs["root"] / "b.ome.zarr")}]))
+    _run(service, "score", project_id=project["id"], n_patches=2, patch_shape=PATCH, mc_passes=3, seed=5, actors=1)
+    local = load_adapter(inputs["model"], device="cpu", dropout_p=0.2, **options)
+    image = open_image(inputs["root"] / "b.ome.zarr")
+    reduce = STRATEGIES[DEFAULT_STRATEGY].reduce
+    for row in service.store.patches(project["id"], order="id"):
+        pixels = image.read(row["origin"], row["shape"], dtype="float32")
+        samples = local.mc_proba(pixels[None], passes=3, seed=5)
+        score_map, labels = bald(samples[:, 0], activation="sigmoid"), local.segment(pixels[None])[0]
+        expected = patch_score(score_map, reduce=reduce, labels=labels)
+        assert row["scores"]["bald:object_mean"] == pytest.approx(expected, rel=1e-4, abs=1e-7)
+        shown = service.get_patch(ALICE, s.GetPatch(project_id=project["id"], patch_id=row["id"]))["uncertainty"]
+        np.testing.assert_allclose(shown, readable_map(DEFAULT_MAP, score_map, labels,
+                                                       local.segment_samples(samples)[:, 0]), atol=1e-5)
+    with pytest.raises(Exception, match="mc_depth"):
+        s.LoadModel(source=str(inputs["model"]), mc_scope="partial", mc_depth=0)
+
+
 def test_a_model_without_patch_features_defaults_to_a_strategy_that_reads_none():
     from bioadapt.service.tasks.score import strategy_of
 

@@ -4,7 +4,8 @@
 Models: ``unet`` (bioadapt's U-Net, features 16, depth 3, packaged for bioimage.io here), ``cpsam`` (Cellpose 4's
 Cellpose-SAM, ViT-L with random weights; ``--small``: the reduced test encoder) in float32 and bfloat16, and
 ``cpnet`` (Cellpose 3's network, cyto3's architecture; needs cellpose<4: run.sh runs it in a second process).
-For each: patches/s of mc_proba with scope "full" and "head" and of the bare forward passes at T = 3 and 16, one
+For each: patches/s of mc_proba with scope "full", "partial" (the adapter's default depth) and "head" and of the
+bare forward passes at T = 3 and 16, one
 patch per call (as the service scores) and 16 per call; fine-tuning seconds per epoch. Results are merged into
 the JSON file ``--out`` under the model's name.
 
@@ -56,7 +57,8 @@ def _scoring(model, images: np.ndarray, module: torch.nn.Module, shape: tuple[in
                              per_call=calls)
             out[f"T={T},per_call={calls}"] = {k: round(v, 3) for k, v in rates.items()} | {
                 "bare_over_full": round(rates["bare"] / rates["full"], 3),
-                "head_over_full": round(rates["head"] / rates["full"], 2)}
+                "head_over_full": round(rates["head"] / rates["full"], 2),
+                "partial_over_full": round(rates["partial"] / rates["full"], 2)}
             print(f"  T={T:2d} per call {calls:2d}: " + "  ".join(f"{k} {v:9.2f}" for k, v in rates.items())
                   + " patches/s", flush=True)
     return out

@@ -83,6 +83,21 @@ def _overlapping_pairs(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray,
     return pairs[:, 0], pairs[:, 1], counts
 
 
+def best_iou(labels: Any, other: Any) -> np.ndarray:
+    """For each object of ``labels``, its largest IoU with an object of ``other`` (same shape): an array indexed by
+    label id (0 for the background and for ids that do not occur)."""
+    labels, other = _label_pair(labels, other)
+    ids, area = np.unique(labels, return_counts=True)
+    other_ids, other_area = np.unique(other, return_counts=True)
+    best = np.zeros(int(ids.max()) + 1 if ids.size else 1)
+    both = (labels > 0) & (other > 0)
+    pair_labels, pair_other, overlap = _overlapping_pairs(labels[both], other[both])
+    if overlap.size:
+        union = area[np.searchsorted(ids, pair_labels)] + other_area[np.searchsorted(other_ids, pair_other)]
+        np.maximum.at(best, pair_labels.astype(np.int64), overlap / (union - overlap))
+    return best
+
+
 def match_instances(pred: np.ndarray, truth: np.ndarray, iou_threshold: float = 0.5) -> MatchResult:
     """Match predicted objects to true objects by IoU >= ``iou_threshold`` (0.5 to 1).
 

@@ -23,16 +23,17 @@ def load_adapter(source: str | Path, device: str = "auto", dropout_p: float = DE
 
     ``source``: an rdf.yaml, a bioimage.io package folder or .zip, a URL or a bioimage.io zoo id (the last two
     need the network), or ``cellpose:<builtin name or weights path>``. ``options`` go to the adapter:
-    for bioimage.io models ``mc_scope`` ("full" or "head"), ``output_activation`` ("sigmoid"/"softmax", for
-    models that do not declare it), ``weights_format`` (default: trainable before inference-only, local files
-    before remote ones), ``dropout_kind``, ``memory_budget`` (bytes; larger images go in blocks),
-    ``output_targets`` ("foreground", "foreground_boundaries", "affinities", "semantic" or "classes", for
-    outputs whose meaning the description does not say) and ``affinity_offsets`` (one offset per affinity
-    channel, where the description's config has none) and ``sample_source`` ("auto": MC dropout where it can reach
-    the network, else test-time augmentation; "dropout"; "tta"); for
-    Cellpose ``mc_scope``, ``channels`` (Cellpose 3's [cytoplasm, nucleus] pair, default [0, 0]), ``diameter``,
-    ``flow_threshold``, ``cellprob_threshold``, ``min_size``, ``input_channels``, ``dropout_kind``,
-    ``memory_budget``, ``bfloat16`` (Cellpose 4; default: on GPUs only).
+    for bioimage.io models ``mc_scope`` ("full", "partial" or "head"; default "partial" where hooks reach the
+    network), ``mc_depth`` (dropout sites from the network's end that "partial" keeps stochastic),
+    ``output_activation`` ("sigmoid"/"softmax", for models that do not declare it), ``weights_format``
+    (default: trainable before inference-only, local files before remote ones), ``dropout_kind``,
+    ``memory_budget`` (bytes; larger images go in blocks), ``output_targets`` ("foreground",
+    "foreground_boundaries", "affinities", "semantic" or "classes", for outputs whose meaning the description
+    does not say) and ``affinity_offsets`` (one offset per affinity channel, where the description's config has
+    none) and ``sample_source`` ("auto": MC dropout where it can reach the network, else test-time augmentation;
+    "dropout"; "tta"); for Cellpose ``mc_scope``, ``mc_depth``, ``channels`` (Cellpose 3's [cytoplasm, nucleus]
+    pair, default [0, 0]), ``diameter``, ``flow_threshold``, ``cellprob_threshold``, ``min_size``,
+    ``input_channels``, ``dropout_kind``, ``memory_budget``, ``bfloat16`` (Cellpose 4; default: on GPUs only).
     """
     if threads is not None:
         if threads < 1:

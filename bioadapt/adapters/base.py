@@ -13,6 +13,8 @@ import numpy as np
 from bioadapt.errors import BioadaptError
 
 OutputKind = Literal["sigmoid", "softmax", "cellpose"]
+MC_SCOPES: tuple[str, ...] = ("full", "partial", "head")  # where MC dropout acts (see adapters/dropout.py)
+DROPOUT_KINDS: tuple[str, ...] = ("channel", "element")
 Progress = Callable[[dict[str, Any]], None]
 Stop = Callable[[], bool]
 # Every adapter's defaults, read from here by the service's schemas, the clients, the page (through the schemas) and
@@ -49,6 +51,7 @@ class ModelInfo:
     instances: bool = True  # segment() gives instances (one id per object), not classes
     patch_features: bool = False  # patch_features() works: selection rules that read features can be used
     sample_source: str = "dropout"  # where mc_proba's passes differ: "dropout" or "tta" (test-time augmentation)
+    segments_passes: bool = False  # segment_samples() works: each MC pass gives instance labels
 
     @property
     def activation(self) -> str:
@@ -180,6 +183,12 @@ class Adapter(ABC):
     def segment(self, x: np.ndarray) -> np.ndarray:
         """(B, C, *spatial) -> (B, *spatial) int32 labels (instances or classes, see describe().output_kind); one
         image gives (*spatial)."""
+
+    def segment_samples(self, samples: np.ndarray) -> np.ndarray:
+        """(T, B, K, *spatial) MC samples (``mc_proba``'s) -> (T, B, *spatial) int32 labels: each pass segmented as
+        ``segment`` segments the deterministic prediction (for maps of where the passes disagree on objects)."""
+        raise BioadaptError(f"{self.describe().name} cannot segment its MC passes (its labels need more than "
+                            "probabilities); use a map that needs none")
 
     def patch_features(self, x: np.ndarray) -> np.ndarray:
         """(B, C, *spatial) -> (B, D) float32: what the model itself sees in each image, pooled over space

@@ -41,8 +41,9 @@ from bioadapt.adapters.allocator import tune_malloc
 from bioadapt.adapters.base import (DEFAULT_DROPOUT_P, DEFAULT_MC_PASSES, Adapter, FineTuneResult, ModelInfo,
                                     Progress, Stop, check_images, check_samples, checked_params)
 from bioadapt.adapters.bioimageio import resolve_device
-from bioadapt.adapters.dropout import (CommonMasks, DropoutKind, HeadSplit, MCDropout, mc_strategy, round_masks,
-                                       stacked_passes)
+from bioadapt.adapters.dropout import (MC_SCOPES, CommonMasks, DropoutKind, HeadSplit, MCDropout, check_scope,
+                                       mc_strategy, round_masks, stacked_passes)
+from bioadapt.adapters.partial import PartialSplit, partial_passes
 from bioadapt.adapters.shapes import activation_bytes, crop_from, default_memory_budget, pad_to, valid_shape
 from bioadapt.errors import BioadaptError
 
@@ -61,6 +62,14 @@ GENERATION = _installed_generation()
 CPSAM_DIAMETER = 30.0  # Cellpose 4's eval resizes images by 30 / diameter
 CPSAM_TILE = 256  # the only input size CPSAM's position embedding fits
 _NITER = 200  # flow-dynamics steps at network scale (Cellpose's default; its eval scales it by 1 / rescale)
+# MC defaults, from benchmarks/bench_cellpose_defaults.py and bench_napari_activelearning.py (results/*.md):
+# partial MC over the last MLP activation of Cellpose-SAM (one ViT-L forward, then 16 cheap passes; full MC took
+# ~15 minutes a patch) or the last DEPTH_CPNET activations of CPnet; element masks, because channel masks gave
+# pool rankings that did not repeat between round seeds (Spearman -0.55 on a random CPSAM, element 0.999).
+DEFAULT_MC_SCOPE = "partial"
+DEPTH_CPSAM, DEPTH_CPNET = 1, 2
+DEFAULT_MC_DEPTH = DEPTH_CPSAM if GENERATION >= 4 else DEPTH_CPNET  # dropout sites from the end (mc_scope="partial")
+DEFAULT_DROPOUT_KIND: DropoutKind = "element"
 
 
 @dataclass
@@ -189,12 +198,12 @@ class CellposeAdapter(Adapter):
     """A Cellpose network with MC dropout through hooks, batched passes, flow-dynamics masks and train_seg."""
 
     def __init__(self, net: torch.nn.Module, source: str, *, device: torch.device, diam_mean: float = 30.0,
-                 diam_labels: float | None = None, dropout_p: float = DEFAULT_DROPOUT_P, mc_scope: str = "full",
-                 channels: Sequence[int] = (0, 0), diameter: float | None = None, dropout_kind: DropoutKind = "channel",
+                 diam_labels: float | None = None, dropout_p: float = DEFAULT_DROPOUT_P,
+                 mc_scope: str = DEFAULT_MC_SCOPE, mc_depth: int = DEFAULT_MC_DEPTH, channels: Sequence[int] = (0, 0),
+                 diameter: float | None = None, dropout_kind: DropoutKind = DEFAULT_DROPOUT_KIND,
                  memory_budget: int | None = None, flow_threshold: float = 0.4, cellprob_threshold: float = 0.0,
                  min_size: int = 15, input_channels: int = 1, sample_source: str = "auto"):
-        if mc_scope not in ("full", "head"):
-            raise BioadaptError(f"mc_scope must be 'full' or 'head', got {mc_scope!r}")
+        check_scope(mc_scope, mc_depth)
         if sample_source not in ("auto", "dropout"):
             raise BioadaptError(f"Cellpose networks take MC dropout after their activations; sample_source="
                                 f"{sample_source!r} is for bioimage.io networks dropout cannot reach: leave it out")
@@ -202,7 +211,8 @@ class CellposeAdapter(Adapter):
         self.generation = GENERATION
         self.source = source
         self.device = device
-        self.dropout_p, self.dropout_kind, self.mc_scope = dropout_p, dropout_kind, mc_scope
+        self.dropout_p, self.dropout_kind = dropout_p, dropout_kind
+        self.mc_scope, self.mc_depth = mc_scope, int(mc_depth)
         self.channels = tuple(int(c) for c in channels)
         if len(self.channels) != 2 or min(self.channels) < 0:
             raise BioadaptError(f"channels must be Cellpose's [cytoplasm, nucleus] pair (1-based, 0 = none/gray), "
@@ -222,6 +232,7 @@ class CellposeAdapter(Adapter):
         if device.type == "cpu":
             tune_malloc()
         self._head: HeadSplit | None = None
+        self._partial: PartialSplit | None = None
         self._round_masks: CommonMasks | None = None  # the last MC round's masks, reused by its next patches
         self._bytes_per_row: dict[tuple[int, ...], int] = {}
         MCDropout(self.net, dropout_p, dropout_kind)  # warns now if nothing can be made stochastic
@@ -256,7 +267,7 @@ class CellposeAdapter(Adapter):
             source=self.source, axes="cyx", input_channels=self.input_channels,
             min_shape=(CPSAM_TILE,) * 2 if cpsam else (16, 16), step=(CPSAM_TILE,) * 2 if cpsam else (8, 8),
             halo=(0, 0), output_kind="cellpose", n_classes=2, class_names=("background", "cell"),
-            weights_format="cellpose", trainable=True, mc_dropout=mc_strategy(self.net), mc_scopes=("full", "head"),
+            weights_format="cellpose", trainable=True, mc_dropout=mc_strategy(self.net), mc_scopes=MC_SCOPES,
             dropout_p=self.dropout_p)
 
     def network_kwargs(self) -> dict[str, Any]:
@@ -393,14 +404,14 @@ class CellposeAdapter(Adapter):
     def mc_proba(self, x: np.ndarray, passes: int = DEFAULT_MC_PASSES, *, seed: int = 0,
                  scope: str | None = None) -> np.ndarray:
         """T passes with dropout. "full": dropout after every activation of the network (CPnet's ReLUs, the
-        GELUs of CPSAM's encoder MLPs, feature-wise on its (B, H, W, C) tokens). "head": the network runs once to
-        the readout's input, then T passes of dropout on those features + readout (+ CPSAM's upsampling). Every
-        patch (and every CPSAM tile) of a call sees the same T masks for a given ``seed``."""
+        GELUs of CPSAM's encoder MLPs, feature-wise on its (B, H, W, C) tokens). "partial": the same masks at the last
+        ``mc_depth`` of those activation calls only, the network up to them run once (``partial.py``). "head": the
+        network runs once to the readout's input, then T passes of dropout on those features + readout (+ CPSAM's
+        upsampling). Every patch (and every CPSAM tile) of a call sees the same T masks for a given ``seed``."""
         if passes < 1:
             raise BioadaptError(f"passes must be >= 1, got {passes}")
         scope = scope or self.mc_scope
-        if scope not in ("full", "head"):
-            raise BioadaptError(f"mc scope must be 'full' or 'head', got {scope!r}")
+        check_scope(scope, self.mc_depth)
         x, single = check_images(x, self.describe())
         rows, assemble, _ = self._network_rows(x)
         size = self._rows_per_call(rows, len(rows) * (1 if scope == "head" else passes))
@@ -413,7 +424,12 @@ class CellposeAdapter(Adapter):
                 raw = head.passes(features, self._round_masks, passes).float()
             else:  # hooks are attached per call: Cellpose 3's load_model re-creates submodules
                 mc = MCDropout(self.net, self.dropout_p, self.dropout_kind, masks=self._round_masks)
-                raw = stacked_passes(mc, self._call, rows, passes, size, seed)  # rows are whole network inputs
+                if scope == "partial":
+                    if self._partial is None:
+                        self._partial = PartialSplit(mc, self._call, rows[:1], self.mc_depth)
+                    raw = partial_passes(self._partial, mc, rows, passes, size, seed)
+                else:
+                    raw = stacked_passes(mc, self._call, rows, passes, size, seed)  # rows are whole network inputs
                 self._round_masks = mc.last_round
         logits = assemble(raw)[:, 2]
         proba = self._to_original(self._two_classes(logits), x.shape[2:]).astype(np.float32)
@@ -521,7 +537,7 @@ class CellposeAdapter(Adapter):
         model will after a reload. Cellpose 4 does not use them."""
         self.diam_mean = float(self.net.diam_mean.item())
         self.diam_labels = float(self.net.diam_labels.item())
-        self._head = None
+        self._head = self._partial = None
 
     def save(self, path: str | Path) -> Path:
         """Weights Cellpose itself loads (``CellposeModel(pretrained_model=path)``, the GUI's custom model), in

@@ -20,7 +20,7 @@ torch's global generator (masks then differ per row: no common random numbers).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bioadapt.adapters.base import DEFAULT_DROPOUT_P
+from bioadapt.adapters.base import DEFAULT_DROPOUT_P, DROPOUT_KINDS, MC_SCOPES
 from bioadapt.errors import BioadaptError
 
-Scope = Literal["full", "head"]
+Scope = Literal["full", "partial", "head"]
 DropoutKind = Literal["channel", "element"]
 
 DROPOUT_TYPES = ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout")
@@ -45,6 +45,15 @@ ACTIVATION_TYPES = (
 )
 OUTPUT_ACTIVATION_TYPES = (nn.Sigmoid, nn.Softmax, nn.LogSoftmax, nn.Identity)
 CONV_TYPES = (nn.modules.conv._ConvNd,)
+
+
+def check_scope(scope: str, depth: int) -> None:
+    """Refuse an unknown MC scope or a partial depth below one dropout site."""
+    if scope not in MC_SCOPES:
+        raise BioadaptError(f"mc_scope must be one of {MC_SCOPES}, got {scope!r}")
+    if int(depth) < 1:
+        raise BioadaptError(f"mc_depth must be >= 1: the number of dropout sites, counted from the network's end, "
+                            f"that mc_scope='partial' keeps stochastic; got {depth}")
 
 
 def _type_name(module: nn.Module) -> str:
@@ -193,6 +202,8 @@ class MCDropout:
         """``masks``: a round's masks from an earlier wrapper of the same network, reused when the seed matches."""
         if not 0 <= p < 1:
             raise BioadaptError(f"dropout_p must be in [0, 1), got {p}")
+        if kind not in DROPOUT_KINDS:
+            raise BioadaptError(f"dropout_kind must be one of {DROPOUT_KINDS}, got {kind!r}")
         self.module = module
         self.p = p
         self.kind = kind
@@ -205,6 +216,8 @@ class MCDropout:
         self._rows: list[int] | None = None
         self._calls = -1  # forward calls of the whole module inside enabled(): the pass index outside rows()
         self._invocations: dict[int, int] = {}  # per layer: how often it ran in the current forward call
+        self._only: frozenset[tuple[int, int]] | None = None  # (layer, call) pairs that get masks; None: all
+        self._call_order: dict[int, list[int]] = {}  # per layer: the call index of each call a partial pass runs
         if self.strategy == "none":
             why = ("it is TorchScript without dropout layers (TorchScript accepts no hooks)" if is_scripted(module)
                    else "it has neither dropout layers nor activation modules")
@@ -215,6 +228,11 @@ class MCDropout:
     @property
     def patched_layers(self) -> int:
         return len(self._existing) if self.strategy == "existing" else len(self._activations)
+
+    @property
+    def sites(self) -> list[nn.Module]:
+        """The modules masks are applied at, in the order their layer indices count (mask keys are (index, call))."""
+        return self._existing if self.strategy == "existing" else self._activations
 
     @property
     def last_round(self) -> CommonMasks | None:
@@ -238,8 +256,12 @@ class MCDropout:
         self._invocations.clear()
 
     def _masked(self, layer: int, module: nn.Module, x: torch.Tensor, p: float, kind: DropoutKind) -> torch.Tensor:
-        call = self._invocations.get(layer, 0)
-        self._invocations[layer] = call + 1
+        seen = self._invocations.get(layer, 0)
+        self._invocations[layer] = seen + 1
+        order = self._call_order.get(layer)
+        call = order[seen] if order is not None and seen < len(order) else seen
+        if self._only is not None and (layer, call) not in self._only:
+            return x
         return self._masks.apply(x, (layer, call), self._passes_of(x.shape[0]),
                                  feature_axis=self._axes.get(id(module), 1), p=p, kind=kind)
 
@@ -258,12 +280,17 @@ class MCDropout:
         return hook
 
     @contextmanager
-    def enabled(self, seed: int = 0) -> Iterator[None]:
-        """MC mode with the masks of round ``seed``."""
+    def enabled(self, seed: int = 0, *, only: Iterable[tuple[int, int]] | None = None,
+                call_order: Mapping[int, Sequence[int]] | None = None) -> Iterator[None]:
+        """MC mode with the masks of round ``seed``. ``only``: the (layer, call) pairs that get masks (the others
+        pass unchanged; None: all). ``call_order``: per layer, the call index (in a whole forward) of each call
+        that runs, for forwards that skip some calls (partial passes replay them): a mask keeps its key."""
         was_training = [m.training for m in self._existing]
         handles = []
         self._round = round_masks(self._round, seed, self.p, self.kind)  # drawn once per round, then reused
         self._masks, self._calls, self._rows = self._round, -1, None
+        self._only = None if only is None else frozenset(only)
+        self._call_order = {int(k): list(v) for k, v in (call_order or {}).items()}
         try:
             if self.common_masks:
                 handles.append(self.module.register_forward_pre_hook(self._start_call))
@@ -286,7 +313,7 @@ class MCDropout:
                 handle.remove()
             for m, training in zip(self._existing, was_training):
                 m.train(training)
-            self._masks, self._rows = None, None
+            self._masks, self._rows, self._only, self._call_order = None, None, None, {}
 
     @contextmanager
     def rows(self, passes: Sequence[int]) -> Iterator[None]:

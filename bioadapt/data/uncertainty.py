@@ -1,4 +1,5 @@
-"""UncertaintyStore: per-pixel acquisition maps of one image as a float32 OME-Zarr image aligned with it.
+"""UncertaintyStore: the uncertainty maps of one image's scored patches (what a person reads: by default where the
+MC passes disagree on objects, ``bioadapt.active.maps``) as a float32 OME-Zarr image aligned with it.
 
 Level 0 lies on the image's spatial grid and holds the maps of the scored patches (NaN where nothing was scored;
 chunks never written cost nothing). The coarser levels are the overview: NaN-aware 2 x 2 means of the level

@@ -86,6 +86,7 @@ class BioadaptService:
         if scheme_of(source) in ("http", "https"):
             check_reachable(source)  # else the worker's error talks of the zoo's id map, not of the address
         options = {k: v for k, v in {"dropout_p": args.dropout_p, "mc_scope": args.mc_scope,
+                                     "mc_depth": args.mc_depth, "dropout_kind": args.dropout_kind,
                                      "output_activation": args.output_activation,
                                      "sample_source": args.sample_source}.items() if v is not None}
         info = run_once(ModelSpec(source, {**options, "device": "cpu"}), describe)

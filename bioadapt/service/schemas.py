@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from bioadapt.active import ACQUISITIONS, DEFAULT_STRATEGY, STRATEGIES
-from bioadapt.adapters.base import DEFAULT_DROPOUT_P, DEFAULT_MC_PASSES
+from bioadapt.adapters.base import DEFAULT_DROPOUT_P, DEFAULT_MC_PASSES, DROPOUT_KINDS, MC_SCOPES
 from bioadapt.errors import BioadaptError
 
 Acquisition = Literal[tuple(ACQUISITIONS)]  # per-pixel maps, by their names in bioadapt.active
@@ -70,7 +70,15 @@ class LoadModel(Args):
     source: Uri = Field(description="bioimage.io package path/URL/zoo id, or cellpose:<name or weights path>")
     dropout_p: float = Field(DEFAULT_DROPOUT_P, gt=0, lt=1,
                              description="MC-dropout probability where dropout is added")
-    mc_scope: Literal["full", "head"] | None = Field(None, description="layers MC dropout runs over")
+    mc_scope: Literal[MC_SCOPES] | None = Field(
+        None, description="layers MC dropout runs over: 'full' (the whole network, T full passes), 'partial' (the "
+                          "last mc_depth activation calls; the network before them runs once) or 'head' (only "
+                          "the output layer's input); default: the model family's")
+    mc_depth: int | None = Field(None, ge=1, le=10_000, description="mc_scope='partial': how many activation "
+                                 "calls, counted from the network's end, get dropout; default: the model family's")
+    dropout_kind: Literal[DROPOUT_KINDS] | None = Field(
+        None, description="'element' (a mask value per feature element) or 'channel' (whole feature channels); "
+                          "default: the model family's")
     sample_source: Literal["auto", "dropout", "tta"] | None = Field(
         None, description="where MC passes differ: dropout, or test-time augmentation (flips, rotations, contrast) "
                           "for networks dropout cannot reach (TorchScript without dropout layers, ONNX); default: "

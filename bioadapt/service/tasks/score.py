@@ -1,6 +1,8 @@
-"""Scoring: each patch read from its image by a model actor, T MC-dropout passes, a per-pixel acquisition map
-(into the image's uncertainty OME-Zarr) and the patch's score, the model's segmentation (into the prediction
-store); then the patches to annotate picked from the project's whole pool of pending patches.
+"""Scoring: each patch read from its image by a model actor, T MC-dropout passes, a per-pixel acquisition map and
+the patch's score, the model's segmentation (into the prediction store), the map a person reads (into the image's
+uncertainty OME-Zarr: ``bioadapt.active.maps.DEFAULT_MAP``, where the passes' own segmentations disagree with the
+model's objects, or ``FALLBACK_MAP`` for models whose passes give none); then the patches to annotate picked from
+the project's whole pool of pending patches.
 
 Random mode draws new, non-overlapping patches inside the mask; grid mode scores every tile inside the mask (a
 whole slide: thousands of patches), and both stream each shard's results into the database and the stores as
@@ -85,6 +87,7 @@ def score_patches(adapter: Any, request: ScoreRequest, patches: Patches, *, stop
     sampling mask), segmentation, writes; with ``request.features`` each result also carries the model's features
     of the patch (for the selection rules that read them)."""
     from bioadapt.active import ACQUISITIONS, patch_score
+    from bioadapt.active.maps import DEFAULT_MAP, FALLBACK_MAP, NEEDS_PASS_LABELS, readable_map
     from bioadapt.data import LabelStore, UncertaintyStore
     from bioadapt.data.sampling import resolve_mask
 
@@ -94,7 +97,9 @@ def score_patches(adapter: Any, request: ScoreRequest, patches: Patches, *, stop
     sampling_mask = resolve_mask(image, request.mask)
     predictions = LabelStore.open(request.predictions) if request.predictions else None
     uncertainty = UncertaintyStore.open(request.uncertainty) if request.uncertainty else None
-    activation = adapter.describe().activation
+    info = adapter.describe()
+    activation = info.activation
+    shown = DEFAULT_MAP if info.segments_passes or DEFAULT_MAP not in NEEDS_PASS_LABELS else FALLBACK_MAP
     function = ACQUISITIONS[request.acquisition]
     results = []
     for patch_id, origin in patches:
@@ -115,7 +120,8 @@ def score_patches(adapter: Any, request: ScoreRequest, patches: Patches, *, stop
         if predictions is not None:
             predictions.write(origin, labels.astype(np.uint32), author="bioadapt-model")
         if uncertainty is not None:
-            uncertainty.write(origin, score_map)
+            passes = adapter.segment_samples(samples[:, None])[:, 0] if shown in NEEDS_PASS_LABELS else None
+            uncertainty.write(origin, readable_map(shown, score_map, labels, passes))
         inside = None if sampling_mask is None else sampling_mask.window(origin, request.patch_shape)
         if inside is not None and not inside.any():  # a window that only grazes the mask
             inside = None
