@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budgets", default="2,4,8,16,32", help="labelled patches after each round")
     parser.add_argument("--patch-size", type=int, default=PATCH)
     parser.add_argument("--patches-per-round", type=int, default=PATCHES_PER_ROUND, help="score's n_patches")
+    parser.add_argument("--epochs", type=int, default=None, help="sent to fine_tune (default: not sent, so the "
+                        "adapter's default applies); results go to a file of their own")
+    parser.add_argument("--learning-rate", type=float, default=None, help="sent to fine_tune, as --epochs")
     parser.add_argument("--workdir", default=None, help="keeps the OME-Zarrs and base models (default: temporary)")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--default", default=None, help="report: the strategy judged against random (default: "
@@ -198,7 +201,9 @@ class Run:
         return picks
 
     def fine_tune(self) -> dict[str, Any]:
-        return self.svc.wait(self.svc.fine_tune(self.project_id), progress=False)["result"]
+        """A fine-tune with the service's defaults, but for the settings the benchmark was told to send."""
+        job = self.svc.fine_tune(self.project_id, **tuning(self.args))
+        return self.svc.wait(job, progress=False)["result"]
 
     def test_f1(self, version: int | None = None) -> dict[str, Any]:
         """F1 at IoU 0.5 of ``version`` (default: the project's default version) on the test fields, pooled."""
@@ -215,9 +220,21 @@ class Run:
         self.svc.delete_project(self.project_id)
 
 
+def tuning(args: argparse.Namespace) -> dict[str, Any]:
+    """The fine_tune arguments the benchmark sends: none by default (the service's defaults)."""
+    given = {"epochs": args.epochs, "learning_rate": args.learning_rate}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def results_file(args: argparse.Namespace) -> Path:
+    """service_al_<dataset>_<base>.jsonl; with fine-tuning settings sent, their values are part of the name."""
+    sent = "".join(f"_{'e' if name == 'epochs' else 'lr'}{value:g}" for name, value in tuning(args).items())
+    return Path(f"{args.out}_{args.dataset}_{args.base}{sent}.jsonl")
+
+
 def run(args: argparse.Namespace, workdir: Path) -> None:
     setup = prepare(args.dataset, args.base, workdir)
-    out = Path(f"{args.out}_{args.dataset}_{args.base}.jsonl")
+    out = results_file(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     budgets = sorted(int(b) for b in args.budgets.split(","))
     done = {(r["strategy"], r["seed"], r["labels"]) for r in read_rows(out)}
@@ -230,7 +247,26 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
                 if all((strategy, seed, b) in done for b in [0, *budgets]):
                     print(f"{strategy} seed {seed}: on record", flush=True)
                     continue
-                one_run(Run(svc, setup, model["id"], args, strategy, seed), budgets, out, done)
+                retried(lambda: one_run(Run(svc, setup, model["id"], args, strategy, seed), budgets, out, done))
+
+
+LOW_MEMORY = ("OutOfMemoryError", "running low on memory")  # Ray's words when it kills a worker to save the machine
+RETRIES, RETRY_WAIT_S = 3, 120
+
+
+def retried(attempt: Any) -> None:
+    """Run ``attempt``; when Ray killed a worker because the shared machine ran low on memory (other work's), wait
+    and run it again from its start (rounds on record are recomputed, not appended again)."""
+    from bioadapt.errors import BioadaptError
+
+    for retry in range(RETRIES + 1):
+        try:
+            return attempt()
+        except (BioadaptError, RuntimeError) as e:
+            if retry == RETRIES or not any(word in str(e) for word in LOW_MEMORY):
+                raise
+            print(f"a worker was killed for lack of memory; again in {RETRY_WAIT_S} s", flush=True)
+            time.sleep(RETRY_WAIT_S)
 
 
 def one_run(run_: Run, budgets: list[int], out: Path, done: set) -> None:
@@ -238,6 +274,7 @@ def one_run(run_: Run, budgets: list[int], out: Path, done: set) -> None:
     (a resumed run recomputes its earlier rounds to reach the later ones)."""
     common = {"dataset": run_.args.dataset, "base": run_.args.base, "strategy": run_.strategy, "seed": run_.seed,
               "patch_size": run_.args.patch_size, "patches_per_round": run_.args.patches_per_round,
+              "fine_tune_sent": tuning(run_.args),
               "pool_fields": [f.name for f in run_.setup.pool], "test_fields": [f.name for f in run_.setup.test],
               "commit": _commit()}
     try:
@@ -413,6 +450,12 @@ def _cell(interval: dict[str, Any]) -> str:
     return f"{interval['mean']:+.3f} [{interval['low']:+.3f}, {interval['high']:+.3f}] {excludes_zero(interval)}"
 
 
+def _sent(sent: dict[str, Any] | None) -> str:
+    if not sent:
+        return "with the service's defaults"
+    return "with " + ", ".join(f"{name} {value:g}" for name, value in sent.items()) + " (the rest the service's defaults)"
+
+
 def _markdown(name: str, s: dict[str, Any], default: str) -> str:
     rows, budgets = s["rows"], [b for b in s["budgets"] if b]
     first = rows[0]
@@ -425,7 +468,8 @@ def _markdown(name: str, s: dict[str, Any], default: str) -> str:
                    + ("" if info["to"] == 32 else "; the design asks for 32 vs 2, and 32 was not run") + ")")
     lines = [f"## {name}", "",
              f"Pool {len(first['pool_fields'])} fields, test {len(first['test_fields'])} fields; patches "
-             f"{first['patch_size']} x {first['patch_size']}, {first['patches_per_round']} new per round; seeds "
+             f"{first['patch_size']} x {first['patch_size']}, {first['patches_per_round']} new per round; fine_tune "
+             f"{_sent(first.get('fine_tune_sent'))}; seeds "
              f"{s['seeds']}; base model (version 0) test F1 {np.mean([r['test_f1'] for r in rows if not r['labels']]):.3f}.",
              "", f"Data set: {verdict}.", "",
              "Test F1 at IoU 0.5 (mean ± std over seeds, n):", "",
@@ -444,7 +488,7 @@ def _markdown(name: str, s: dict[str, Any], default: str) -> str:
     target = s["random_f1_at_16"]
     lines += ["", f"Labels needed (the smallest budget from which the mean curve stays at or above random's F1 at "
               f"{REFERENCE_BUDGET}" + (f", {target:.3f}" if target is not None else ", not run") + "):", ""]
-    lines += [f"- {strategy}: {needed if needed is not None else 'not reached'}"
+    lines += [f"- {strategy}: {needed if needed is not None else 'not reached' if target is not None else '-'}"
               for strategy, needed in s["labels_needed"].items()]
     lines += ["", "Verdicts of the fine-tuned versions against their parents (held-out patches), per budget:", ""]
     lines += [f"- {strategy}: " + "; ".join(f"{b}: " + ", ".join(f"{v} {n}" for v, n in sorted(c.items()))
