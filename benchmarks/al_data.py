@@ -15,6 +15,11 @@ reads it) with its candidate patch windows and ground truth, and a separate test
 
 The base model is the same for all: the demo's U-Net trained on synthetic 'nuclei' (so the real image is a
 domain shift too).
+
+Whole-field sets (``FIELD_SETS``, for benchmarks/service_al.py): pools and test sets of whole images, never
+windows of one image. ``bbbc039``: the 25 BBBC039 fields of ``bbbc039/`` in the shared data (U2OS nuclei, CC0);
+``usiigaci``: the 10 phase-contrast fields of ``usiigaci_phase/`` (whole fibroblast-like cells, MIT). The test
+set is every other field of the sorted list, from the second, up to ``TEST_FIELDS``; the pool is the rest.
 """
 
 from __future__ import annotations
@@ -106,3 +111,78 @@ def test_f1(adapter, dataset: Dataset) -> float:
     from bioadapt.active import f1_score
 
     return float(f1_score(adapter.segment(dataset.test_image[None])[0], dataset.test_truth, 0.5))
+
+
+# -- whole-field sets (benchmarks/service_al.py) ----------------------------------------------------------------
+FIELD_SETS = ("bbbc039", "usiigaci")
+TEST_FIELDS = {"bbbc039": 10, "usiigaci": 4}  # of 25 and 10 fields; the pool is the rest
+
+
+@dataclass
+class Field:
+    name: str
+    image: np.ndarray  # (1, Y, X) as stored (uint16)
+    truth: np.ndarray  # (Y, X) instance labels
+
+
+def whole_fields(name: str) -> tuple[list[Field], list[Field]]:
+    """(pool, test) fields of a whole-field set: the test set is every other field of the sorted list, from the
+    second, up to ``TEST_FIELDS[name]``; the pool is the rest. They never share an image."""
+    fields = {"bbbc039": _bbbc039_fields, "usiigaci": _usiigaci_fields}[name]()
+    test_names = {field.name for field in fields[1::2][:TEST_FIELDS[name]]}
+    return [f for f in fields if f.name not in test_names], [f for f in fields if f.name in test_names]
+
+
+def _shared_folder(name: str) -> Path:
+    folder = SHARED_DATA / name
+    if not folder.is_dir():
+        raise SystemExit(f"{folder} is missing: it comes from a public repository and lives beside the repository "
+                         "(set BIOADAPT_SHARED_DATA to the folder that holds it)")
+    return folder
+
+
+def _bbbc039_fields() -> list[Field]:
+    """BBBC039 fields; instance labels are the connected regions of equal value of the mask's first channel (its
+    SOURCE.md)."""
+    import imageio.v3 as iio
+    import tifffile
+    from skimage.measure import label
+
+    folder = _shared_folder("bbbc039")
+    return [Field(tif.stem, tifffile.imread(tif)[None],
+                  label(iio.imread(folder / "masks" / f"{tif.stem}.png")[..., 0], background=0, connectivity=2))
+            for tif in sorted((folder / "images").glob("*.tif"))]
+
+
+def _usiigaci_fields() -> list[Field]:
+    """Usiigaci phase-contrast fields (set5 ... set50, by set number); ``instances_ids.png`` is the instance label
+    image as published."""
+    import imageio.v3 as iio
+    import tifffile
+
+    folder = _shared_folder("usiigaci_phase")
+    sets = sorted(folder.glob("set*"), key=lambda path: int(path.name.removeprefix("set")))
+    return [Field(path.name, tifffile.imread(path / "raw.tif")[None],
+                  iio.imread(path / "instances_ids.png").astype(np.int64)) for path in sets]
+
+
+def write_fields(fields: list[Field], folder: Path) -> dict[str, Path]:
+    """Each field as its own OME-Zarr in ``folder`` (written once: an existing one is kept); name -> path."""
+    from bioadapt.data.writer import write_ome_zarr
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for field in fields:
+        path = folder / f"{field.name}.ome.zarr"
+        if not path.exists():
+            write_ome_zarr(path, field.image, "cyx")
+        paths[field.name] = path
+    return paths
+
+
+def pooled_f1(predictions: list[np.ndarray], truths: list[np.ndarray]) -> dict:
+    """F1 at IoU 0.5 pooled over images (true and false positives and misses summed over them), with the counts."""
+    from bioadapt.active.metrics import match_instances, summarize_matches
+
+    summary = summarize_matches([match_instances(p, t, 0.5) for p, t in zip(predictions, truths)])
+    return {key: summary[key] for key in ("f1", "tp", "fp", "fn")}

@@ -108,6 +108,25 @@ def test_one_model_load_serves_every_image_and_task_of_a_version(service, inputs
     assert service.pool.started - started == 1
 
 
+def test_a_region_of_several_tiles_gives_objects_of_different_tiles_different_ids(tmp_path):
+    """predict_region segments tile by tile: every tile's objects get ids after the earlier tiles' ones, so that two
+    objects of different tiles are never one label (a model that numbers each tile's objects from 1 would merge
+    them)."""
+    from bioadapt.data import ImageRef
+    from bioadapt.data.writer import write_ome_zarr
+    from bioadapt.service.tasks.predict import predict_region
+
+    class OneObjectPerTile:
+        def segment(self, x):
+            return np.ones((x.shape[0], *x.shape[2:]), np.int32)
+
+    path = write_ome_zarr(tmp_path / "image.ome.zarr", np.zeros((1, 10, 8), np.uint16), "cyx")
+    labels = predict_region(OneObjectPerTile(), ImageRef(str(path)), (1, 0), (9, 8), None, tile=4)
+    assert labels.shape == (9, 8)
+    assert sorted(np.unique(labels)) == [1, 2, 3, 4, 5, 6]  # 3 x 2 tiles, one object each
+    assert len(np.unique(labels[:4, :4])) == 1 and labels[0, 0] != labels[0, 4] != labels[4, 0]
+
+
 def test_fine_tuning_sends_only_the_parameters_the_caller_set(service, inputs):
     assert params_of(s.FineTune(project_id="p"), "cellpose") == {}
     assert params_of(s.FineTune(project_id="p", epochs=3, params={"weight_decay": 0.1}), "bioimageio") == {

@@ -24,7 +24,8 @@ def predict_region(adapter: Any, image: ImageRef, origin: Sequence[int], shape: 
                    tile: int = TILE, *, stop: threading.Event | None = None,
                    progress: Callable[..., None] | None = None) -> np.ndarray | dict[str, Any]:
     """The worker body: segment a region tile by tile; labels go to the label store ``out`` (returned: where)
-    or, without ``out``, come back as an array. Object ids are per tile: an object cut by a tile border keeps
+    or, without ``out``, come back as an array. Objects are segmented per tile: each tile's ids follow the
+    previous tiles' (so objects of different tiles never share an id), and an object cut by a tile border keeps
     two ids."""
     from bioadapt.data import LabelStore
 
@@ -32,13 +33,15 @@ def predict_region(adapter: Any, image: ImageRef, origin: Sequence[int], shape: 
     store = LabelStore.open(out) if out else None
     labels = None if store else np.zeros(tuple(shape), np.int32)
     grid = [max(1, -(-n // tile)) for n in shape]
-    tiles = 0
+    tiles, last_id = 0, 0
     for tile_origin in np.ndindex(*grid):
         if stop is not None and stop.is_set():
             break
         start = [o + t * tile for o, t in zip(origin, tile_origin)]
         size = [min(tile, o + n - a) for o, n, a in zip(origin, shape, start)]
         predicted = adapter.segment(opened.read(start, size, dtype="float32")[None])[0]
+        predicted = np.where(predicted > 0, predicted + last_id, 0)  # ids 1..n of every tile would collide
+        last_id = max(last_id, int(predicted.max()))
         if store is not None:
             store.write(start, predicted.astype(np.uint32), author="bioadapt-model")
         else:

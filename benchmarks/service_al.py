@@ -1,0 +1,534 @@
+"""Label efficiency on the path a user takes: a simulated annotator drives a real `bioadapt serve` (embedded Hypha
+server, local Ray) through the Python client, round by round, and each new version segments separate test fields.
+
+Per data set (benchmarks/al_data.py's whole-field sets: pools and test sets of whole images, never overlapping),
+base model and (strategy, seed), one project holds the pool's fields and the test fields, and each round up to
+the next budget of labelled patches:
+
+1. ``score`` with the strategy, every other argument the service's default except where the data cannot hold it
+   (below). Scoring must not draw patches from the test fields, so it is called once per pool field
+   (``image_id``) with the share of ``n_patches`` the service itself gives each image of a call over several
+   (``n // images``, one more for the first ``n % images``); the draws, the masks (one MC seed per round), the
+   scores and the selection (each call selects over the project's whole pending pool) are those of one call over
+   the pool fields;
+2. take the service's own selection: the first patches ``list_patches`` gives (``select`` = this round's labels);
+3. submit their ground truth (the simulated annotator);
+4. ``fine_tune`` with the service's defaults (the adapter's: 20 epochs, lr 5e-4, batch 4, 25 % validation,
+   cosine schedule, early stopping); the service holds out every 4th annotated patch and judges the version
+   against its parent on them;
+5. ``predict`` (return_array) every test field with the project's default version; F1 at IoU 0.5 pooled over the
+   test fields (``bioadapt.active.metrics``).
+
+A round-0 row holds the base model's (version 0's) test F1. Settings the data cannot hold at the service's
+default: ``patch_shape`` 256 x 256 (a 520 x 696 BBBC039 field holds 2 random non-overlapping 256 x 256 windows,
+10-12 of 128 x 128) and ``n_patches`` 64 per round (each round draws new patches; 64 per round would fill the
+BBBC039 pool by the third round): 128 x 128 and 32 per round for both sets (``--patch-size``,
+``--patches-per-round``).
+
+Bases: ``nuclei_broad``, the zoo's unet2d_nuclei_broad with its real trained weights (its TorchScript's state
+dict in tests/zoo_architectures' architecture, so that MC dropout's hooks reach it; fixed 512 x 512 input, so
+every patch costs a 512 x 512 forward pass), and ``demo``, the demo's small U-Net trained on synthetic nuclei.
+
+Rows are appended to ``benchmarks/results/service_al_<dataset>_<base>.jsonl`` as rounds finish; a run already on
+record is skipped, so a run cut short can be resumed. ``report`` writes ``service_al.md``, ``service_al.json``
+and ``service_al.png`` from every file found.
+
+    nice -n 10 python benchmarks/service_al.py run --dataset bbbc039 --base demo --seeds 0,1,2 --budgets 2,4,8,16
+    python benchmarks/service_al.py report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from al_data import FIELD_SETS, Field, base_model, pooled_f1, whole_fields, write_fields  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+OUT = RESULTS / "service_al"
+BASES = ("nuclei_broad", "demo")
+PATCH = 128
+PATCHES_PER_ROUND = 32
+REFERENCE_BUDGET = 16  # "labels needed" reach random's F1 at this budget
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from bioadapt.active import DEFAULT_STRATEGY
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("run", "report"))
+    parser.add_argument("--dataset", choices=FIELD_SETS, default="bbbc039")
+    parser.add_argument("--base", choices=BASES, default="nuclei_broad")
+    parser.add_argument("--strategies", default=f"random,{DEFAULT_STRATEGY}", help="names of STRATEGIES")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--budgets", default="2,4,8,16,32", help="labelled patches after each round")
+    parser.add_argument("--patch-size", type=int, default=PATCH)
+    parser.add_argument("--patches-per-round", type=int, default=PATCHES_PER_ROUND, help="score's n_patches")
+    parser.add_argument("--epochs", type=int, default=None, help="sent to fine_tune (default: not sent, so the "
+                        "adapter's default applies); results go to a file of their own")
+    parser.add_argument("--learning-rate", type=float, default=None, help="sent to fine_tune, as --epochs")
+    parser.add_argument("--workdir", default=None, help="keeps the OME-Zarrs and base models (default: temporary)")
+    parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--default", default=None, help="report: the strategy judged against random (default: "
+                        "bioadapt.active.DEFAULT_STRATEGY)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.command == "report":
+        report(args)
+        return
+    import torch
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="bioadapt-service-al-") as tmp:
+        workdir = Path(args.workdir or tmp).resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        run(args, workdir)
+
+
+# -- data and models ---------------------------------------------------------------------------------------------
+@dataclass
+class Setup:
+    pool: list[Field]
+    test: list[Field]
+    paths: dict[str, Path]  # field name -> OME-Zarr
+    model: Path
+
+
+def prepare(dataset: str, base: str, workdir: Path) -> Setup:
+    pool, test = whole_fields(dataset)
+    paths = write_fields(pool + test, workdir / dataset)
+    return Setup(pool, test, paths, base_package(base, workdir))
+
+
+def base_package(base: str, workdir: Path) -> Path:
+    """The base model's package: the demo's U-Net (al_data.base_model), or unet2d_nuclei_broad's real weights in
+    this project's architecture (tests/zoo_corpus.runnable)."""
+    if base == "demo":
+        return base_model(workdir)
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from zoo_corpus import BY_NAME, runnable
+
+    description = BY_NAME["nuclei-broad-state-dict"]
+    folder = workdir / description.name
+    return folder / "bioimageio.yaml" if folder.exists() else runnable(description, workdir)
+
+
+# -- the service -------------------------------------------------------------------------------------------------
+@contextmanager
+def served(workdir: Path) -> Iterator[Any]:
+    """`bioadapt serve` as a child process (embedded Hypha, local Ray) that may read ``workdir``, and a client;
+    the process is stopped by its id."""
+    from bioadapt.service.client import connect
+    from bioadapt.service.serve_process import ServeProcess
+
+    service = ServeProcess(workdir / "service", ["--allow-path", str(workdir), "--port", "0", "--user", "bench"],
+                           log_path=workdir / "serve.log", env={"OMP_NUM_THREADS": "1"})
+    try:
+        info = service.start()
+        print(f"service {info['service_id']} at {info['server_url']} (Ray {info['ray']}); log {service.log_path}",
+              flush=True)
+        with connect(info["server_url"], token=info["token"], workspace=info["workspace"]) as svc:
+            yield svc
+    finally:
+        service.stop(timeout_s=60)
+
+
+class Run:
+    """One (strategy, seed) through the service: a project of the pool and test fields, round by round."""
+
+    def __init__(self, svc: Any, setup: Setup, model_id: str, args: argparse.Namespace, strategy: str, seed: int):
+        self.svc, self.setup, self.args, self.strategy, self.seed = svc, setup, args, strategy, seed
+        fields = setup.pool + setup.test
+        project = svc.create_project(f"service_al {args.dataset} {args.base} {strategy} seed {seed}", model_id,
+                                     [{"uri": str(setup.paths[f.name])} for f in fields])
+        self.project_id = project["id"]
+        by_uri = {image["uri"]: image["id"] for image in project["images"]}
+        self.image_ids = {f.name: by_uri[str(setup.paths[f.name])] for f in fields}
+        self.truths = {f.name: f.truth for f in setup.pool}
+        self.names = {image_id: name for name, image_id in self.image_ids.items()}
+        self.labelled = 0
+
+    def score(self, select: int) -> dict[str, Any]:
+        """Score new patches of every pool field (the service's per-image shares of n_patches), the last call's
+        selection over the whole pending pool being the round's. A field with no room left for a new patch is
+        passed over (one call over the pool would fail on it) and named in the answer; the round then selects
+        again once every other field is scored."""
+        from bioadapt.errors import BioadaptError
+
+        pool = [f.name for f in self.setup.pool]
+        n = self.args.patches_per_round
+        shares = [n // len(pool) + (i < n % len(pool)) for i in range(len(pool))]
+        scored, full, selection = 0, [], None
+        for name, share in zip(pool, shares):
+            try:
+                job = self.svc.score(self.project_id, n_patches=share, patch_shape=[self.args.patch_size] * 2,
+                                     strategy=self.strategy, image_id=self.image_ids[name], seed=self.seed,
+                                     select=select)
+                result = self.svc.wait(job, progress=False)["result"]
+            except BioadaptError as e:
+                if "fits" not in str(e):
+                    raise
+                full.append(name)
+                continue
+            scored, selection = scored + result["scored"], result["selection"]
+        if full:
+            self.svc.select_patches(self.project_id, strategy=self.strategy, select=select, seed=self.seed)
+        return {"scored": scored, "selection": selection, "full_fields": full}
+
+    def annotate(self, k: int) -> list[dict[str, Any]]:
+        """The simulated annotator: the ground truth of the first ``k`` patches of the service's selection."""
+        picks = self.svc.list_patches(self.project_id, limit=k)
+        for patch in picks:
+            window = tuple(slice(o, o + s) for o, s in zip(patch["origin"], patch["shape"]))
+            truth = self.truths[self.names[patch["image_id"]]][window]
+            self.svc.submit_labels(self.project_id, patch["id"], truth.astype(np.uint32))
+        self.labelled += len(picks)
+        return picks
+
+    def fine_tune(self) -> dict[str, Any]:
+        """A fine-tune with the service's defaults, but for the settings the benchmark was told to send."""
+        job = self.svc.fine_tune(self.project_id, **tuning(self.args))
+        return self.svc.wait(job, progress=False)["result"]
+
+    def test_f1(self, version: int | None = None) -> dict[str, Any]:
+        """F1 at IoU 0.5 of ``version`` (default: the project's default version) on the test fields, pooled."""
+        predictions, version_used = [], None
+        for field in self.setup.test:
+            job = self.svc.wait(self.svc.predict(self.project_id, self.image_ids[field.name], [0, 0],
+                                                 list(field.truth.shape), version=version, return_array=True),
+                                progress=False)
+            predictions.append(np.asarray(self.svc.job_output(job["id"], "labels")))
+            version_used = job["result"]["version"]
+        return {**pooled_f1(predictions, [f.truth for f in self.setup.test]), "version": version_used}
+
+    def close(self) -> None:
+        self.svc.delete_project(self.project_id)
+
+
+def tuning(args: argparse.Namespace) -> dict[str, Any]:
+    """The fine_tune arguments the benchmark sends: none by default (the service's defaults)."""
+    given = {"epochs": args.epochs, "learning_rate": args.learning_rate}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def results_file(args: argparse.Namespace) -> Path:
+    """service_al_<dataset>_<base>.jsonl; with fine-tuning settings sent, their values are part of the name."""
+    sent = "".join(f"_{'e' if name == 'epochs' else 'lr'}{value:g}" for name, value in tuning(args).items())
+    return Path(f"{args.out}_{args.dataset}_{args.base}{sent}.jsonl")
+
+
+def run(args: argparse.Namespace, workdir: Path) -> None:
+    setup = prepare(args.dataset, args.base, workdir)
+    out = results_file(args)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    budgets = sorted(int(b) for b in args.budgets.split(","))
+    done = {(r["strategy"], r["seed"], r["labels"]) for r in read_rows(out)}
+    print(f"{args.dataset}: pool {len(setup.pool)} fields, test {len(setup.test)} fields; base {args.base} "
+          f"({setup.model})", flush=True)
+    with served(workdir) as svc:
+        model = svc.load_model(str(setup.model))
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            for strategy in [s for s in args.strategies.split(",") if s]:
+                if all((strategy, seed, b) in done for b in [0, *budgets]):
+                    print(f"{strategy} seed {seed}: on record", flush=True)
+                    continue
+                retried(lambda: one_run(Run(svc, setup, model["id"], args, strategy, seed), budgets, out, done))
+
+
+LOW_MEMORY = ("OutOfMemoryError", "running low on memory")  # Ray's words when it kills a worker to save the machine
+RETRIES, RETRY_WAIT_S = 3, 120
+
+
+def retried(attempt: Any) -> None:
+    """Run ``attempt``; when Ray killed a worker because the shared machine ran low on memory (other work's), wait
+    and run it again from its start (rounds on record are recomputed, not appended again)."""
+    from bioadapt.errors import BioadaptError
+
+    for retry in range(RETRIES + 1):
+        try:
+            return attempt()
+        except (BioadaptError, RuntimeError) as e:
+            if retry == RETRIES or not any(word in str(e) for word in LOW_MEMORY):
+                raise
+            print(f"a worker was killed for lack of memory; again in {RETRY_WAIT_S} s", flush=True)
+            time.sleep(RETRY_WAIT_S)
+
+
+def one_run(run_: Run, budgets: list[int], out: Path, done: set) -> None:
+    """Round 0 (the base model) and one round per budget; each round's row appended to ``out`` unless on record
+    (a resumed run recomputes its earlier rounds to reach the later ones)."""
+    common = {"dataset": run_.args.dataset, "base": run_.args.base, "strategy": run_.strategy, "seed": run_.seed,
+              "patch_size": run_.args.patch_size, "patches_per_round": run_.args.patches_per_round,
+              "fine_tune_sent": tuning(run_.args),
+              "pool_fields": [f.name for f in run_.setup.pool], "test_fields": [f.name for f in run_.setup.test],
+              "commit": _commit()}
+    try:
+        started = time.perf_counter()
+        base = run_.test_f1(version=0)
+        _record(out, done, {**common, "labels": 0, "version": 0, "default_version": 0, "verdict": None,
+                            "test_f1": base["f1"], "test": base, "seconds": round(time.perf_counter() - started, 1),
+                            "date": time.strftime("%Y-%m-%d %H:%M")})
+        for budget in budgets:
+            _record(out, done, {**common, **one_round(run_, budget)})
+    finally:
+        run_.close()
+
+
+def one_round(run_: Run, budget: int) -> dict[str, Any]:
+    """Score, pick, label, fine-tune, predict the test fields: the round's row."""
+    seconds, started = {}, time.perf_counter()
+    k = budget - run_.labelled
+    scoring = run_.score(select=k)
+    seconds["score"] = time.perf_counter() - started
+    picks = run_.annotate(k)
+    seconds["label"] = time.perf_counter() - started - sum(seconds.values())
+    tuned = run_.fine_tune()
+    seconds["fine_tune"] = time.perf_counter() - started - sum(seconds.values())
+    test = run_.test_f1()
+    seconds["predict"] = time.perf_counter() - started - sum(seconds.values())
+    training = tuned["result"] or {}
+    return {"labels": run_.labelled, "version": tuned["version"], "default_version": tuned["default_version"],
+            "verdict": tuned["verdict"]["verdict"], "verdict_reason": tuned["verdict"].get("reason"),
+            "test_f1": test["f1"], "test": test, "scored": scoring["scored"], "selection": scoring["selection"],
+            "full_fields": scoring["full_fields"],
+            "picks": [[run_.names[p["image_id"]], p["origin"], round(float(p["score"] or 0), 5)] for p in picks],
+            "epochs_run": training.get("epochs_run"), "best_epoch": training.get("best_epoch"),
+            "seconds": round(time.perf_counter() - started, 1),
+            "stage_seconds": {key: round(value, 1) for key, value in seconds.items()},
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def _record(out: Path, done: set, row: dict[str, Any]) -> None:
+    key = (row["strategy"], row["seed"], row["labels"])
+    note = " (on record already)" if key in done else ""
+    print(f"{row['strategy']:<40} seed {row['seed']} labels {row['labels']:>2}: test F1 {row['test_f1']:.3f} "
+          f"v{row['version']} ({row['verdict']}; default v{row['default_version']}) {row['seconds']:.0f} s{note}",
+          flush=True)
+    if not note:
+        with out.open("a") as stream:
+            stream.write(json.dumps(row) + "\n")
+        done.add(key)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# -- report ------------------------------------------------------------------------------------------------------
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def paired_interval(differences: list[float]) -> dict[str, Any]:
+    """Mean of paired differences with its 95 % t interval (n - 1 degrees of freedom); no interval for n < 2."""
+    from scipy import stats
+
+    values = np.asarray(differences, dtype=float)
+    n = len(values)
+    mean = float(values.mean()) if n else float("nan")
+    if n < 2:
+        return {"mean": mean, "low": None, "high": None, "n": n}
+    half = float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / np.sqrt(n))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def by_seed(rows: list[dict[str, Any]], strategy: str, labels: int) -> dict[int, float]:
+    return {r["seed"]: r["test_f1"] for r in rows if r["strategy"] == strategy and r["labels"] == labels}
+
+
+def paired(rows: list[dict[str, Any]], a: tuple[str, int], b: tuple[str, int]) -> dict[str, Any]:
+    """F1 of (strategy, labels) ``a`` minus ``b``, paired by seed (seeds that have both)."""
+    first, second = by_seed(rows, *a), by_seed(rows, *b)
+    return paired_interval([first[s] - second[s] for s in sorted(first.keys() & second.keys())])
+
+
+def excludes_zero(interval: dict[str, Any]) -> str:
+    """'above' / 'below' 0 when the 95 % interval excludes it, 'noise' when it holds it, '-' without one."""
+    if interval["low"] is None:
+        return "-"
+    return "above" if interval["low"] > 0 else "below" if interval["high"] < 0 else "noise"
+
+
+def curve(rows: list[dict[str, Any]], strategy: str) -> dict[int, float]:
+    """Mean test F1 per budget (labels > 0) of a strategy."""
+    budgets = sorted({r["labels"] for r in rows if r["strategy"] == strategy and r["labels"] > 0})
+    return {b: float(np.mean(list(by_seed(rows, strategy, b).values()))) for b in budgets}
+
+
+def labels_needed(points: dict[int, float], target: float) -> int | None:
+    """The smallest budget from which the curve stays at or above ``target`` at every larger budget run (not its
+    first crossing); None when its last point is below."""
+    needed = None
+    for budget in sorted(points, reverse=True):
+        if points[budget] < target:
+            break
+        needed = budget
+    return needed
+
+
+def informative(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Random's F1 at the largest budget run (32 by the design) minus at 2, paired by seed: the set judges
+    strategies only when the interval lies above 0."""
+    budgets = sorted({r["labels"] for r in rows if r["strategy"] == "random" and r["labels"] > 0})
+    if len(budgets) < 2:
+        return {"informative": None, "from": None, "to": None, "interval": None}
+    interval = paired(rows, ("random", budgets[-1]), ("random", budgets[0]))
+    return {"informative": excludes_zero(interval) == "above" if interval["low"] is not None else None,
+            "from": budgets[0], "to": budgets[-1], "interval": interval}
+
+
+def summarize(rows: list[dict[str, Any]], default: str) -> dict[str, Any]:
+    """One (data set, base): curves, paired differences to random and to the base model, labels needed, whether
+    the set is informative."""
+    strategies = sorted({r["strategy"] for r in rows}, key=lambda s: (s != "random", s != default, s))
+    budgets = sorted({r["labels"] for r in rows})
+    table = {s: {b: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)}
+                 for b in budgets if (v := list(by_seed(rows, s, b).values()))} for s in strategies}
+    random_curve = curve(rows, "random")
+    target = random_curve.get(REFERENCE_BUDGET)
+    summary = {"strategies": strategies, "budgets": budgets, "seeds": sorted({r["seed"] for r in rows}),
+               "table": table, "informative": informative(rows), "random_f1_at_16": target,
+               "vs_random": {}, "vs_base": {}, "labels_needed": {}, "verdicts": {}}
+    for strategy in strategies:
+        summary["vs_base"][strategy] = {b: paired(rows, (strategy, b), (strategy, 0)) for b in budgets if b}
+        summary["labels_needed"][strategy] = None if target is None else labels_needed(curve(rows, strategy), target)
+        summary["verdicts"][strategy] = _verdict_counts(rows, strategy)
+        if strategy != "random":
+            summary["vs_random"][strategy] = {b: paired(rows, (strategy, b), ("random", b)) for b in budgets if b}
+    return summary
+
+
+def _verdict_counts(rows: list[dict[str, Any]], strategy: str) -> dict[int, dict[str, int]]:
+    counts: dict[int, dict[str, int]] = {}
+    for r in rows:
+        if r["strategy"] == strategy and r["labels"]:
+            counts.setdefault(r["labels"], {}).setdefault(r["verdict"], 0)
+            counts[r["labels"]][r["verdict"]] += 1
+    return counts
+
+
+def report(args: argparse.Namespace) -> None:
+    from bioadapt.active import DEFAULT_STRATEGY
+
+    default = args.default or DEFAULT_STRATEGY
+    out = Path(args.out)
+    summaries = {}
+    for path in sorted(out.parent.glob(f"{out.name}_*.jsonl")):
+        rows = read_rows(path)
+        if rows:
+            summaries[path.stem.removeprefix(out.name + "_")] = {"rows": rows, **summarize(rows, default)}
+    text = "\n".join(_markdown(name, s, default) for name, s in summaries.items())
+    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".json").write_text(json.dumps({name: {k: v for k, v in s.items() if k != "rows"}
+                                                    for name, s in summaries.items()}, indent=1, default=str) + "\n")
+    plot(summaries, default, out.with_suffix(".png"))
+    print(text)
+
+
+def _cell(interval: dict[str, Any]) -> str:
+    if interval["low"] is None:
+        return f"{interval['mean']:+.3f} (n={interval['n']})" if interval["n"] else ""
+    return f"{interval['mean']:+.3f} [{interval['low']:+.3f}, {interval['high']:+.3f}] {excludes_zero(interval)}"
+
+
+def _sent(sent: dict[str, Any] | None) -> str:
+    if not sent:
+        return "with the service's defaults"
+    return "with " + ", ".join(f"{name} {value:g}" for name, value in sent.items()) + " (the rest the service's defaults)"
+
+
+def _markdown(name: str, s: dict[str, Any], default: str) -> str:
+    rows, budgets = s["rows"], [b for b in s["budgets"] if b]
+    first = rows[0]
+    info = s["informative"]
+    if info["informative"] is None:
+        verdict = "not judged (random needs two budgets and two seeds)"
+    else:
+        word = "INFORMATIVE" if info["informative"] else "uninformative: no conclusion about strategies from it"
+        verdict = (f"{word} (random's F1 at {info['to']} minus at {info['from']}: {_cell(info['interval'])}"
+                   + ("" if info["to"] == 32 else "; the design asks for 32 vs 2, and 32 was not run") + ")")
+    lines = [f"## {name}", "",
+             f"Pool {len(first['pool_fields'])} fields, test {len(first['test_fields'])} fields; patches "
+             f"{first['patch_size']} x {first['patch_size']}, {first['patches_per_round']} new per round; fine_tune "
+             f"{_sent(first.get('fine_tune_sent'))}; seeds "
+             f"{s['seeds']}; base model (version 0) test F1 {np.mean([r['test_f1'] for r in rows if not r['labels']]):.3f}.",
+             "", f"Data set: {verdict}.", "",
+             "Test F1 at IoU 0.5 (mean ± std over seeds, n):", "",
+             "| strategy | " + " | ".join(f"{b}" for b in s["budgets"]) + " |", "| --- |" + " --- |" * len(s["budgets"])]
+    for strategy in s["strategies"]:
+        mark = " (default)" if strategy == default else ""
+        cells = [f"{c['mean']:.3f} ± {c['std']:.3f} ({c['n']})" if (c := s["table"][strategy].get(b)) else ""
+                 for b in s["budgets"]]
+        lines.append(f"| {strategy}{mark} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired by seed, mean difference [95 % t interval]; 'noise' where the interval holds 0:", "",
+              "| comparison | " + " | ".join(str(b) for b in budgets) + " |", "| --- |" + " --- |" * len(budgets)]
+    for strategy, intervals in s["vs_random"].items():
+        lines.append(f"| {strategy} minus random | " + " | ".join(_cell(intervals[b]) for b in budgets) + " |")
+    for strategy, intervals in s["vs_base"].items():
+        lines.append(f"| {strategy} minus the base model | " + " | ".join(_cell(intervals[b]) for b in budgets) + " |")
+    target = s["random_f1_at_16"]
+    lines += ["", f"Labels needed (the smallest budget from which the mean curve stays at or above random's F1 at "
+              f"{REFERENCE_BUDGET}" + (f", {target:.3f}" if target is not None else ", not run") + "):", ""]
+    lines += [f"- {strategy}: {needed if needed is not None else 'not reached' if target is not None else '-'}"
+              for strategy, needed in s["labels_needed"].items()]
+    lines += ["", "Verdicts of the fine-tuned versions against their parents (held-out patches), per budget:", ""]
+    lines += [f"- {strategy}: " + "; ".join(f"{b}: " + ", ".join(f"{v} {n}" for v, n in sorted(c.items()))
+                                           for b, c in sorted(counts.items()))
+              for strategy, counts in s["verdicts"].items()]
+    lines += ["", "Seconds per round (median over runs): " + ", ".join(
+        f"{b} labels {np.median([r['seconds'] for r in rows if r['labels'] == b]):.0f}" for b in budgets) + ".", ""]
+    return "\n".join(lines)
+
+
+def plot(summaries: dict[str, Any], default: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not summaries:
+        return
+    figure, axes = plt.subplots(1, len(summaries), figsize=(5.6 * len(summaries), 4.2), squeeze=False)
+    for axis, (name, s) in zip(axes[0], summaries.items()):
+        for strategy in s["strategies"]:
+            points = sorted((b, c) for b, c in s["table"][strategy].items())
+            budgets = [max(b, 1) for b, _ in points]  # the base model (0 labels) drawn at 1 on the log axis
+            mean = np.array([c["mean"] for _, c in points])
+            std = np.array([c["std"] for _, c in points])
+            line, = axis.plot(budgets, mean, marker="o", linewidth=2.2 if strategy in ("random", default) else 1.2,
+                              label=strategy + (" (default)" if strategy == default else ""))
+            axis.fill_between(budgets, mean - std, mean + std, alpha=0.12, color=line.get_color())
+        axis.set_xscale("log", base=2)
+        ticks = [max(b, 1) for b in s["budgets"]]
+        axis.set_xticks(ticks, [str(b) for b in s["budgets"]])
+        axis.set_xlabel("labelled patches (0: the base model)")
+        axis.set_ylabel("test F1 at IoU 0.5")
+        axis.set_title(f"{name} (band: ± 1 std over seeds {s['seeds']})", fontsize=9)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
