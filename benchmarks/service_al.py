@@ -13,7 +13,7 @@ the next budget of labelled patches:
    the pool fields;
 2. take the service's own selection: the first patches ``list_patches`` gives (``select`` = this round's labels);
 3. submit their ground truth (the simulated annotator);
-4. ``fine_tune`` with the service's defaults (the adapter's: 20 epochs, lr 5e-4, batch 4, 25 % validation,
+4. ``fine_tune`` with the service's defaults (the adapter's: 100 epochs, lr 3e-3, batch 4, 25 % validation,
    cosine schedule, early stopping); the service holds out every 4th annotated patch and judges the version
    against its parent on them;
 5. ``predict`` (return_array) every test field with the project's default version; F1 at IoU 0.5 pooled over the
