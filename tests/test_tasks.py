@@ -437,15 +437,15 @@ def test_a_version_trained_on_wrong_labels_is_judged_worse_and_never_the_default
     root = inputs["root"]
     if not (root / "base.zip").exists():
         build_base_model(root / "base.zip", epochs=20, seed=0)
-    write_synthetic_ome_zarr(root / "nuclei.ome.zarr", (384, 384), "nuclei", seed=3)
+    write_synthetic_ome_zarr(root / "synthetic-nuclei.ome.zarr", (384, 384), "nuclei", seed=3)
     model = service.load_model(ALICE, s.LoadModel(source=str(root / "base.zip")))
     project = service.create_project(ALICE, s.CreateProject(name="wrong labels", model=model["id"], images=[
-        {"uri": str(root / "nuclei.ome.zarr")}], holdout_fraction=0.34))
+        {"uri": str(root / "synthetic-nuclei.ome.zarr")}], holdout_fraction=0.34))
     pid = project["id"]
     _run(service, "score", project_id=pid, n_patches=12, patch_shape=PATCH, mc_passes=2, actors=1)
     _annotate(service, project, 9)  # the truth first: the held-out patches keep it
     train = service.store.patches(pid, status="annotated", split="train")
-    truth = zarr.open_group(str(root / "nuclei.ome.zarr"), mode="r")["labels/ground_truth/0"]
+    truth = zarr.open_group(str(root / "synthetic-nuclei.ome.zarr"), mode="r")["labels/ground_truth/0"]
     for patch in train:
         (y, x), (h, w) = patch["origin"], patch["shape"]
         inverse = (np.asarray(truth[y:y + h, x:x + w]) == 0).astype(np.uint32)
