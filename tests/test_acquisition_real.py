@@ -25,7 +25,10 @@ CROP = (48, 256)  # a 144 x 192 crop whose 48 x 48 windows hold 0 to 3 nuclei, 3
 def scored(tmp_path_factory):
     """(scores, features, truth per window, the model's labels per window) for the 3 x 4 windows of a crop."""
     root = tmp_path_factory.mktemp("real")
-    model = load_adapter(unet_package(root / "unet.zip", features=4), device="cpu", threads=1)
+    # full MC: this test is about the object score. With the default partial scope (depth 3) on this 4-feature
+    # network, one window empty in the truth but holding two false-positive specks scored 0.025 (full: 0.004),
+    # above every window with nuclei: a known limit (docs/design.md, section 8)
+    model = load_adapter(unet_package(root / "unet.zip", features=4), device="cpu", threads=1, mc_scope="full")
     model.fine_tune(cell_patches("nuclei", 16, size=48, seed=3),
                     {"epochs": 12, "learning_rate": 3e-3, "batch_size": 4, "val_fraction": 0.0})
     crop = (slice(CROP[0], CROP[0] + 3 * PATCH), slice(CROP[1], CROP[1] + 4 * PATCH))
