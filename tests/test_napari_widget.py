@@ -234,6 +234,9 @@ def test_a_user_labels_and_tunes_through_the_widget(make_napari_viewer, qtbot, s
         center = np.asarray(viewer.camera.center[-2:])
         assert np.all(np.abs(center - (np.asarray(top["origin"]) + np.asarray(PATCH) / 2)) < 1)
         predicted = np.array(labels.data)
+        # the map shown is the readable default (pass disagreement): one value over each of the model's objects
+        shown = np.asarray(uncertainty.data)
+        assert predicted.max() > 0 and all(np.ptp(shown[predicted == i]) < 1e-6 for i in np.unique(predicted) if i)
         # the uncertainty overview of the whole image, under the patch: the patch's map lies where the patch is
         widget.overview.checkbox.setChecked(True)
         until(lambda: OVERVIEW_LAYER in viewer.layers)
