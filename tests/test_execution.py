@@ -242,12 +242,17 @@ def test_a_patch_score_is_the_mean_of_its_map_inside_the_sampling_mask_and_featu
 
     assert torch.get_num_threads() == 1  # the worker's default: one torch thread (benchmarks/bench_threads.py)
     results = worker.run(score_patches, request, list(enumerate(edges)))
-    score_map = UncertaintyStore.open(uncertainty.path).read((0, 0), (256, 256))
+    shown = UncertaintyStore.open(uncertainty.path).read((0, 0), (256, 256))  # the readable map, for people
+    from bioadapt.active import bald
+    from bioadapt.adapters import load_adapter
     from bioadapt.data.sampling import resolve_mask
 
+    local = load_adapter(model, device="cpu", threads=1)
     coarse = resolve_mask(image, "tissue")
     for (y, x), result in zip(edges, results):
-        window = score_map[y:y + 64, x:x + 64]
+        assert np.isfinite(shown[y:y + 64, x:x + 64]).all()
+        samples = local.mc_proba(image.read((y, x), (64, 64), dtype="float32")[None], passes=4, seed=request.seed)
+        window = bald(samples[:, 0], activation=local.describe().activation)  # the acquisition map scored
         inside = coarse.window((y, x), (64, 64))
         assert 0 < inside.sum() < inside.size
         assert result["score"] == pytest.approx(float(window[inside].mean()), rel=1e-5)
