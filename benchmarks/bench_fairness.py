@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import tempfile
 import threading
 import time

@@ -10,10 +10,7 @@ folder is not enough to reach the data folder.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import signal
 import socket
 import threading
 import time

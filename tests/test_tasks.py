@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import time
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
