@@ -28,16 +28,12 @@ from typing import Any
 import numpy as np
 
 from bioadapt.active.metrics import best_iou
-from bioadapt.active.objects import object_regions
+from bioadapt.active.objects import as_numpy, object_regions
 from bioadapt.errors import BioadaptError
 
 DEFAULT_MAP = "disagreement"
 FALLBACK_MAP = "object"  # the default for models whose passes give no instance segmentations (Cellpose)
 DEFAULT_RADIUS = 4.0  # pixels: the object scale of a patch without objects
-
-
-def _array(values: Any) -> np.ndarray:
-    return values.detach().float().cpu().numpy() if hasattr(values, "detach") else np.asarray(values)
 
 
 def object_radius(labels: np.ndarray) -> float:
@@ -118,9 +114,9 @@ def readable_map(name: str, score_map: Any, labels: Any, pass_labels: Any = None
     ``score_map``, the model's instance ``labels`` and, for "disagreement", each pass's instance labels (T, ...)."""
     if name not in MAPS:
         raise BioadaptError(f"unknown map {name!r}; known: {sorted(MAPS)}")
-    score_map = _array(score_map).astype(np.float64)
-    labels = _array(labels).astype(np.int64)
+    score_map = as_numpy(score_map).astype(np.float64)
+    labels = as_numpy(labels).astype(np.int64)
     if labels.shape != score_map.shape:
         raise BioadaptError(f"labels of shape {labels.shape} do not match the map's shape {score_map.shape}")
-    passes = None if pass_labels is None else _array(pass_labels).astype(np.int64)
+    passes = None if pass_labels is None else as_numpy(pass_labels).astype(np.int64)
     return MAPS[name](score_map, labels, passes).astype(np.float32)

@@ -22,7 +22,8 @@ from bioadapt.errors import BioadaptError
 ObjectReduce = Literal["mean", "sum", "max"]
 
 
-def _array(values: Any) -> np.ndarray:
+def as_numpy(values: Any) -> np.ndarray:
+    """A NumPy array of ``values`` (torch tensors detached to float32 on the CPU)."""
     return values.detach().float().cpu().numpy() if hasattr(values, "detach") else np.asarray(values)
 
 
@@ -36,8 +37,8 @@ def object_regions(labels: Any, score_map: Any, *, missed_quantile: float = 0.9,
     cover at least ``min_missed_area`` pixels and half the median object area."""
     from scipy import ndimage
 
-    labels = _array(labels).astype(np.int64)
-    score_map = _array(score_map).astype(np.float64)
+    labels = as_numpy(labels).astype(np.int64)
+    score_map = as_numpy(score_map).astype(np.float64)
     if labels.shape != score_map.shape:
         raise BioadaptError(f"labels of shape {labels.shape} do not match the score map's shape {score_map.shape}")
     regions = ndimage.grey_dilation(labels, size=(3,) * labels.ndim)
@@ -57,10 +58,10 @@ def object_regions(labels: Any, score_map: Any, *, missed_quantile: float = 0.9,
 def object_scores(score_map: Any, regions: Any, mask: Any = None) -> np.ndarray:
     """Mean of ``score_map`` over each region (label > 0) of ``regions``, counting only pixels inside ``mask``;
     regions with no pixel inside the mask are left out."""
-    score_map = _array(score_map).astype(np.float64)
-    regions = _array(regions)
+    score_map = as_numpy(score_map).astype(np.float64)
+    regions = as_numpy(regions)
     if mask is not None:
-        regions = np.where(_array(mask).astype(bool), regions, 0)
+        regions = np.where(as_numpy(mask).astype(bool), regions, 0)
     ids, inverse = np.unique(regions.ravel(), return_inverse=True)
     sums = np.bincount(inverse, weights=score_map.ravel())
     counts = np.bincount(inverse)
