@@ -26,8 +26,10 @@ BBBC039 pool by the third round): 128 x 128 and 32 per round for both sets (``--
 ``--patches-per-round``).
 
 Bases: ``nuclei_broad``, the zoo's unet2d_nuclei_broad with its real trained weights (its TorchScript's state
-dict in tests/zoo_architectures' architecture, so that MC dropout's hooks reach it; fixed 512 x 512 input, so
-every patch costs a 512 x 512 forward pass), and ``demo``, the demo's small U-Net trained on synthetic nuclei.
+dict in tests/zoo_architectures' architecture, so that MC dropout's hooks reach it; fixed 512 x 512 input, which
+its network does not need: scoring and training run a 128-pixel patch as 192 x 192, ``shape_probe``; rows in the
+``*_fixed512`` files ran before that, every patch as a 512 x 512 pass), and ``demo``, the demo's small U-Net
+trained on synthetic nuclei.
 
 Rows are appended to ``benchmarks/results/service_al_<dataset>_<base>.jsonl`` as rounds finish; a run already on
 record is skipped, so a run cut short can be resumed. ``report`` writes ``service_al.md``, ``service_al.json``

@@ -224,9 +224,38 @@ def test_a_fixed_input_is_one_block_with_its_halo_inside(name, weights_format, t
 
     image = rng.random((1, 530, 300)).astype(np.float32)  # blocks: two in y, one padded block's width in x
     proba = model.predict_proba(image)
-    passes = load_adapter(rdf, device="cpu", dropout_p=1e-9, **options).mc_proba(image, passes=2, seed=5)
+    kept = load_adapter(rdf, device="cpu", dropout_p=1e-9, fixed_shape="keep", **options)
+    passes = kept.mc_proba(image, passes=2, seed=5)
     np.testing.assert_allclose(passes[0], proba, atol=ATOL)  # pass 0: the prediction itself (TTA: identity)
     assert model.segment(image).shape == (530, 300)
+
+
+def test_a_fully_convolutional_fixed_shape_network_scores_and_trains_on_smaller_inputs(tmp_path):
+    """unet2d_nuclei_broad's network gives its 512 x 512 outputs from 72 x 72 up in steps of 8: a 128-pixel patch
+    is scored and trained as one 192 x 192 input (a seventh of the pixels) and scores as the fixed shape does;
+    prediction keeps the described shape. Without a halo nothing shows the cut windows agree: it keeps 512."""
+    rdf = runnable(BY_NAME["nuclei-broad-state-dict"], tmp_path)
+    model = load_adapter(rdf, device="cpu", dropout_p=1e-9)
+    kept = load_adapter(rdf, device="cpu", dropout_p=1e-9, fixed_shape="keep")
+    grid = model.work_tiling.grid
+    assert grid.smallest == (72, 72) and [s.step for s in grid.sizes] == [8, 8]
+    assert model.work_tiling.plan((128, 128)) == Plan(True, (192, 192), (0, 0))
+    assert model.tiling_plan((128, 128)).shape == (512, 512) and kept.work_tiling is kept.tiling
+
+    test_input, _ = _test_pair(ZOO / NUCLEI)
+    patches = np.stack([test_input[:, 100:228, 200:328], test_input[:, 384:512, 0:128]])
+    np.testing.assert_allclose(model.mc_proba(patches, passes=2, seed=3), kept.mc_proba(patches, passes=2, seed=3),
+                               atol=0.01)
+    np.testing.assert_allclose(model.predict_proba(test_input), kept.predict_proba(test_input), atol=ATOL)
+
+    seen = []
+    model.module.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
+    labels, _ = ndimage.label(patches[:, 0] > np.median(patches))
+    model.fine_tune([(p, lab) for p, lab in zip(patches, labels)], {"epochs": 1, "val_fraction": 0.0})
+    assert seen and set(seen) == {(192, 192)}
+
+    no_halo = load_adapter(runnable(BY_NAME["nuclei-broad-no-halo"], tmp_path / "no-halo"), device="cpu")
+    assert no_halo.work_tiling is no_halo.tiling
 
 
 def test_onnx_weights_predict_like_core_score_by_augmentation_and_are_not_tuned(tmp_path):

@@ -31,7 +31,8 @@ def load_adapter(source: str | Path, device: str = "auto", dropout_p: float = DE
     "foreground_boundaries", "affinities", "semantic" or "classes", for outputs whose meaning the description
     does not say) and ``affinity_offsets`` (one offset per affinity channel, where the description's config has
     none) and ``sample_source`` ("auto": MC dropout where it can reach the network, else test-time augmentation;
-    "dropout"; "tta"); for Cellpose ``mc_scope``, ``mc_depth``, ``channels`` (Cellpose 3's [cytoplasm, nucleus]
+    "dropout"; "tta") and ``fixed_shape`` ("probe": a fixed input shape the torch network gives the same outputs
+    without is left for smaller inputs in scoring and training; "keep"); for Cellpose ``mc_scope``, ``mc_depth``, ``channels`` (Cellpose 3's [cytoplasm, nucleus]
     pair, default [0, 0]), ``diameter``, ``flow_threshold``, ``cellprob_threshold``, ``min_size``,
     ``input_channels``, ``dropout_kind``, ``memory_budget``, ``bfloat16`` (Cellpose 4; default: on GPUs only).
     """

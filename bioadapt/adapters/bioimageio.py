@@ -31,6 +31,7 @@ from bioadapt.adapters.base import (DEFAULT_DROPOUT_P, DEFAULT_MC_PASSES, Adapte
                                     ModelInfo, Progress, Stop, check_images, check_samples)
 from bioadapt.adapters.bioimageio_layout import Layout
 from bioadapt.adapters.bioimageio_tiling import CoreTiling, Forward, Plan, Prepared
+from bioadapt.adapters.shape_probe import convolutional_grid
 from bioadapt.adapters.bioimageio_weights import (TRAINABLE_FORMATS, choose_format, held_network,
                                                   load_core_adapter, torchscript_as_state_dict)
 from bioadapt.adapters.dropout import (MC_SCOPES, CommonMasks, DropoutKind, HeadSplit, MCDropout, check_scope,
@@ -76,7 +77,8 @@ class BioimageioAdapter(Adapter):
                  mc_depth: int = DEFAULT_MC_DEPTH, output_activation: str | None = None,
                  weights_format: str | None = None, dropout_kind: DropoutKind = DEFAULT_DROPOUT_KIND,
                  memory_budget: int | None = None, output_targets: str | None = None,
-                 affinity_offsets: Sequence[Sequence[int]] | None = None, sample_source: str = "auto"):
+                 affinity_offsets: Sequence[Sequence[int]] | None = None, sample_source: str = "auto",
+                 fixed_shape: str = "probe"):
         self.description = descr
         self.source = source
         self.device = resolve_device(device)
@@ -125,6 +127,25 @@ class BioimageioAdapter(Adapter):
         self._head_masks: CommonMasks | None = None  # the head scope's round masks (the full scope's live in mc)
         self._partial: PartialSplit | None = None
         self._voxel_bytes: float | None = None
+        self.work_tiling = self._work_tiling(descr, fixed_shape)
+
+    def _work_tiling(self, descr: v0_5.ModelDescr, fixed_shape: str) -> CoreTiling:
+        """The tiling that scoring and training use: the described one, or for a fixed-shape torch network that
+        gives the same outputs on smaller inputs (``shape_probe``) the same tiling on those smaller inputs."""
+        if fixed_shape not in ("probe", "keep"):
+            raise BioadaptError(f"fixed_shape must be 'probe' or 'keep', got {fixed_shape!r}")
+        sizes = self.layout.grid.sizes
+        if fixed_shape == "keep" or self.module is None or any(s.step or s.reference is not None for s in sizes):
+            return self.tiling
+        grid = convolutional_grid(self._network, self.layout.grid.smallest, self.tiling.halo,
+                                  self.layout.input_channels)
+        if grid is None:
+            log.info("%s: its network needs its fixed input shape %s", descr.name, self.layout.grid.smallest)
+            return self.tiling
+        log.info("%s: fixed input shape %s, but its network gives the same outputs from %s in steps of %s; "
+                 "scoring and training use those", descr.name, self.layout.grid.smallest, grid.smallest,
+                 grid.sizes[0].step)
+        return CoreTiling(descr, self.layout, self.tiling.pre_ops, grid)
 
     # -- loading -----------------------------------------------------------------------------------------------
     @classmethod
@@ -331,7 +352,7 @@ class BioimageioAdapter(Adapter):
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)  # only TorchScript's own dropout layers draw from the global generator
-            samples = self.tiling.predict(x, self._stochastic(seed, scope), self._post_ops, passes=passes,
+            samples = self.work_tiling.predict(x, self._stochastic(seed, scope), self._post_ops, passes=passes,
                                           max_voxels=self._max_voxels(), rows_per_call=self._rows_per_call)
         proba = self._probabilities(samples)
         return proba[:, 0] if single else proba
@@ -341,7 +362,7 @@ class BioimageioAdapter(Adapter):
         augment = Augmentations(seed)
         outputs = []
         for t in range(passes):
-            raw = self.tiling.predict(augment.apply(t, x), self._deterministic, self._post_ops,
+            raw = self.work_tiling.predict(augment.apply(t, x), self._deterministic, self._post_ops,
                                       max_voxels=self._max_voxels(), rows_per_call=self._rows_per_call)
             outputs.append(augment.undo(t, raw))
         return np.stack(outputs)
@@ -359,7 +380,7 @@ class BioimageioAdapter(Adapter):
             return self._head_features(batch).float().cpu().numpy()
 
         with torch.no_grad():
-            maps = self.tiling.predict(x, features, [], max_voxels=self._max_voxels(),
+            maps = self.work_tiling.predict(x, features, [], max_voxels=self._max_voxels(),
                                        rows_per_call=self._rows_per_call)
         flat = maps.reshape(maps.shape[0], maps.shape[1], -1)
         return np.concatenate([flat.mean(2), flat.std(2)], 1).astype(np.float32)
@@ -411,7 +432,7 @@ class BioimageioAdapter(Adapter):
         params = FineTuneParams.from_any(params)
         pairs = check_samples(samples, info)
         common = tuple(max(image.shape[1 + i] for image, _ in pairs) for i in range(len(self.layout.spatial)))
-        plan = self.tiling_plan(common)
+        plan = self.work_tiling.plan(common, self._max_voxels())
         inputs, targets, valid, groups = [], [], [], []
         for patch, (image, labels) in enumerate(pairs):
             for block_input, target, mask in self._training_blocks(image, labels, common, plan):
@@ -436,7 +457,7 @@ class BioimageioAdapter(Adapter):
         shape = labels.shape
         if shape != common:
             image = np.pad(image, [(0, 0)] + [(0, c - s) for s, c in zip(shape, common)], mode="symmetric")
-        prepared: Prepared = self.tiling.prepare(image, plan)
+        prepared: Prepared = self.work_tiling.prepare(image, plan)
         target, target_valid = self.targets.make(labels)
         out = []
         for block in prepared.blocks:

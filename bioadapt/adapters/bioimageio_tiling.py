@@ -35,6 +35,7 @@ from bioimageio.core.tensor import Tensor
 from bioimageio.spec.model import v0_5
 
 from bioadapt.adapters.bioimageio_layout import Layout
+from bioadapt.adapters.shapes import InputGrid
 from bioadapt.errors import BioadaptError
 
 # forward(network inputs (N, *model input axes), pass indices or None) -> outputs (len(passes) * N or N rows,
@@ -72,8 +73,10 @@ class Prepared:
 class CoreTiling:
     """bioimageio.core's halo, pad mode, pre-processing split and block transform for one description."""
 
-    def __init__(self, descr: v0_5.ModelDescr, layout: Layout, pre_ops: Sequence[Any]):
+    def __init__(self, descr: v0_5.ModelDescr, layout: Layout, pre_ops: Sequence[Any],
+                 grid: InputGrid | None = None):
         self.layout = layout
+        self.grid = grid or layout.grid  # another grid: the network's own (``shape_probe``), not the described one
         self.in_id, self.out_id = layout.input.id, layout.output.id
         output_halo = {self.out_id: {a.id: Halo(a.halo, a.halo) for a in layout.output.axes
                                      if isinstance(a, v0_5.WithHalo)}}
@@ -91,14 +94,14 @@ class CoreTiling:
                               default=-1)
         self.samplewise_pre = self.pre_ops[:last_samplewise + 1]
         self.blockwise_pre = self.pre_ops[last_samplewise + 1:]
-        smallest = layout.grid.smallest
+        smallest = self.grid.smallest
         if any(s <= 2 * h for s, h in zip(smallest, self.halo)):
             raise BioadaptError(f"{descr.name}'s smallest input {smallest} is not larger than twice its halo "
                                 f"{self.halo}: no block would have a valid centre")
 
     # -- planning ----------------------------------------------------------------------------------------------
     def plan(self, shape: Sequence[int], max_voxels: int | None = None) -> Plan:
-        grid = self.layout.grid
+        grid = self.grid
         with_halo = tuple(s + 2 * h for s, h in zip(shape, self.halo))
         fits = (lambda s: True) if max_voxels is None else (lambda s: math.prod(s) <= max_voxels)
         whole = grid.at_least(with_halo)  # the image with its halo itself, when that is valid
