@@ -11,6 +11,7 @@ import time
 import zipfile
 
 import numpy as np
+from scipy import ndimage
 import pytest
 import yaml
 import zarr
@@ -107,23 +108,57 @@ def test_one_model_load_serves_every_image_and_task_of_a_version(service, inputs
     assert service.pool.started - started == 1
 
 
-def test_a_region_of_several_tiles_gives_objects_of_different_tiles_different_ids(tmp_path):
-    """predict_region segments tile by tile: every tile's objects get ids after the earlier tiles' ones, so that two
-    objects of different tiles are never one label (a model that numbers each tile's objects from 1 would merge
-    them)."""
-    from bioadapt.data import ImageRef
+class ConnectedComponents:
+    """A segmenter whose answer for any window is known: the 4-connected components of the image above 0."""
+
+    def segment(self, x):
+        return np.stack([ndimage.label(image[0] > 0)[0] for image in x]).astype(np.int32)
+
+
+def _same_objects(a: np.ndarray, b: np.ndarray) -> bool:
+    """Two label images that split the pixels into the same objects (ids may differ)."""
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    return (np.array_equal(a > 0, b > 0) and len(pairs.T) == len(np.unique(a)) == len(np.unique(b)))
+
+
+def _blobs(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """Disks and bars (convex: a window sees every part of one that it cuts as one part) at random places."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.indices(shape)
+    image = np.zeros(shape, np.uint16)
+    for _ in range(14):
+        y, x, r = rng.integers(0, shape[0]), rng.integers(0, shape[1]), rng.integers(2, 5)
+        image[(yy - y) ** 2 + (xx - x) ** 2 <= r * r] = 1
+    image[10:12, 2:shape[1] - 2] = 1  # across every tile of its row
+    image[3:shape[0] - 3, 30:32] = 1  # and of its column
+    return image
+
+
+def test_a_region_of_several_tiles_is_segmented_as_one_image(tmp_path):
+    """predict_region segments tile by tile with context around each tile, and an object cut by tile borders
+    (disks on borders, bars across every tile of a row or column) is one object: the tiled labels split the region
+    into the objects that segmenting it whole gives, into the array and into a label store; tiles are equal parts
+    (a 40-pixel axis in 16-pixel tiles: 3 of 13-14, not 16, 16, 8)."""
+    from bioadapt.data import ImageRef, LabelStore, open_image
     from bioadapt.data.writer import write_ome_zarr
-    from bioadapt.service.tasks.predict import predict_region
+    from bioadapt.service.tasks.predict import _equal_cuts, predict_region
 
-    class OneObjectPerTile:
-        def segment(self, x):
-            return np.ones((x.shape[0], *x.shape[2:]), np.int32)
+    assert _equal_cuts(40, 16) == [(0, 13), (13, 27), (27, 40)] and _equal_cuts(16, 16) == [(0, 16)]
+    image = _blobs((40, 44), seed=2)
+    path = write_ome_zarr(tmp_path / "image.ome.zarr", image[None], "cyx")
+    whole = ConnectedComponents().segment(image[None, None].astype(np.float32))[0]
+    assert len(np.unique(whole)) > 8
+    labels = predict_region(ConnectedComponents(), ImageRef(str(path)), (0, 0), (40, 44), None, tile=16, context=4)
+    assert _same_objects(labels, whole)
+    # a region inside the image: windows reach beyond it, its labels are the whole image's objects cut to it
+    part = predict_region(ConnectedComponents(), ImageRef(str(path)), (5, 3), (30, 36), None, tile=16, context=4)
+    assert _same_objects(part, whole[5:35, 3:39])
 
-    path = write_ome_zarr(tmp_path / "image.ome.zarr", np.zeros((1, 10, 8), np.uint16), "cyx")
-    labels = predict_region(OneObjectPerTile(), ImageRef(str(path)), (1, 0), (9, 8), None, tile=4)
-    assert labels.shape == (9, 8)
-    assert sorted(np.unique(labels)) == [1, 2, 3, 4, 5, 6]  # 3 x 2 tiles, one object each
-    assert len(np.unique(labels[:4, :4])) == 1 and labels[0, 0] != labels[0, 4] != labels[4, 0]
+    store = LabelStore.create(None, like=open_image(path))
+    store.write((0, 0), np.full((40, 44), 7, np.uint32))  # an older prediction the new one replaces
+    predict_region(ConnectedComponents(), ImageRef(str(path)), (0, 0), (40, 44), str(store.path), tile=16,
+                   context=4)
+    assert _same_objects(LabelStore.open(store.path).read((0, 0), (40, 44)).astype(np.int64), whole)
 
 
 def test_fine_tuning_sends_only_the_parameters_the_caller_set(service, inputs):
