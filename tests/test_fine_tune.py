@@ -1,6 +1,7 @@
 """Fine-tuning a bioimage.io U-Net on corrected patches: it must help on the new style, and stop cleanly."""
 
 import numpy as np
+from scipy import ndimage
 import pytest
 import torch
 
@@ -71,8 +72,9 @@ def test_stop_ends_training_between_steps_and_keeps_the_best_weights(nuclei_mode
 def test_targets_follow_the_outputs():
     labels = np.zeros((8, 8), np.int64)
     labels[1:4, 1:4], labels[1:4, 4:7] = 1, 2  # two touching cells
-    fg_only = make_targets(labels, "sigmoid", 1)
-    assert fg_only.shape == (1, 8, 8) and fg_only.sum() == 18
+    fg_only = make_targets(labels, "sigmoid", 1)  # the columns where they touch are background: two components
+    assert fg_only.shape == (1, 8, 8) and fg_only.sum() == 12 and fg_only[0, 1:4, 3:5].sum() == 0
+    assert ndimage.label(fg_only[0])[1] == 2
     fg_bd = make_targets(labels, "sigmoid", 2)
     assert fg_bd.shape == (2, 8, 8) and fg_bd[1, 2, 2] == 0 and fg_bd[1, 2, 3] == 1 and fg_bd[1, 2, 4] == 1
     assert make_targets(labels, "softmax", 2).max() == 1

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from skimage.segmentation import find_boundaries
 
 from bioadapt.errors import BioadaptError
@@ -105,13 +106,15 @@ def affinity_targets(labels: np.ndarray, offsets: Sequence[Sequence[int]]) -> tu
 def make_targets(labels: np.ndarray, output_kind: str, n_classes: int) -> np.ndarray:
     """Instance or class labels (*spatial) -> targets (1 or K, *spatial) for the model's outputs.
 
-    One sigmoid channel: foreground. Two: foreground and the cells' inner boundaries (what seeded watershed in
+    One sigmoid channel: foreground, without the pixels where two objects touch (the model's instances are the
+    foreground's connected components, so only a gap between touching objects can teach it to split them; the
+    original U-Net's separation borders). Two: foreground and the cells' inner boundaries (what seeded watershed in
     ``segment`` needs to split touching cells). More: channel k is label k + 1 (semantic). Softmax: class
     indices; two classes take any instance labels as foreground.
     """
     if output_kind == "sigmoid":
         if n_classes == 1:
-            return (labels > 0)[None].astype(np.float32)
+            return ((labels > 0) & ~touching(labels))[None].astype(np.float32)
         if n_classes == 2:
             return np.stack([labels > 0, find_boundaries(labels, mode="inner")]).astype(np.float32)
         _check_classes(labels, n_classes + 1, semantic_sigmoid=True)
@@ -122,6 +125,17 @@ def make_targets(labels: np.ndarray, output_kind: str, n_classes: int) -> np.nda
         _check_classes(labels, n_classes)
         return labels[None].astype(np.int64)
     raise BioadaptError(f"no training targets for output kind {output_kind!r}")
+
+
+def touching(labels: np.ndarray) -> np.ndarray:
+    """Pixels of an object with a pixel of another object among their neighbours (a full 3 x 3 neighbourhood)."""
+    labels = np.asarray(labels)
+    if not labels.any():
+        return np.zeros(labels.shape, bool)
+    background = int(labels.max()) + 1  # background counts as larger than every object for the minimum
+    largest = ndimage.maximum_filter(labels, size=3, mode="nearest")
+    smallest = ndimage.minimum_filter(np.where(labels > 0, labels, background), size=3, mode="nearest")
+    return (labels > 0) & ((largest != labels) | (smallest != labels))
 
 
 def _check_classes(labels: np.ndarray, n: int, semantic_sigmoid: bool = False) -> None:
