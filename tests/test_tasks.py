@@ -161,6 +161,36 @@ def test_a_region_of_several_tiles_is_segmented_as_one_image(tmp_path):
     assert _same_objects(LabelStore.open(store.path).read((0, 0), (40, 44)).astype(np.int64), whole)
 
 
+def test_a_real_field_tiled_keeps_its_annotated_nuclei_whole(tmp_path):
+    """A BBBC039 field (520 x 696, another lab's annotation) through predict_region's 512-pixel tiles, 64 pixels of
+    context, with a segmenter that answers the field's own annotation for any window: the tiled labels are the
+    annotation's objects, nuclei on both tile borders included (the first cut of each axis crosses some)."""
+    import imageio.v3 as iio
+    import tifffile
+    from skimage.measure import label
+
+    from bioadapt.data import ImageRef
+    from bioadapt.data.writer import write_ome_zarr
+    from bioadapt.service.tasks.predict import predict_region
+    from shared_data import shared_folder
+
+    folder = shared_folder("bbbc039")
+    tif = sorted((folder / "images").glob("*.tif"))[0]
+    truth = label(iio.imread(folder / "masks" / f"{tif.stem}.png")[..., 0], background=0, connectivity=2)
+    assert tifffile.imread(tif).shape == truth.shape == (520, 696)
+    path = write_ome_zarr(tmp_path / "field.ome.zarr", ((truth > 0) * (truth % 250 + 1)).astype(np.uint16)[None],
+                          "cyx")  # each nucleus its own value, so the window's segmentation is the annotation
+
+    class AnnotationOfTheWindow:
+        def segment(self, x):
+            return np.stack([label(image[0], background=0, connectivity=2) for image in x]).astype(np.int32)
+
+    crossing = {int(k) for k in np.unique(truth[259:261]) if k} | {int(k) for k in np.unique(truth[:, 347:349]) if k}
+    assert crossing, "no nucleus crosses a tile border of this field"
+    labels = predict_region(AnnotationOfTheWindow(), ImageRef(str(path)), (0, 0), truth.shape, None)
+    assert _same_objects(labels, truth)
+
+
 def test_fine_tuning_sends_only_the_parameters_the_caller_set(service, inputs):
     assert params_of(s.FineTune(project_id="p"), "cellpose") == {}
     assert params_of(s.FineTune(project_id="p", epochs=3, params={"weight_decay": 0.1}), "bioimageio") == {

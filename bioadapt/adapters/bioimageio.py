@@ -31,13 +31,13 @@ from bioadapt.adapters.base import (DEFAULT_DROPOUT_P, DEFAULT_MC_PASSES, Adapte
                                     ModelInfo, Progress, Stop, check_images, check_samples)
 from bioadapt.adapters.bioimageio_layout import Layout
 from bioadapt.adapters.bioimageio_tiling import CoreTiling, Forward, Plan, Prepared
-from bioadapt.adapters.shape_probe import convolutional_grid
 from bioadapt.adapters.bioimageio_weights import (TRAINABLE_FORMATS, choose_format, held_network,
                                                   load_core_adapter, torchscript_as_state_dict)
 from bioadapt.adapters.dropout import (MC_SCOPES, CommonMasks, DropoutKind, HeadSplit, MCDropout, check_scope,
                                        is_scripted, mc_strategy, round_masks, stacked_passes)
 from bioadapt.adapters.partial import PartialSplit, partial_passes
 from bioadapt.adapters.segmentation import labels_from_probabilities
+from bioadapt.adapters.shape_probe import convolutional_grid
 from bioadapt.adapters.shapes import activation_bytes, default_input_budget, default_memory_budget
 from bioadapt.adapters.sources import load_model_description
 from bioadapt.adapters.targets import INSTANCE_TARGETS, Targets, choose_targets, dice_score, loss
