@@ -13,11 +13,12 @@ the next budget of labelled patches:
    the pool fields;
 2. take the service's own selection: the first patches ``list_patches`` gives (``select`` = this round's labels);
 3. submit their ground truth (the simulated annotator);
-4. ``fine_tune`` with the service's defaults (the adapter's: 100 epochs, lr 3e-3, batch 4, 25 % validation,
+4. ``fine_tune`` with the service's defaults (the adapter's: 100 epochs, lr 3e-4, batch 4, 25 % validation,
    cosine schedule, early stopping); the service holds out every 4th annotated patch and judges the version
    against its parent on them;
 5. ``predict`` (return_array) every test field with the project's default version; F1 at IoU 0.5 pooled over the
-   test fields (``bioadapt.active.metrics``).
+   test fields (``bioadapt.active.metrics``): ``test_f1``, what a user gets. A version the service did not make the
+   default (``undecided``: fewer than 3 held-out patches; ``worse``) predicts them too: ``version_f1``.
 
 A round-0 row holds the base model's (version 0's) test F1. Settings the data cannot hold at the service's
 default: ``patch_shape`` 256 x 256 (a 520 x 696 BBBC039 field holds 2 random non-overlapping 256 x 256 windows,
@@ -302,11 +303,14 @@ def one_round(run_: Run, budget: int) -> dict[str, Any]:
     tuned = run_.fine_tune()
     seconds["fine_tune"] = time.perf_counter() - started - sum(seconds.values())
     test = run_.test_f1()
+    # a version the service did not make the default (undecided, worse) is what a user gets only by naming it:
+    # its own test F1 shows what the round's labels taught
+    latest = test if tuned["version"] == tuned["default_version"] else run_.test_f1(version=tuned["version"])
     seconds["predict"] = time.perf_counter() - started - sum(seconds.values())
     training = tuned["result"] or {}
     return {"labels": run_.labelled, "version": tuned["version"], "default_version": tuned["default_version"],
             "verdict": tuned["verdict"]["verdict"], "verdict_reason": tuned["verdict"].get("reason"),
-            "test_f1": test["f1"], "test": test, "scored": scoring["scored"], "selection": scoring["selection"],
+            "test_f1": test["f1"], "test": test, "version_f1": latest["f1"], "scored": scoring["scored"], "selection": scoring["selection"],
             "full_fields": scoring["full_fields"],
             "picks": [[run_.names[p["image_id"]], p["origin"], round(float(p["score"] or 0), 5)] for p in picks],
             "epochs_run": training.get("epochs_run"), "best_epoch": training.get("best_epoch"),
@@ -452,10 +456,13 @@ def _cell(interval: dict[str, Any]) -> str:
     return f"{interval['mean']:+.3f} [{interval['low']:+.3f}, {interval['high']:+.3f}] {excludes_zero(interval)}"
 
 
-def _sent(sent: dict[str, Any] | None) -> str:
+def _sent(sent: dict[str, Any] | None, rows: list[dict[str, Any]]) -> str:
+    """The defaults changed over time: they are those of the commits the rows ran at."""
+    commits = ", ".join(sorted({r["commit"][:7] for r in rows}))
     if not sent:
-        return "with the service's defaults"
-    return "with " + ", ".join(f"{name} {value:g}" for name, value in sent.items()) + " (the rest the service's defaults)"
+        return f"with the service's defaults (commits {commits})"
+    return ("with " + ", ".join(f"{name} {value:g}" for name, value in sent.items())
+            + f" (the rest the service's defaults, commits {commits})")
 
 
 def _markdown(name: str, s: dict[str, Any], default: str) -> str:
@@ -471,7 +478,7 @@ def _markdown(name: str, s: dict[str, Any], default: str) -> str:
     lines = [f"## {name}", "",
              f"Pool {len(first['pool_fields'])} fields, test {len(first['test_fields'])} fields; patches "
              f"{first['patch_size']} x {first['patch_size']}, {first['patches_per_round']} new per round; fine_tune "
-             f"{_sent(first.get('fine_tune_sent'))}; seeds "
+             f"{_sent(first.get('fine_tune_sent'), rows)}; seeds "
              f"{s['seeds']}; base model (version 0) test F1 {np.mean([r['test_f1'] for r in rows if not r['labels']]):.3f}.",
              "", f"Data set: {verdict}.", "",
              "Test F1 at IoU 0.5 (mean ± std over seeds, n):", "",

@@ -23,7 +23,7 @@ DECLARED = {
     "dropout p": (rf"(?:\bdropout_p|DROPOUT_P|\bp: float)\b{VALUE}",
                   {("bioadapt/adapters/base.py", "DEFAULT_DROPOUT_P = 0.05")}),
     "learning rate": (rf"(?:learning_rate|LEARNING_RATE|\blr)\b{VALUE}|id=\"learning-rate\"[^>]*\bvalue=",
-                      {("bioadapt/adapters/base.py", "learning_rate: float = 3e-3"),  # bioimage.io models
+                      {("bioadapt/adapters/base.py", "learning_rate: float = 3e-4"),  # bioimage.io models
                        ("bioadapt/adapters/cellpose.py", "learning_rate: float = 0.005 if GENERATION < 4 else 1e-5"),
                        ("bioadapt/demo.py", "LEARNING_RATE = 3e-3")}),  # the demo's own: a setting, not a default
     "patch size": (rf"(?:patch_shape|patch_size|PATCH_SHAPE|PATCH_SIZE)\b{VALUE}|id=\"patch-size\"[^>]*\bvalue="

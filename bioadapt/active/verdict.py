@@ -11,6 +11,7 @@ for semantic ones.
 - "better": the whole interval lies above 0.
 - "same": the interval holds 0: the held-out set cannot tell the two apart.
 - "undecided": fewer than ``MIN_PATCHES`` held-out patches (or ``MIN_OBJECTS`` annotated objects), too few to judge.
+  An undecided version is not the project's default either: until labels can judge it, it is used only when named.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def judge_instances(parent_counts: Sequence[Sequence[int]], version_counts: Sequ
     if patches < MIN_PATCHES or objects < MIN_OBJECTS:
         return Verdict("undecided", difference=version_score - parent_score, interval=None, **base,
                        reason=f"{patches} held-out patches with {objects} objects are too few to judge (at least "
-                              f"{MIN_PATCHES} patches and {MIN_OBJECTS} objects): annotate more patches")
+                              f"{MIN_PATCHES} patches and {MIN_OBJECTS} objects): annotate more patches (until "
+                              "then this version is used only when named)")
     rows = np.random.default_rng(seed).integers(0, patches, (RESAMPLES, patches))
     differences = _pooled_f1(version[rows].sum(1), axis=-1) - _pooled_f1(parent[rows].sum(1), axis=-1)
     return _paired(base, version_score - parent_score, differences)
@@ -98,7 +100,7 @@ def judge_dice(parent_dice: Sequence[float], version_dice: Sequence[float], pare
     if patches < MIN_PATCHES:
         return Verdict("undecided", difference=difference, interval=None, **base,
                        reason=f"{patches} held-out patches are too few to judge (at least {MIN_PATCHES}): annotate "
-                              "more patches")
+                              "more patches (until then this version is used only when named)")
     rows = np.random.default_rng(seed).integers(0, patches, (RESAMPLES, patches))
     return _paired(base, difference, (version[rows] - parent[rows]).mean(1))
 

@@ -67,11 +67,12 @@ LR_SCHEDULES = ("cosine", "constant")
 
 @dataclass
 class FineTuneParams:
-    # 100 epochs at 3e-3: through the service at 20 epochs and 5e-4 random labels left a fresh BBBC039 test set's F1
-    # where the base model had it (0.735 -> 0.730-0.734 at 32 labels, 3 seeds); at 100 and 3e-3 it rose to 0.80
-    # (benchmarks/service_al.py, results/service_al.md). Early stopping ends runs whose held-out score has settled.
+    # 100 epochs: at 20 (lr 5e-4) random labels left a fresh BBBC039 test set's F1 where the demo's base had it.
+    # 3e-4 rather than 3e-3: a pre-trained network (the zoo's unet2d_nuclei_broad) lost up to 0.5 F1 at 3e-3 from 2
+    # labels and kept or gained at 3e-4 (benchmarks/finetune_pilot.py, service_al.py; docs/strategies.md). Early
+    # stopping ends runs whose held-out score has settled.
     epochs: int = 100
-    learning_rate: float = 3e-3
+    learning_rate: float = 3e-4
     batch_size: int = 4
     weight_decay: float = 1e-4
     val_fraction: float = 0.25

@@ -50,7 +50,8 @@ patches = Table(
 # reused). NULL state: a row written before states existed, always a finished version. trained_on: the ids of the
 # patches it was trained on (JSON list), recorded when its training started; NULL in rows written before that.
 # verdict: the version against its parent on the held-out patches when it was made (active.verdict: better, same,
-# worse, undecided); a worse one is never the project's default version. NULL: not judged (version 0, older rows).
+# worse, undecided); a worse or undecided one is never the project's default version. NULL: not judged (version 0,
+# older rows).
 versions = Table(
     "versions", metadata,
     Column("project_id", String, ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True),

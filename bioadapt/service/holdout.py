@@ -53,7 +53,8 @@ def verdict_of(parent: dict[str, Any] | None, version: dict[str, Any] | None) ->
 
     if not parent or not version or not parent.get("per_patch"):
         return {"verdict": "undecided", "reason": "no held-out patches to judge it on yet: annotate more patches "
-                "(a share of them is held out)", "metric": (version or {}).get("metric"), "patches": 0}
+                "(a share of them is held out); until then this version is used only when named",
+                "metric": (version or {}).get("metric"), "patches": 0}
     if parent["metric"] == "dice":
         judged = judge_dice(*zip(*[(p[0], v[0], p[1], v[1], p[2]) for p, v in zip(parent["per_patch"],
                                                                                   version["per_patch"])]))

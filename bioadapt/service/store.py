@@ -23,7 +23,9 @@ Window = tuple[Sequence[int], Sequence[int]]  # (origin, shape)
 JSON_COLUMNS = {"options", "info", "model_options", "model_info", "channels", "shape", "origin", "scores", "metrics",
                 "params", "storage_options", "features", "trained_on"}
 READY = or_(db.versions.c.state.is_(None), db.versions.c.state == "ready")  # NULL: a row older than states
-DEFAULTABLE = or_(db.versions.c.verdict.is_(None), db.versions.c.verdict != "worse")  # worse: only when named
+# A version becomes the default only when its held-out patches could judge it and did not find it worse; a worse
+# or an undecided one (too few held-out patches) is used only when named. NULL: version 0 and older rows.
+DEFAULTABLE = or_(db.versions.c.verdict.is_(None), db.versions.c.verdict.in_(("better", "same")))
 
 
 def _row(row: Any) -> dict[str, Any]:
@@ -265,7 +267,7 @@ class ProjectStore:
 
     def version(self, project_id: str, number: int | None = None) -> dict[str, Any] | None:
         """A version by number, whatever its state and verdict (see ``db.versions``); with ``None`` the project's
-        default: the latest ready version not judged worse than its parent."""
+        default: the latest ready version its held-out patches judged not worse than its parent (``DEFAULTABLE``)."""
         query = select(db.versions).where(db.versions.c.project_id == project_id)
         if number is None:
             return self._first(query.where(READY, DEFAULTABLE).order_by(db.versions.c.number.desc()).limit(1))
