@@ -357,13 +357,16 @@ def paired_interval(differences: list[float]) -> dict[str, Any]:
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
 
 
-def by_seed(rows: list[dict[str, Any]], strategy: str, labels: int) -> dict[int, float]:
-    return {r["seed"]: r["test_f1"] for r in rows if r["strategy"] == strategy and r["labels"] == labels}
+def by_seed(rows: list[dict[str, Any]], strategy: str, labels: int, key: str = "test_f1") -> dict[int, float]:
+    """``key``: "test_f1" (the project's default version) or "version_f1" (the round's new version, named; the
+    base model's row has only test_f1)."""
+    return {r["seed"]: r.get(key, r["test_f1"]) for r in rows if r["strategy"] == strategy and r["labels"] == labels}
 
 
-def paired(rows: list[dict[str, Any]], a: tuple[str, int], b: tuple[str, int]) -> dict[str, Any]:
+def paired(rows: list[dict[str, Any]], a: tuple[str, int], b: tuple[str, int], key: str = "test_f1"
+           ) -> dict[str, Any]:
     """F1 of (strategy, labels) ``a`` minus ``b``, paired by seed (seeds that have both)."""
-    first, second = by_seed(rows, *a), by_seed(rows, *b)
+    first, second = by_seed(rows, *a, key=key), by_seed(rows, *b, key=key)
     return paired_interval([first[s] - second[s] for s in sorted(first.keys() & second.keys())])
 
 
@@ -420,6 +423,12 @@ def summarize(rows: list[dict[str, Any]], default: str) -> dict[str, Any]:
         summary["verdicts"][strategy] = _verdict_counts(rows, strategy)
         if strategy != "random":
             summary["vs_random"][strategy] = {b: paired(rows, (strategy, b), ("random", b)) for b in budgets if b}
+    if any("version_f1" in r for r in rows):  # rows since undecided versions stopped becoming the default
+        summary["version_table"] = {s: {b: {"mean": float(np.mean(v)), "n": len(v)} for b in budgets
+                                        if (v := list(by_seed(rows, s, b, "version_f1").values()))}
+                                    for s in strategies}
+        summary["version_vs_random"] = {s: {b: paired(rows, (s, b), ("random", b), "version_f1") for b in budgets
+                                            if b} for s in strategies if s != "random"}
     return summary
 
 
@@ -494,6 +503,15 @@ def _markdown(name: str, s: dict[str, Any], default: str) -> str:
         lines.append(f"| {strategy} minus random | " + " | ".join(_cell(intervals[b]) for b in budgets) + " |")
     for strategy, intervals in s["vs_base"].items():
         lines.append(f"| {strategy} minus the base model | " + " | ".join(_cell(intervals[b]) for b in budgets) + " |")
+    if "version_table" in s:
+        lines += ["", "Each round's new version, named (what its labels taught, whether or not the service made it "
+                  "the default): mean test F1 (n), and paired minus random:", "",
+                  "| strategy | " + " | ".join(str(b) for b in budgets) + " |", "| --- |" + " --- |" * len(budgets)]
+        for strategy, cells in s["version_table"].items():
+            lines.append(f"| {strategy} | " + " | ".join(
+                f"{c['mean']:.3f} ({c['n']})" if (c := cells.get(b)) else "" for b in budgets) + " |")
+        for strategy, intervals in s["version_vs_random"].items():
+            lines.append(f"| {strategy} minus random | " + " | ".join(_cell(intervals[b]) for b in budgets) + " |")
     target = s["random_f1_at_16"]
     lines += ["", f"Labels needed (the smallest budget from which the mean curve stays at or above random's F1 at "
               f"{REFERENCE_BUDGET}" + (f", {target:.3f}" if target is not None else ", not run") + "):", ""]

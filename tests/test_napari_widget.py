@@ -307,6 +307,7 @@ def test_a_user_labels_and_tunes_through_the_widget(make_napari_viewer, qtbot, s
         assert (point_row["version"], point_row["labels"], point_row["verdict"]) == (1, 3, "undecided")
         assert versions_panel.table.item(1, 6).text() == "undecided"
         assert "too few to judge" in versions_panel.table.item(1, 6).toolTip()
+        assert versions_panel.table.item(0, 0).text() == "0 (default)"  # an undecided version is not the default
 
         # ... a long one is cancelled once it trains: no new version
         tune_panel.epochs.setValue(1000)
@@ -328,9 +329,9 @@ def test_a_user_labels_and_tunes_through_the_widget(make_napari_viewer, qtbot, s
             assert 0 <= float(versions_panel.table.item(row, 4).text()) <= 1  # AP
         assert versions_panel.table.isColumnHidden(5)  # no Dice for an instance model
 
-        # 9. export the latest version to a file here (the package comes through the service)
+        # 9. export the new version, named, to a file here (the package comes through the service)
         package = tmp_path / "exported" / "napari-labelling.zip"
-        versions_panel.export_to(package)
+        versions_panel.export_to(package, 1)
         until(lambda: package.exists() and not session.background.busy)
         assert "rdf.yaml" in zipfile.ZipFile(package).namelist()
         assert widget.status.text().startswith(f"exported version 1 to {package} (")

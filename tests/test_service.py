@@ -155,6 +155,9 @@ def test_full_loop_through_the_client(alice, project, inputs, service, tmp_path)
     assert tuned["base_version"] == 0 and tuned["patches"] == 6
     job = alice.wait(tuned["job_id"], progress=False, timeout_s=120)
     assert job["state"] == "done" and job["result"]["version"] == 1, job
+    # 2 held-out patches cannot judge it: the project keeps version 0 as its default until they can
+    assert job["result"]["verdict"]["verdict"] == "undecided" and job["result"]["default_version"] == 0, job
+    assert "used only when named" in job["result"]["verdict"]["reason"]
     wait_until(lambda: any(e["state"] == "done" and e.get("epoch") == 3 for e in tuning_events), 10,
                 f"the fine-tune's last progress event (got {tuning_events})")
     versions = alice.get_project(p)["versions"]
@@ -175,13 +178,13 @@ def test_full_loop_through_the_client(alice, project, inputs, service, tmp_path)
     wait_until(lambda: any(e["state"] == "done" for e in evaluation_events), 10, "evaluate's last progress event")
     assert alice.get_project(p)["versions"][1]["metrics"]["holdout"] == evaluated["versions"]["1"]
 
-    region = alice.wait(alice.predict(p, project["image"]["id"], top["origin"], PATCH, return_array=True),
-                        progress=False, timeout_s=120)
+    region = alice.wait(alice.predict(p, project["image"]["id"], top["origin"], PATCH, version=1,
+                                      return_array=True), progress=False, timeout_s=120)
     assert region["state"] == "done" and region["result"]["version"] == 1, region
     labels = alice.job_output(region["id"], "labels")
     assert labels.shape == tuple(PATCH) and np.issubdtype(labels.dtype, np.integer)
 
-    job = alice.wait(alice.export_model(p, authors=["Alice"], license="CC-BY-4.0"), progress=False, timeout_s=300)
+    job = alice.wait(alice.export_model(p, version=1, authors=["Alice"], license="CC-BY-4.0"), progress=False, timeout_s=300)
     assert job["kind"] == "export" and job["state"] == "done", job
     exported = job["result"]
     assert exported["outputs"] == ["package"] and "path" not in exported  # fetched by name, wherever the caller is

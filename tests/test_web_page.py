@@ -214,6 +214,9 @@ def test_label_tune_and_export_in_the_browser(browser_context, hypha_server, ser
     page.wait_for_function("document.getElementById('tune-status').textContent.startsWith('done: model version 1')",
                            timeout=180_000)
     assert "epoch 2 / 2, loss" in page.text_content("#tune-status")
+    # one annotated patch cannot judge version 1: it is exported when named
+    assert "used only when named" in page.text_content("#tune-status")
+    page.fill("#export-version", "1")
     page.click("#export")
     page.locator("#download").wait_for(state="visible", timeout=180_000)
     assert page.get_attribute("#download", "download") == "web-v1.zip"  # the project's name and the version
@@ -228,15 +231,15 @@ def test_label_tune_and_export_in_the_browser(browser_context, hypha_server, ser
     assert [v["number"] for v in webuser.get_project(project["id"])["versions"]] == [0, 1]
     assert not crashes, crashes
 
-    # score two new patches with a strategy chosen in the form (typical_bald reads the model's features, so the
-    # job also refreshes the annotated patch's features under version 1)
+    # score two new patches with a strategy chosen in the form (typical_bald reads the model's features); the
+    # project's default is still version 0: version 1 is undecided
     page.select_option("#strategy", "typical_bald")
     page.fill("#n-patches", "2")
     page.fill("#patch-size", str(PATCH[0]))  # MC passes left as shown: not sent, the service's default applies
     page.click("#score")
     page.wait_for_function("document.getElementById('score-status').textContent.includes('patches scored')",
                            timeout=180_000)  # the job's progress reads "done: 2 / 2 patches" just before
-    assert page.text_content("#score-status") == "done: 2 patches scored (typical_bald, model version 1)"
+    assert page.text_content("#score-status") == "done: 2 patches scored (typical_bald, model version 0)"
     calls = [frame for frame in sent if b"typical_bald" in frame and b"n_patches" in frame]
     assert len(calls) == 1 and b"patch_shape" in calls[0], "the score call was not seen as sent"
     assert b"mc_passes" not in calls[0] and b"\xa4mode" not in calls[0], "the page sent values nobody changed"

@@ -1,5 +1,6 @@
 """The project's model versions with their held-out scores and verdicts, and its learning curve: every fine-tune
-is judged against its parent on the held-out patches; a version judged worse is marked and is not the default.
+is judged against its parent on the held-out patches; a version judged worse, or undecided (too few held-out
+patches), is marked and is not the default.
 Evaluate compares versions (F1 and AP at IoU 0.5 for instance models, Dice for semantic ones), Export writes a
 version as a bioimage.io package to a chosen file. Both are service jobs, followed like scoring and fine-tuning."""
 
@@ -29,8 +30,8 @@ class VersionsPanel(QWidget):
         self.session = session
         self.versions: list[dict[str, Any]] = []
         self.table = read_only_table(COLUMNS, QAbstractItemView.SelectionMode.ExtendedSelection)
-        self.table.setToolTip("select versions to evaluate (default: the first and the latest) or the one to export "
-                              "(default: the latest)")
+        self.table.setToolTip("select versions to evaluate (default: the first, the default and the latest) or the "
+                              "one to export (default: the project's default)")
         self.evaluate_button = QPushButton("Evaluate")
         self.export_button = QPushButton("Export…")
         self.curve = LearningCurvePlot()
@@ -98,16 +99,16 @@ class VersionsPanel(QWidget):
         project = self.session.project
         if project is None:
             raise BioadaptError("no project open: pick one or create one on the Project tab")
-        version = (self.selected_versions() or [None])[-1]
-        suggested = f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', project['name'])}-v{version or 'latest'}.zip"
+        version = (self.selected_versions() or [project.get("default_version")])[-1]
+        suggested = f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', project['name'])}-v{version}.zip"
         path, _ = QFileDialog.getSaveFileName(self, "Export a bioimage.io package", str(Path.home() / suggested),
                                               "bioimage.io package (*.zip)")
         if path:
             self.export_to(Path(path), version)
 
     def export_to(self, path: Path, version: int | None = None) -> None:
-        """Export ``version`` (default: the latest) as a bioimage.io package and write it to ``path`` here: the
-        package comes through the service (``job_output``), so this works wherever napari runs."""
+        """Export ``version`` (default: the project's default) as a bioimage.io package and write it to ``path``
+        here: the package comes through the service (``job_output``), so this works wherever napari runs."""
         _, project_id = self.session.need_project()
         self.export_button.setEnabled(False)
         self.session.say(f"exporting version {'latest' if version is None else version} (the service builds and "

@@ -150,7 +150,8 @@ class Score(ProjectRef):
                                           f"{FEATURELESS_STRATEGY!r} for models that give no patch features")
     acquisition: Acquisition | None = Field(None, description="another acquisition map than the strategy's")
     image_id: Id | None = Field(None, description="default: every image of the project")
-    version: Count | None = Field(None, description="model version (default: the latest)")
+    version: Count | None = Field(None, description="model version (default: the project's default, the latest "
+                                  "version its held-out patches judged not worse)")
     seed: Count = 0
     rescore_pending: bool = Field(False, description="random: also re-score earlier patches still waiting for "
                                                      "labels (grid mode re-scores pending tiles always)")
@@ -273,7 +274,8 @@ class FineTune(ProjectRef):
     epochs: int | None = Field(None, ge=1, le=10_000, description="default: the adapter's")
     learning_rate: float | None = Field(None, gt=0, le=1, description="default: the adapter's")
     batch_size: int | None = Field(None, ge=1, le=1024, description="default: the adapter's")
-    base_version: Count | None = Field(None, description="version to start from (default: the latest)")
+    base_version: Count | None = Field(None, description="version to start from (default: the project's default "
+                                       "version)")
     params: dict[str, Any] = Field(default_factory=dict, description="more fine-tuning parameters, by the "
                                    "project's model kind (unset ones keep the adapter's defaults): "
                                    + "; ".join(f"{kind}: {', '.join(model.model_fields)}"
@@ -309,8 +311,8 @@ class Evaluate(ProjectRef):
     """Compare model versions on the held-out annotated patches: F1 and AP at IoU 0.5 for instance models, Dice
     for semantic ones; returns a job id (the metrics are its result)."""
 
-    versions: list[Count] | None = Field(None, max_length=100, description="default: the first and the latest "
-                                                                          "version")
+    versions: list[Count] | None = Field(None, max_length=100, description="default: version 0, the "
+                                                                          "project's default and the latest")
 
 
 class Predict(ProjectRef):
@@ -329,7 +331,7 @@ class ExportModel(ProjectRef):
     """Export a model version as a bioimage.io package (format 0.5) that passes bioimageio.core's test; returns a
     job id. The package is the job's output 'package' (job_output), and stays in the project's folder."""
 
-    version: Count | None = Field(None, description="default: the latest")
+    version: Count | None = Field(None, description="default: the project's default version")
     name: Name | None = None
     description: Text | None = None
     authors: list[Name] = Field(default_factory=list, max_length=100)

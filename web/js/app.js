@@ -385,8 +385,10 @@ $("tune-form").addEventListener("submit", (event) => {
 // -- export ---------------------------------------------------------------------------------------------------
 $("export").addEventListener("click", () => act($("export"), "Exporting", async () => {
   $("download").hidden = true;
+  const named = $("export-version").value ? { version: Number($("export-version").value) } : {};
   const job = await runJob(state.service, (progress) => state.service.export_model({
-    project_id: state.project.id, progress }), (info) => { $("export-status").textContent = info.stage || info.state; });
+    project_id: state.project.id, ...named, progress }),
+  (info) => { $("export-status").textContent = info.stage || info.state; });
   if (job.state !== "done") throw new Error(`the export job ${job.state}: ${job.error || ""}`);
   const answer = job.result;
   $("export-status").textContent = "fetching the package ...";

@@ -18,7 +18,8 @@ from bioadapt.service.jobs import JobRunner
 def submit(context: ServiceContext, caller: Caller, args: s.Evaluate,
            progress: Callable[[dict], Any] | None = None) -> dict[str, Any]:
     project = context.owned_project(caller, args.project_id)
-    numbers = args.versions or sorted({0, context.version(project, None)["number"]})
+    latest = context.store.versions(project["id"])[-1]["number"]  # undecided or worse: not the default
+    numbers = args.versions or sorted({0, context.version(project, None)["number"], latest})
     versions = [context.version(project, number) for number in numbers]  # every one checked first
     regions = context.regions(project, "holdout")
     if not regions:
