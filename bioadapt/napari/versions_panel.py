@@ -111,7 +111,7 @@ class VersionsPanel(QWidget):
         here: the package comes through the service (``job_output``), so this works wherever napari runs."""
         _, project_id = self.session.need_project()
         self.export_button.setEnabled(False)
-        self.session.say(f"exporting version {'latest' if version is None else version} (the service builds and "
+        self.session.say(f"exporting version {'(the default)' if version is None else version} (the service builds and "
                          "tests the package) ...")
         self.session.start_job("exporting", lambda client: client.export_model(project_id, version=version),
                                lambda _: None, lambda _: None, lambda job: self._exported(path, job),
