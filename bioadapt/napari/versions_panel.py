@@ -111,8 +111,8 @@ class VersionsPanel(QWidget):
         here: the package comes through the service (``job_output``), so this works wherever napari runs."""
         _, project_id = self.session.need_project()
         self.export_button.setEnabled(False)
-        self.session.say(f"exporting version {'(the default)' if version is None else version} (the service builds and "
-                         "tests the package) ...")
+        which = "the default version" if version is None else f"version {version}"
+        self.session.say(f"exporting {which} (the service builds and tests the package) ...")
         self.session.start_job("exporting", lambda client: client.export_model(project_id, version=version),
                                lambda _: None, lambda _: None, lambda job: self._exported(path, job),
                                lambda: self.export_button.setEnabled(True))
