@@ -310,7 +310,8 @@ def one_round(run_: Run, budget: int) -> dict[str, Any]:
     training = tuned["result"] or {}
     return {"labels": run_.labelled, "version": tuned["version"], "default_version": tuned["default_version"],
             "verdict": tuned["verdict"]["verdict"], "verdict_reason": tuned["verdict"].get("reason"),
-            "test_f1": test["f1"], "test": test, "version_f1": latest["f1"], "scored": scoring["scored"], "selection": scoring["selection"],
+            "test_f1": test["f1"], "test": test, "version_f1": latest["f1"], "scored": scoring["scored"],
+            "selection": scoring["selection"],
             "full_fields": scoring["full_fields"],
             "picks": [[run_.names[p["image_id"]], p["origin"], round(float(p["score"] or 0), 5)] for p in picks],
             "epochs_run": training.get("epochs_run"), "best_epoch": training.get("best_epoch"),

@@ -184,7 +184,8 @@ def test_full_loop_through_the_client(alice, project, inputs, service, tmp_path)
     labels = alice.job_output(region["id"], "labels")
     assert labels.shape == tuple(PATCH) and np.issubdtype(labels.dtype, np.integer)
 
-    job = alice.wait(alice.export_model(p, version=1, authors=["Alice"], license="CC-BY-4.0"), progress=False, timeout_s=300)
+    job = alice.wait(alice.export_model(p, version=1, authors=["Alice"], license="CC-BY-4.0"), progress=False,
+                     timeout_s=300)
     assert job["kind"] == "export" and job["state"] == "done", job
     exported = job["result"]
     assert exported["outputs"] == ["package"] and "path" not in exported  # fetched by name, wherever the caller is
