@@ -413,8 +413,7 @@ def summarize(rows: list[dict[str, Any]], default: str) -> dict[str, Any]:
     the set is informative."""
     strategies = sorted({r["strategy"] for r in rows}, key=lambda s: (s != "random", s != default, s))
     budgets = sorted({r["labels"] for r in rows})
-    table = {s: {b: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)}
-                 for b in budgets if (v := list(by_seed(rows, s, b).values()))} for s in strategies}
+    table = _f1_table(rows, strategies, budgets)
     random_curve = curve(rows, "random")
     target = random_curve.get(REFERENCE_BUDGET)
     summary = {"strategies": strategies, "budgets": budgets, "seeds": sorted({r["seed"] for r in rows}),
@@ -427,13 +426,18 @@ def summarize(rows: list[dict[str, Any]], default: str) -> dict[str, Any]:
         if strategy != "random":
             summary["vs_random"][strategy] = {b: paired(rows, (strategy, b), ("random", b)) for b in budgets if b}
     if any("version_f1" in r for r in rows):  # rows since undecided versions stopped becoming the default
-        summary["version_table"] = {s: {b: {"mean": float(np.mean(v)), "n": len(v)} for b in budgets
-                                        if (v := list(by_seed(rows, s, b, "version_f1").values()))}
-                                    for s in strategies}
+        summary["version_table"] = _f1_table(rows, strategies, budgets, "version_f1")
         summary["version_informative"] = informative(rows, "version_f1")
         summary["version_vs_random"] = {s: {b: paired(rows, (s, b), ("random", b), "version_f1") for b in budgets
                                             if b} for s in strategies if s != "random"}
     return summary
+
+
+def _f1_table(rows: list[dict[str, Any]], strategies: list[str], budgets: list[int], key: str = "test_f1"
+              ) -> dict[str, dict[int, dict[str, float]]]:
+    """Per strategy and budget: mean, std and number of seeds of ``key``."""
+    return {s: {b: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)}
+                for b in budgets if (v := list(by_seed(rows, s, b, key).values()))} for s in strategies}
 
 
 def _verdict_counts(rows: list[dict[str, Any]], strategy: str) -> dict[int, dict[str, int]]:
