@@ -416,8 +416,11 @@ def summarize(rows: list[dict[str, Any]], default: str) -> dict[str, Any]:
     table = _f1_table(rows, strategies, budgets)
     random_curve = curve(rows, "random")
     target = random_curve.get(REFERENCE_BUDGET)
+    later = [b for b in random_curve if b > REFERENCE_BUDGET]
     summary = {"strategies": strategies, "budgets": budgets, "seeds": sorted({r["seed"] for r in rows}),
                "table": table, "informative": informative(rows), "random_f1_at_16": target,
+               # random's own curve after the reference: a dip there leaves every strategy "not reached"
+               "random_after_16": {b: paired(rows, ("random", b), ("random", REFERENCE_BUDGET)) for b in later},
                "vs_random": {}, "vs_base": {}, "labels_needed": {}, "verdicts": {}}
     for strategy in strategies:
         summary["vs_base"][strategy] = {b: paired(rows, (strategy, b), (strategy, 0)) for b in budgets if b}
@@ -528,6 +531,8 @@ def _markdown(name: str, s: dict[str, Any], default: str) -> str:
               f"{REFERENCE_BUDGET}" + (f", {target:.3f}" if target is not None else ", not run") + "):", ""]
     lines += [f"- {strategy}: {needed if needed is not None else 'not reached' if target is not None else '-'}"
               for strategy, needed in s["labels_needed"].items()]
+    lines += [f"- random's own F1 at {b} minus at {REFERENCE_BUDGET}: {_cell(interval)}"
+              for b, interval in s.get("random_after_16", {}).items() if interval["n"]]
     lines += ["", "Verdicts of the fine-tuned versions against their parents (held-out patches), per budget:", ""]
     lines += [f"- {strategy}: " + "; ".join(f"{b}: " + ", ".join(f"{v} {n}" for v, n in sorted(c.items()))
                                            for b, c in sorted(counts.items()))
