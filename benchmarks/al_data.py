@@ -18,8 +18,12 @@ domain shift too).
 
 Whole-field sets (``FIELD_SETS``, for benchmarks/service_al.py): pools and test sets of whole images, never
 windows of one image. ``bbbc039``: the 25 BBBC039 fields of ``bbbc039/`` in the shared data (U2OS nuclei, CC0);
-``usiigaci``: the 10 phase-contrast fields of ``usiigaci_phase/`` (whole fibroblast-like cells, MIT). The test
-set is every other field of the sorted list, from the second, up to ``TEST_FIELDS``; the pool is the rest.
+``usiigaci``: the 10 phase-contrast fields of ``usiigaci_phase/`` (whole fibroblast-like cells, MIT);
+``kromp``: the fields of ``kromp_nuclei/`` (Kromp et al. 2020, S-BSST265: DAPI/Hoechst nuclei of tissue sections,
+cytospins and cell lines, wide-field and confocal, CC0) whose nuclei are at the scale of the DSB 2018 training data
+of unet2d_nuclei_broad (median ground-truth diameter at most ``KROMP_MAX_DIAMETER`` pixels: 13 of its 79 fields,
+10x-40x; the 63x fields hold nuclei of 70-180 pixels, which a user would rescale first). The test set is every
+other field of the sorted list, from the second, up to ``TEST_FIELDS``; the pool is the rest.
 """
 
 from __future__ import annotations
@@ -114,8 +118,9 @@ def test_f1(adapter, dataset: Dataset) -> float:
 
 
 # -- whole-field sets (benchmarks/service_al.py) ----------------------------------------------------------------
-FIELD_SETS = ("bbbc039", "usiigaci")
-TEST_FIELDS = {"bbbc039": 10, "usiigaci": 4}  # of 25 and 10 fields; the pool is the rest
+FIELD_SETS = ("bbbc039", "usiigaci", "kromp")
+TEST_FIELDS = {"bbbc039": 10, "usiigaci": 4, "kromp": 5}  # of 25, 10 and 13 fields; the pool is the rest
+KROMP_MAX_DIAMETER = 40  # pixels; DSB 2018 nuclei are mostly 10-40 pixels across
 
 
 @dataclass
@@ -128,7 +133,7 @@ class Field:
 def whole_fields(name: str) -> tuple[list[Field], list[Field]]:
     """(pool, test) fields of a whole-field set: the test set is every other field of the sorted list, from the
     second, up to ``TEST_FIELDS[name]``; the pool is the rest. They never share an image."""
-    fields = {"bbbc039": _bbbc039_fields, "usiigaci": _usiigaci_fields}[name]()
+    fields = {"bbbc039": _bbbc039_fields, "usiigaci": _usiigaci_fields, "kromp": _kromp_fields}[name]()
     test_names = {field.name for field in fields[1::2][:TEST_FIELDS[name]]}
     return [f for f in fields if f.name not in test_names], [f for f in fields if f.name in test_names]
 
@@ -164,6 +169,25 @@ def _usiigaci_fields() -> list[Field]:
     sets = sorted(folder.glob("set*"), key=lambda path: int(path.name.removeprefix("set")))
     return [Field(path.name, tifffile.imread(path / "raw.tif")[None],
                   iio.imread(path / "instances_ids.png").astype(np.int64)) for path in sets]
+
+
+def _kromp_fields() -> list[Field]:
+    """Kromp et al.'s fields (``rawimages/<name>.tif``, ``groundtruth/<name>.tif``) at the model's nucleus scale.
+    The 20x tissue sections are stored as RGB with three equal channels: the first is the image. Label ids are
+    not always consecutive as published: relabelled."""
+    import tifffile
+    from skimage.segmentation import relabel_sequential
+
+    folder = _shared_folder("kromp_nuclei")
+    fields = []
+    for truth_path in sorted((folder / "groundtruth").glob("*.tif")):
+        truth = relabel_sequential(tifffile.imread(truth_path).astype(np.int64))[0]
+        areas = np.bincount(truth.ravel())[1:]
+        if 2 * np.sqrt(np.median(areas[areas > 0]) / np.pi) > KROMP_MAX_DIAMETER:
+            continue
+        image = tifffile.imread(folder / "rawimages" / truth_path.name)
+        fields.append(Field(truth_path.stem, (image[..., 0] if image.ndim == 3 else image)[None], truth))
+    return fields
 
 
 def write_fields(fields: list[Field], folder: Path) -> dict[str, Path]:
