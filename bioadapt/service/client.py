@@ -2,8 +2,8 @@
 the service's schemas (same names, parameters and defaults; only the arguments the caller gives are sent, so the
 service's, or the adapter's, defaults apply to the rest), ``wait(job)`` with a progress bar for every job,
 errors as BioadaptError / AccessDenied, a fresh service handle when the old one expired (the service restarted),
-and a fresh connection when the websocket itself is gone (the embedded Hypha server restarted with the
-service)."""
+and a fresh connection when the websocket is gone or hypha-rpc reconnected it by itself (the embedded Hypha server
+restarted with the service)."""
 
 from __future__ import annotations
 
@@ -75,7 +75,21 @@ class BioadaptClient:
         self.server = server
         self.service_id = service_id
         self._reopen = reopen
+        self._stale = False
+        self._watch(server)
         self._service = self._fetch()
+
+    def _watch(self, server: Any) -> None:
+        """hypha-rpc reconnects a dropped websocket by itself, but after a server restart that connection is of no
+        use: the service came back under a new client id, the new server drops calls to the old one without an
+        answer (a timeout after ``method_timeout``, not an error), and with a token that may not register the
+        client's own service in the workspace even ``get_service`` times out. A reconnection therefore makes
+        the next call open a new connection."""
+        if callable(on := getattr(server, "on", None)):
+            on("connected", self._mark_stale)
+
+    def _mark_stale(self, _connection_info: Any = None) -> None:
+        self._stale = True
 
     def _fetch(self) -> Any:
         try:  # mode "random": several replicas of the service may share one workspace
@@ -94,6 +108,7 @@ class BioadaptClient:
         while True:
             try:
                 self.server = self._reopen()
+                self._watch(self.server)
                 self._service = self._fetch()
                 return
             except Exception as e:  # the server or the service is not back yet
@@ -115,6 +130,9 @@ class BioadaptClient:
             # at once); one inside an object marked _rintf stays callable until the service disposes of it
             kwargs["progress"] = {"_rintf": True, "on_progress": kwargs["progress"]}
         for attempt in range(3):
+            if self._stale:
+                self._stale = False
+                self._reconnect("the server restarted")
             try:
                 return getattr(self._service, function)(**kwargs)
             except Exception as e:  # hypha-rpc raises plain Exceptions carrying the remote message
