@@ -315,6 +315,7 @@ def one_round(run_: Run, budget: int) -> dict[str, Any]:
             "full_fields": scoring["full_fields"],
             "picks": [[run_.names[p["image_id"]], p["origin"], round(float(p["score"] or 0), 5)] for p in picks],
             "epochs_run": training.get("epochs_run"), "best_epoch": training.get("best_epoch"),
+            **{key: training.get(key) for key in ("n_train", "n_val", "initial_val_score", "best_val_score")},
             "seconds": round(time.perf_counter() - started, 1),
             "stage_seconds": {key: round(value, 1) for key, value in seconds.items()},
             "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -421,11 +422,12 @@ def summarize(rows: list[dict[str, Any]], default: str) -> dict[str, Any]:
                "table": table, "informative": informative(rows), "random_f1_at_16": target,
                # random's own curve after the reference: a dip there leaves every strategy "not reached"
                "random_after_16": {b: paired(rows, ("random", b), ("random", REFERENCE_BUDGET)) for b in later},
-               "vs_random": {}, "vs_base": {}, "labels_needed": {}, "verdicts": {}}
+               "vs_random": {}, "vs_base": {}, "labels_needed": {}, "verdicts": {}, "kept_start": {}}
     for strategy in strategies:
         summary["vs_base"][strategy] = {b: paired(rows, (strategy, b), (strategy, 0)) for b in budgets if b}
         summary["labels_needed"][strategy] = None if target is None else labels_needed(curve(rows, strategy), target)
         summary["verdicts"][strategy] = _verdict_counts(rows, strategy)
+        summary["kept_start"][strategy] = _kept_start(rows, strategy)
         if strategy != "random":
             summary["vs_random"][strategy] = {b: paired(rows, (strategy, b), ("random", b)) for b in budgets if b}
     if any("version_f1" in r for r in rows):  # rows since undecided versions stopped becoming the default
@@ -449,6 +451,16 @@ def _verdict_counts(rows: list[dict[str, Any]], strategy: str) -> dict[int, dict
         if r["strategy"] == strategy and r["labels"]:
             counts.setdefault(r["labels"], {}).setdefault(r["verdict"], 0)
             counts[r["labels"]][r["verdict"]] += 1
+    return counts
+
+
+def _kept_start(rows: list[dict[str, Any]], strategy: str) -> dict[int, list[int]]:
+    """Per budget: [fine-tunes whose held-out validation kept the starting weights (best epoch 0), fine-tunes]."""
+    counts: dict[int, list[int]] = {}
+    for r in rows:
+        if r["strategy"] == strategy and r["labels"] and r.get("best_epoch") is not None:
+            counts.setdefault(r["labels"], [0, 0])[1] += 1
+            counts[r["labels"]][0] += r["best_epoch"] == 0
     return counts
 
 
@@ -537,6 +549,9 @@ def _markdown(name: str, s: dict[str, Any], default: str) -> str:
     lines += [f"- {strategy}: " + "; ".join(f"{b}: " + ", ".join(f"{v} {n}" for v, n in sorted(c.items()))
                                            for b, c in sorted(counts.items()))
               for strategy, counts in s["verdicts"].items()]
+    lines += ["", "Fine-tunes whose validation split kept the starting weights (best epoch 0), per budget:", ""]
+    lines += [f"- {strategy}: " + "; ".join(f"{b}: {kept} of {n}" for b, (kept, n) in sorted(counts.items()))
+              for strategy, counts in s["kept_start"].items() if counts]
     lines += ["", "Seconds per round (median over runs): " + ", ".join(
         f"{b} labels {np.median([r['seconds'] for r in rows if r['labels'] == b]):.0f}" for b in budgets) + ".", ""]
     return "\n".join(lines)
