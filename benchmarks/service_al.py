@@ -455,7 +455,7 @@ def _verdict_counts(rows: list[dict[str, Any]], strategy: str) -> dict[int, dict
 
 
 def _kept_start(rows: list[dict[str, Any]], strategy: str) -> dict[int, list[int]]:
-    """Per budget: [fine-tunes whose held-out validation kept the starting weights (best epoch 0), fine-tunes]."""
+    """Per budget: [fine-tunes whose validation split kept the starting weights (best epoch 0), fine-tunes]."""
     counts: dict[int, list[int]] = {}
     for r in rows:
         if r["strategy"] == strategy and r["labels"] and r.get("best_epoch") is not None:

@@ -485,8 +485,8 @@ def _embedded(data_dir: Path, port: int, ray_cluster, allow: Path | None = None)
 
 
 def test_a_client_survives_a_restart_of_the_embedded_server(ray_cluster, tmp_path):
-    """Both ways back: the websocket gone for good (a new connection), or reconnected by hypha-rpc itself to the new
-    server, where the old service handle's calls get no answer at all (a fresh handle)."""
+    """Both ways back: the websocket gone for good, or reconnected by hypha-rpc itself to the new server, where the
+    old service handle's calls get no answer at all; either way the client opens a new connection."""
     port = closed_port()
     process = _embedded(tmp_path / "data", port, ray_cluster)
     client = None
