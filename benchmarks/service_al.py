@@ -219,6 +219,14 @@ class Run:
             version_used = job["result"]["version"]
         return {**pooled_f1(predictions, [f.truth for f in self.setup.test]), "version": version_used}
 
+    def holdout_per_patch(self, version: int) -> dict[str, Any]:
+        """The version's and its parent's counts on each held-out patch ((tp, fp, fn) per patch), as the verdict
+        saw them: so that another verdict rule can be judged on the runs on record."""
+        project = self.svc.get_project(self.project_id)
+        metrics = next(v["metrics"] for v in project["versions"] if v["number"] == version)
+        return {"parent": (metrics.get("parent_holdout") or {}).get("per_patch"),
+                "version": (metrics.get("holdout") or {}).get("per_patch")}
+
     def close(self) -> None:
         self.svc.delete_project(self.project_id)
 
@@ -310,6 +318,7 @@ def one_round(run_: Run, budget: int) -> dict[str, Any]:
     training = tuned["result"] or {}
     return {"labels": run_.labelled, "version": tuned["version"], "default_version": tuned["default_version"],
             "verdict": tuned["verdict"]["verdict"], "verdict_reason": tuned["verdict"].get("reason"),
+            "holdout_per_patch": run_.holdout_per_patch(tuned["version"]),
             "test_f1": test["f1"], "test": test, "version_f1": latest["f1"], "scored": scoring["scored"],
             "selection": scoring["selection"],
             "full_fields": scoring["full_fields"],
