@@ -431,12 +431,14 @@ def summarize(rows: list[dict[str, Any]], default: str) -> dict[str, Any]:
                "table": table, "informative": informative(rows), "random_f1_at_16": target,
                # random's own curve after the reference: a dip there leaves every strategy "not reached"
                "random_after_16": {b: paired(rows, ("random", b), ("random", REFERENCE_BUDGET)) for b in later},
-               "vs_random": {}, "vs_base": {}, "labels_needed": {}, "verdicts": {}, "kept_start": {}}
+               "vs_random": {}, "vs_base": {}, "labels_needed": {}, "verdicts": {}, "kept_start": {},
+               "few_patch_rule": {}}
     for strategy in strategies:
         summary["vs_base"][strategy] = {b: paired(rows, (strategy, b), (strategy, 0)) for b in budgets if b}
         summary["labels_needed"][strategy] = None if target is None else labels_needed(curve(rows, strategy), target)
         summary["verdicts"][strategy] = _verdict_counts(rows, strategy)
         summary["kept_start"][strategy] = _kept_start(rows, strategy)
+        summary["few_patch_rule"][strategy] = few_patch_rule(rows, strategy)
         if strategy != "random":
             summary["vs_random"][strategy] = {b: paired(rows, (strategy, b), ("random", b)) for b in budgets if b}
     if any("version_f1" in r for r in rows):  # rows since undecided versions stopped becoming the default
@@ -471,6 +473,39 @@ def _kept_start(rows: list[dict[str, Any]], strategy: str) -> dict[int, list[int
             counts.setdefault(r["labels"], [0, 0])[1] += 1
             counts[r["labels"]][0] += r["best_epoch"] == 0
     return counts
+
+
+def few_patch_rule(rows: list[dict[str, Any]], strategy: str) -> dict[int, dict[str, Any]]:
+    """A rule the service does not apply, judged on the rows that record counts per held-out patch: a version
+    left undecided with 2 held-out patches (8 labels) and at least ``MIN_OBJECTS`` objects in them would become
+    the default when its F1 beats its parent's on each of them. Per budget: the versions it would judge, how
+    many it would promote, and the user's test F1 under it minus today's (the promoted version's own test F1
+    where promoted; later rounds, which would start from it, are not simulated)."""
+    from bioadapt.active.verdict import MIN_OBJECTS
+
+    judged: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        counts = r.get("holdout_per_patch") or {}
+        parent, version = counts.get("parent"), counts.get("version")
+        if r["strategy"] != strategy or r.get("verdict") != "undecided" or not parent or len(parent) < 2:
+            continue
+        parent_counts, version_counts = np.asarray(parent, float), np.asarray(version, float)
+        if parent_counts[:, [0, 2]].sum() < MIN_OBJECTS:
+            continue
+        promoted = bool((_patch_f1(version_counts) > _patch_f1(parent_counts)).all())
+        entry = judged.setdefault(r["labels"], {"judged": 0, "promoted": 0, "gains": []})
+        entry["judged"] += 1
+        entry["promoted"] += promoted
+        entry["gains"].append((r["version_f1"] - r["test_f1"]) if promoted else 0.0)
+    for entry in judged.values():
+        entry["gain"] = paired_interval(entry.pop("gains"))
+    return judged
+
+
+def _patch_f1(counts: np.ndarray) -> np.ndarray:
+    """F1 of each patch's (tp, fp, fn); 1 where there was nothing to find and nothing found."""
+    tp, fp, fn = counts.T
+    return np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 1.0)
 
 
 def report(args: argparse.Namespace) -> None:
@@ -561,6 +596,13 @@ def _markdown(name: str, s: dict[str, Any], default: str) -> str:
     lines += ["", "Fine-tunes whose validation split kept the starting weights (best epoch 0), per budget:", ""]
     lines += [f"- {strategy}: " + "; ".join(f"{b}: {kept} of {n}" for b, (kept, n) in sorted(counts.items()))
               for strategy, counts in s["kept_start"].items() if counts]
+    if any(s["few_patch_rule"].values()):
+        lines += ["", "Not the service's rule, judged on the runs that record counts per held-out patch: a version "
+                  "undecided on 2 held-out patches becomes the default when it beats its parent on each. Versions "
+                  "it judges, promotes, and the user's test F1 under it minus today's (paired by seed):", ""]
+        lines += [f"- {strategy}: " + "; ".join(f"{b} labels: {e['promoted']} of {e['judged']} promoted, "
+                                               f"{_cell(e['gain'])}" for b, e in sorted(rule.items()))
+                  for strategy, rule in s["few_patch_rule"].items() if rule]
     lines += ["", "Seconds per round (median over runs): " + ", ".join(
         f"{b} labels {np.median([r['seconds'] for r in rows if r['labels'] == b]):.0f}" for b in budgets) + ".", ""]
     return "\n".join(lines)
