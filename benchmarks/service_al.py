@@ -475,15 +475,22 @@ def _kept_start(rows: list[dict[str, Any]], strategy: str) -> dict[int, list[int
     return counts
 
 
-def few_patch_rule(rows: list[dict[str, Any]], strategy: str) -> dict[int, dict[str, Any]]:
-    """A rule the service does not apply, judged on the rows that record counts per held-out patch: a version
+FEW_PATCH_RULES = {  # per-patch F1 differences (version minus parent) on 2 held-out patches -> promoted
+    "loses on none": lambda d: bool((d >= 0).all()),  # ties count as not losing: wins nothing, loses nothing too
+    "wins one, loses none": lambda d: bool((d >= 0).all() and (d > 0).any()),
+    "wins each": lambda d: bool((d > 0).all()),
+}
+
+
+def few_patch_rule(rows: list[dict[str, Any]], strategy: str) -> dict[str, dict[int, dict[str, Any]]]:
+    """Rules the service does not apply, judged on the rows that record counts per held-out patch: a version
     left undecided with 2 held-out patches (8 labels) and at least ``MIN_OBJECTS`` objects in them would become
-    the default when its F1 beats its parent's on each of them. Per budget: the versions it would judge, how
-    many it would promote, and the user's test F1 under it minus today's (the promoted version's own test F1
-    where promoted; later rounds, which would start from it, are not simulated)."""
+    the default when ``FEW_PATCH_RULES`` says so. Per rule and budget: the versions it would judge, how many it
+    would promote, and the user's test F1 under it minus today's, paired by seed (the promoted version's own test
+    F1 where promoted; later rounds, which would start from it, are not simulated)."""
     from bioadapt.active.verdict import MIN_OBJECTS
 
-    judged: dict[int, dict[str, Any]] = {}
+    judged: dict[str, dict[int, dict[str, Any]]] = {}
     for r in rows:
         counts = r.get("holdout_per_patch") or {}
         parent, version = counts.get("parent"), counts.get("version")
@@ -492,13 +499,16 @@ def few_patch_rule(rows: list[dict[str, Any]], strategy: str) -> dict[int, dict[
         parent_counts, version_counts = np.asarray(parent, float), np.asarray(version, float)
         if parent_counts[:, [0, 2]].sum() < MIN_OBJECTS:
             continue
-        promoted = bool((_patch_f1(version_counts) > _patch_f1(parent_counts)).all())
-        entry = judged.setdefault(r["labels"], {"judged": 0, "promoted": 0, "gains": []})
-        entry["judged"] += 1
-        entry["promoted"] += promoted
-        entry["gains"].append((r["version_f1"] - r["test_f1"]) if promoted else 0.0)
-    for entry in judged.values():
-        entry["gain"] = paired_interval(entry.pop("gains"))
+        differences = _patch_f1(version_counts) - _patch_f1(parent_counts)
+        for name, promotes in FEW_PATCH_RULES.items():
+            promoted = promotes(differences)
+            entry = judged.setdefault(name, {}).setdefault(r["labels"], {"judged": 0, "promoted": 0, "gains": []})
+            entry["judged"] += 1
+            entry["promoted"] += promoted
+            entry["gains"].append((r["version_f1"] - r["test_f1"]) if promoted else 0.0)
+    for by_budget in judged.values():
+        for entry in by_budget.values():
+            entry["gain"] = paired_interval(entry.pop("gains"))
     return judged
 
 
@@ -597,12 +607,14 @@ def _markdown(name: str, s: dict[str, Any], default: str) -> str:
     lines += [f"- {strategy}: " + "; ".join(f"{b}: {kept} of {n}" for b, (kept, n) in sorted(counts.items()))
               for strategy, counts in s["kept_start"].items() if counts]
     if any(s["few_patch_rule"].values()):
-        lines += ["", "Not the service's rule, judged on the runs that record counts per held-out patch: a version "
-                  "undecided on 2 held-out patches becomes the default when it beats its parent on each. Versions "
-                  "it judges, promotes, and the user's test F1 under it minus today's (paired by seed):", ""]
-        lines += [f"- {strategy}: " + "; ".join(f"{b} labels: {e['promoted']} of {e['judged']} promoted, "
-                                               f"{_cell(e['gain'])}" for b, e in sorted(rule.items()))
-                  for strategy, rule in s["few_patch_rule"].items() if rule]
+        lines += ["", "Not the service's rules, judged on the runs that record counts per held-out patch: a version "
+                  "undecided on 2 held-out patches (at least 10 objects) becomes the default when its F1 against "
+                  "its parent's, patch by patch, follows the rule. Versions judged, promoted, and the user's test "
+                  "F1 under the rule minus today's (paired by seed):", ""]
+        lines += [f"- {strategy}, {name}: " + "; ".join(
+                  f"{b} labels: {e['promoted']} of {e['judged']} promoted, {_cell(e['gain'])}"
+                  for b, e in sorted(by_budget.items()))
+                  for strategy, rules in s["few_patch_rule"].items() for name, by_budget in rules.items()]
     lines += ["", "Seconds per round (median over runs): " + ", ".join(
         f"{b} labels {np.median([r['seconds'] for r in rows if r['labels'] == b]):.0f}" for b in budgets) + ".", ""]
     return "\n".join(lines)
