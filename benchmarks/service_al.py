@@ -557,6 +557,9 @@ def _markdown(name: str, s: dict[str, Any], default: str) -> str:
     info = s["informative"]
     if info["informative"] is None:
         verdict = "not judged (random needs two budgets and two seeds)"
+    elif info["to"] < REFERENCE_BUDGET:
+        verdict = (f"not judged: its rounds stop at {info['to']} labels, where every version is undecided (the "
+                   "design asks for 32 vs 2); these runs study the verdict, not strategies")
     else:
         word = "INFORMATIVE" if info["informative"] else "uninformative: no conclusion about strategies from it"
         verdict = (f"{word} (random's F1 at {info['to']} minus at {info['from']}: {_cell(info['interval'])}"
