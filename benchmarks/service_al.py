@@ -18,7 +18,9 @@ the next budget of labelled patches:
    against its parent on them;
 5. ``predict`` (return_array) every test field with the project's default version; F1 at IoU 0.5 pooled over the
    test fields (``bioadapt.active.metrics``): ``test_f1``, what a user gets. A version the service did not make the
-   default (``undecided``: fewer than 3 held-out patches; ``worse``) predicts them too: ``version_f1``.
+   default (``undecided``: fewer than 3 held-out patches; ``worse``) predicts them too: ``version_f1``. The
+   version's and its parent's (tp, fp, fn) on each held-out patch are kept (``holdout_per_patch``): the report
+   judges other verdict rules on them (``FEW_PATCH_RULES``).
 
 A round-0 row holds the base model's (version 0's) test F1. Settings the data cannot hold at the service's
 default: ``patch_shape`` 256 x 256 (a 520 x 696 BBBC039 field holds 2 random non-overlapping 256 x 256 windows,
@@ -38,6 +40,11 @@ and ``service_al.png`` from every file found.
 
     nice -n 10 python benchmarks/service_al.py run --dataset bbbc039 --base demo --seeds 0,1,2 --budgets 2,4,8,16
     python benchmarks/service_al.py report
+
+The runs that judged the 2-patch rules (rounds to 8 labels; ``--out`` gives their files the ``to8`` prefix):
+
+    python benchmarks/service_al.py run --dataset bbbc039 --base demo --seeds 0,1,2,3,4,5,6,7,8 --budgets 2,4,8 \
+        --out benchmarks/results/service_al_to8
 """
 
 from __future__ import annotations
