@@ -1,4 +1,4 @@
-"""Label efficiency on the path a user takes: a simulated annotator drives a real `bioadapt serve` (embedded Hypha
+r"""Label efficiency on the path a user takes: a simulated annotator drives a real `bioadapt serve` (embedded Hypha
 server, local Ray) through the Python client, round by round, and each new version segments separate test fields.
 
 Per data set (benchmarks/al_data.py's whole-field sets: pools and test sets of whole images, never overlapping),
@@ -43,8 +43,8 @@ and ``service_al.png`` from every file found.
 
 The runs that judged the 2-patch rules (rounds to 8 labels; ``--out`` gives their files the ``to8`` prefix):
 
-    python benchmarks/service_al.py run --dataset bbbc039 --base demo --seeds 0,1,2,3,4,5,6,7,8 --budgets 2,4,8 \
-        --out benchmarks/results/service_al_to8
+    python benchmarks/service_al.py run --dataset bbbc039 --base demo --seeds 0,1,2,3,4,5,6,7,8 --budgets 2,4,8 --out \
+        benchmarks/results/service_al_to8
 """
 
 from __future__ import annotations
