@@ -493,9 +493,9 @@ def few_patch_rule(rows: list[dict[str, Any]], strategy: str) -> dict[str, dict[
     """Rules the service does not apply, judged on the rows that record counts per held-out patch: a version
     left undecided with 2 held-out patches (8 labels) and at least ``MIN_OBJECTS`` objects in them would become
     the default when ``FEW_PATCH_RULES`` says so. Per rule and budget: the versions it would judge, how many it
-    would promote, and the user's test F1 under it minus today's, paired by seed (the promoted version's own test
-    F1 where promoted; later rounds, which would start from it, are not simulated)."""
-    from bioadapt.active.verdict import MIN_OBJECTS
+    would promote, and the user's test F1 under it minus today's over the versions judged (the promoted version's
+    own test F1 where promoted, else no change; later rounds, which would start from it, are not simulated)."""
+    from bioadapt.active.verdict import MIN_OBJECTS, _pooled_f1  # axis -1 on unsummed rows: F1 of each patch
 
     judged: dict[str, dict[int, dict[str, Any]]] = {}
     for r in rows:
@@ -506,7 +506,7 @@ def few_patch_rule(rows: list[dict[str, Any]], strategy: str) -> dict[str, dict[
         parent_counts, version_counts = np.asarray(parent, float), np.asarray(version, float)
         if parent_counts[:, [0, 2]].sum() < MIN_OBJECTS:
             continue
-        differences = _patch_f1(version_counts) - _patch_f1(parent_counts)
+        differences = _pooled_f1(version_counts, axis=-1) - _pooled_f1(parent_counts, axis=-1)
         for name, promotes in FEW_PATCH_RULES.items():
             promoted = promotes(differences)
             entry = judged.setdefault(name, {}).setdefault(r["labels"], {"judged": 0, "promoted": 0, "gains": []})
@@ -517,12 +517,6 @@ def few_patch_rule(rows: list[dict[str, Any]], strategy: str) -> dict[str, dict[
         for entry in by_budget.values():
             entry["gain"] = paired_interval(entry.pop("gains"))
     return judged
-
-
-def _patch_f1(counts: np.ndarray) -> np.ndarray:
-    """F1 of each patch's (tp, fp, fn); 1 where there was nothing to find and nothing found."""
-    tp, fp, fn = counts.T
-    return np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 1.0)
 
 
 def report(args: argparse.Namespace) -> None:
@@ -565,8 +559,8 @@ def _markdown(name: str, s: dict[str, Any], default: str) -> str:
     if info["informative"] is None:
         verdict = "not judged (random needs two budgets and two seeds)"
     elif info["to"] < REFERENCE_BUDGET:
-        verdict = (f"not judged: its rounds stop at {info['to']} labels, where every version is undecided (the "
-                   "design asks for 32 vs 2); these runs study the verdict, not strategies")
+        verdict = (f"not judged: its rounds stop at {info['to']} labels, before the reference budget of "
+                   f"{REFERENCE_BUDGET} (the design asks for 32 vs 2); these runs study the verdict, not strategies")
     else:
         word = "INFORMATIVE" if info["informative"] else "uninformative: no conclusion about strategies from it"
         verdict = (f"{word} (random's F1 at {info['to']} minus at {info['from']}: {_cell(info['interval'])}"
@@ -620,7 +614,7 @@ def _markdown(name: str, s: dict[str, Any], default: str) -> str:
         lines += ["", "Not the service's rules, judged on the runs that record counts per held-out patch: a version "
                   "undecided on 2 held-out patches (at least 10 objects) becomes the default when its F1 against "
                   "its parent's, patch by patch, follows the rule. Versions judged, promoted, and the user's test "
-                  "F1 under the rule minus today's (paired by seed):", ""]
+                  "F1 under the rule minus today's (mean over the versions judged, 95 % t interval):", ""]
         lines += [f"- {strategy}, {name}: " + "; ".join(
                   f"{b} labels: {e['promoted']} of {e['judged']} promoted, {_cell(e['gain'])}"
                   for b, e in sorted(by_budget.items()))
