@@ -210,3 +210,20 @@ def test_mint_token_inside_a_running_event_loop(hypha_server):
 def test_start_failure_raises_with_the_log_tail(tmp_path):
     with pytest.raises(BioadaptError, match="did not start(.|\n)*unrecognized arguments: --no-such-option"):
         start_hypha_server(extra_args=["--no-such-option"], log_file=tmp_path / "hypha.log", timeout_s=30)
+
+
+def test_the_event_database_is_the_servers_own_and_goes_with_it(tmp_path):
+    """hypha keeps event logs in a temporary SQLite file it never deletes when stopped by a signal; the embedded
+    server gets one of ours instead, deleted on stop."""
+    import sqlite3
+
+    server = start_hypha_server(log_file=tmp_path / "hypha.log")
+    try:
+        database = server._own_database
+        assert database is not None and database.exists()
+        tables = {row[0] for row in sqlite3.connect(database).execute("select name from sqlite_master")}
+        assert "event_logs" in tables, tables
+    finally:
+        server.stop()
+    assert not database.exists()
+    assert "temporary file-based SQLite" not in (tmp_path / "hypha.log").read_text()

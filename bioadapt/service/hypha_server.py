@@ -41,6 +41,7 @@ class HyphaServer:
     jwt_secret: str | None = None
     log_file: Path | None = None
     _own_log: bool = field(default=False, repr=False)
+    _own_database: Path | None = field(default=None, repr=False)  # hypha's event log, ours to delete
 
     @property
     def ws_url(self) -> str:
@@ -59,6 +60,8 @@ class HyphaServer:
                 pass
         if self._own_log and self.log_file is not None:
             self.log_file.unlink(missing_ok=True)
+        if self._own_database is not None:
+            self._own_database.unlink(missing_ok=True)
 
     def __enter__(self) -> Self:
         return self
@@ -90,7 +93,9 @@ def start_hypha_server(host: str = "127.0.0.1", port: int | None = None, *, jwt_
     (or hypha picks a random secret). ``fast_transfer`` turns websocket compression off and raises the
     per-client message rate limits (values already present in ``env``/the environment win).
     ``extra_args`` are more ``hypha.server`` options; ``env`` adds variables to the child's environment.
-    The server output goes to ``log_file`` (a temporary file, deleted on ``stop()``, when None).
+    The server output goes to ``log_file`` (a temporary file, deleted on ``stop()``, when None). Without a
+    ``--database-uri`` among ``extra_args``, hypha's event-log SQLite file is a temporary one deleted on ``stop()``
+    (hypha's own temporary file outlives a server stopped by a signal).
     """
     port = _free_port(host) if port is None else int(port)
     child_env = {**os.environ, **(env or {})}
@@ -101,6 +106,12 @@ def start_hypha_server(host: str = "127.0.0.1", port: int | None = None, *, jwt_
             child_env.setdefault(key, value)
         child_env["BIOADAPT_PARENT_PID"] = str(os.getpid())
     module = "bioadapt.service.hypha_server" if fast_transfer else "hypha.server"
+    own_database = None
+    if not any(arg.startswith("--database-uri") for arg in extra_args):
+        handle, name = tempfile.mkstemp(prefix="bioadapt-hypha-", suffix=".db")
+        os.close(handle)
+        own_database = Path(name)
+        extra_args = [*extra_args, f"--database-uri=sqlite+aiosqlite:///{own_database}"]
     command = [sys.executable, "-m", module, f"--host={host}", f"--port={port}", *extra_args]
 
     own_log = log_file is None
@@ -113,7 +124,7 @@ def start_hypha_server(host: str = "127.0.0.1", port: int | None = None, *, jwt_
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=child_env, start_new_session=True)
     server = HyphaServer(url=f"http://{host}:{port}", port=port, process=process, jwt_secret=jwt_secret,
-                         log_file=log_path, _own_log=own_log)
+                         log_file=log_path, _own_log=own_log, _own_database=own_database)
 
     deadline = time.monotonic() + timeout_s
     problem = f"it was not ready within {timeout_s} s"
