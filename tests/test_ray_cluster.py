@@ -114,8 +114,12 @@ def _story(hypha_server, alice, cluster, service, inputs):
             assert alice.submit_labels(project["id"], patch["id"], labels)["status"] == "annotated"
             acknowledged[project["id"], patch["id"]] = labels
 
-    # 2. two fine-tunes at once (one per project): one actor each, one on each node
-    before = cluster.snapshot()
+    # 2. two fine-tunes at once (one per project): one actor each, one on each node. A fine-tune may lease an idle
+    # scoring actor of the same weights (on CPUs the two kinds ask for the same resources); whether one is still idle
+    # depends on how fast the labels went in (CI once reused one). So wait until the pool (idle 2 s) stopped them:
+    # then both fine-tune actors are new ones, and Ray's records say where each ran.
+    before = cluster.wait_for(lambda s: not [a for a in s["actors"] if a["class"] == "ModelActor"
+                                             and a["state"] != "DEAD"])
     tunes = [alice.fine_tune(project["id"], epochs=2, batch_size=2) for project in projects]
     for tune in tunes:
         job = alice.wait(tune["job_id"], progress=False, timeout_s=JOB_TIMEOUT_S)
