@@ -210,10 +210,12 @@ def ray_cluster():
     import ray
 
     from bioadapt.service.execution import start_ray
+    from bioadapt.service.worker_files import remove_orphans
 
     resources = start_ray(num_cpus=2)
     yield {**resources, "address": ray.get_runtime_context().gcs_address}
     ray.shutdown()
+    remove_orphans(wait_s=10)  # the temporary folders of the session's model actors
 
 
 # -- no error the service sends names its data folder ---------------------------------------------------------

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import psutil
 
+from bioadapt.service.worker_files import remove_orphans
+
 RAY = str(Path(sys.executable).with_name("ray"))
 # Ray's CLI, except that 127.0.0.1 stays 127.0.0.1 (see the module's docstring)
 LOOPBACK_RAY_CLI = ("import sys; from ray._private import services; from ray.scripts import scripts; "
@@ -211,3 +213,4 @@ class LoopbackCluster:
     def stop(self) -> None:
         for node in reversed(list(self.nodes.values())):
             node.stop()
+        remove_orphans(wait_s=10)  # the temporary folders of the model actors that ran on these nodes

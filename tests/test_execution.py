@@ -258,3 +258,27 @@ def test_a_patch_score_is_the_mean_of_its_map_inside_the_sampling_mask_and_featu
         assert result["score"] == pytest.approx(float(window[inside].mean()), rel=1e-5)
         assert result["score"] != pytest.approx(float(window.mean()), rel=1e-3)
         assert len(result["features"]) == 2 * 4  # mean and std of the U-Net's 4 last feature maps
+
+
+def test_a_killed_model_actor_leaves_a_folder_that_the_next_sweep_removes(setup, ray_cluster):
+    from pathlib import Path
+
+    import psutil
+
+    from bioadapt.service.execution import make_actor
+    from bioadapt.service.worker_files import PREFIX, remove_orphans
+
+    spec = ModelSpec(str(setup[3]), {"device": "cpu"})
+    actor = make_actor(spec)
+    folder = Path(ray.get(actor.temporary_folder.remote(), timeout=120))
+    pid = ray.get(actor.ping.remote())
+    assert folder.name.startswith(f"{PREFIX}{pid}-")
+    assert list(folder.rglob("*.py")), "bioimageio.core imported the architecture from a file in the actor's folder"
+    ray.kill(actor)  # ends the process: no cleanup of its own runs
+    try:
+        psutil.Process(pid).wait(timeout=30)
+    except psutil.NoSuchProcess:
+        pass
+    assert folder.exists()
+    assert remove_orphans(folder.parent) >= 1
+    assert not folder.exists()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bioadapt.errors import BioadaptError
+from bioadapt.service.worker_files import use_own_temporary_folder
 
 if TYPE_CHECKING:
     from bioadapt.service.jobs import JobRunner
@@ -87,7 +88,9 @@ class ModelActor:
     """What a model actor runs (a plain class, so it is testable without Ray): the model loaded once, and any
     task's worker body ``body(adapter, *args, stop=Event, progress=callable)`` run on it."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, own_temporary_folder: bool = False):
+        if own_temporary_folder:  # a Ray worker process: see worker_files
+            use_own_temporary_folder()
         self.adapter, self._folder = load_model(spec)
         self._stop = threading.Event()
         self._progress: dict[str, Any] = {}
@@ -105,6 +108,9 @@ class ModelActor:
 
     def ping(self) -> int:
         return os.getpid()
+
+    def temporary_folder(self) -> str:
+        return tempfile.gettempdir()
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> dict[str, float]:
@@ -162,7 +168,7 @@ def make_actor(spec: ModelSpec, kind: str = "score", gpu_fraction: float = 0.5) 
     """A model actor (threaded, so stop() and progress() answer while it works); restarted by Ray up to twice
     when its process dies."""
     return _remote(ModelActor, max_concurrency=2, max_restarts=2, max_task_retries=0).options(
-        **actor_options(kind, gpu_fraction, _threads(spec.options))).remote(spec)
+        **actor_options(kind, gpu_fraction, _threads(spec.options))).remote(spec, own_temporary_folder=True)
 
 
 class ModelPool:
@@ -349,6 +355,7 @@ def wait_until_alive(actor: Any, timeout_s: float = 120) -> bool:
 
 
 def _run_once(spec: ModelSpec, body: Callable[..., Any], *args: Any) -> Any:
+    use_own_temporary_folder()
     adapter, _folder = load_model(spec)
     return body(adapter, *args)
 

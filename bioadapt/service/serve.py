@@ -19,6 +19,7 @@ from typing import Any
 
 from bioadapt.errors import BioadaptError
 from bioadapt.service.limits import Limits
+from bioadapt.service.worker_files import remove_orphans
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 9527
@@ -146,6 +147,7 @@ async def _serve(options: ServeOptions, stop: asyncio.Event) -> None:
 
         if ray.is_initialized():
             ray.shutdown()
+            remove_orphans(wait_s=5.0 if options.ray_address is None else 0.0)  # its workers' temporary files
         if hypha is not None:
             hypha.stop()
 
