@@ -495,7 +495,8 @@ def few_patch_rule(rows: list[dict[str, Any]], strategy: str) -> dict[str, dict[
     the default when ``FEW_PATCH_RULES`` says so. Per rule and budget: the versions it would judge, how many it
     would promote, and the user's test F1 under it minus today's over the versions judged (the promoted version's
     own test F1 where promoted, else no change; later rounds, which would start from it, are not simulated)."""
-    from bioadapt.active.verdict import MIN_OBJECTS, _pooled_f1  # axis -1 on unsummed rows: F1 of each patch
+    from bioadapt.active.verdict import MIN_OBJECTS
+    from bioadapt.active.verdict import pooled_f1 as f1_of_counts  # axis -1 on unsummed rows: F1 of each patch
 
     judged: dict[str, dict[int, dict[str, Any]]] = {}
     for r in rows:
@@ -506,7 +507,7 @@ def few_patch_rule(rows: list[dict[str, Any]], strategy: str) -> dict[str, dict[
         parent_counts, version_counts = np.asarray(parent, float), np.asarray(version, float)
         if parent_counts[:, [0, 2]].sum() < MIN_OBJECTS:
             continue
-        differences = _pooled_f1(version_counts, axis=-1) - _pooled_f1(parent_counts, axis=-1)
+        differences = f1_of_counts(version_counts, axis=-1) - f1_of_counts(parent_counts, axis=-1)
         for name, promotes in FEW_PATCH_RULES.items():
             promoted = promotes(differences)
             entry = judged.setdefault(name, {}).setdefault(r["labels"], {"judged": 0, "promoted": 0, "gains": []})

@@ -216,12 +216,14 @@ def test_the_event_database_is_the_servers_own_and_goes_with_it(tmp_path):
     """hypha keeps event logs in a temporary SQLite file it never deletes when stopped by a signal; the embedded
     server gets one of ours instead, deleted on stop."""
     import sqlite3
+    from contextlib import closing
 
     server = start_hypha_server(log_file=tmp_path / "hypha.log")
     try:
         database = server._own_database
         assert database is not None and database.exists()
-        tables = {row[0] for row in sqlite3.connect(database).execute("select name from sqlite_master")}
+        with closing(sqlite3.connect(database)) as connection:
+            tables = {row[0] for row in connection.execute("select name from sqlite_master")}
         assert "event_logs" in tables, tables
     finally:
         server.stop()

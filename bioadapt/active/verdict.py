@@ -56,7 +56,7 @@ def judge_instances(parent_counts: Sequence[Sequence[int]], version_counts: Sequ
         raise ValueError(f"both versions must be counted on the same patches: {parent.shape} vs {version.shape}")
     patches = len(parent)
     objects = int(parent[:, 0].sum() + parent[:, 2].sum())  # tp + fn: the annotated objects
-    parent_score, version_score = _pooled_f1(parent), _pooled_f1(version)
+    parent_score, version_score = pooled_f1(parent), pooled_f1(version)
     found = {"parent": int(parent[:, 0].sum() + parent[:, 1].sum()), "version": int(version[:, 0].sum()
                                                                                    + version[:, 1].sum())}
     empty = objects > 0 and found["version"] < EMPTY_FRACTION * objects < found["parent"]
@@ -72,7 +72,7 @@ def judge_instances(parent_counts: Sequence[Sequence[int]], version_counts: Sequ
                               f"{MIN_PATCHES} patches and {MIN_OBJECTS} objects): annotate more patches (until "
                               "then this version is used only when named)")
     rows = np.random.default_rng(seed).integers(0, patches, (RESAMPLES, patches))
-    differences = _pooled_f1(version[rows].sum(1), axis=-1) - _pooled_f1(parent[rows].sum(1), axis=-1)
+    differences = pooled_f1(version[rows].sum(1), axis=-1) - pooled_f1(parent[rows].sum(1), axis=-1)
     return _paired(base, version_score - parent_score, differences)
 
 
@@ -118,7 +118,7 @@ def _paired(base: dict[str, Any], difference: float, resampled: np.ndarray) -> V
     return Verdict(verdict, difference=difference, interval=(low, high), reason=reason, **base)
 
 
-def _pooled_f1(counts: np.ndarray, axis: int | None = None) -> Any:
+def pooled_f1(counts: np.ndarray, axis: int | None = None) -> Any:
     """2 tp / (2 tp + fp + fn) of counts summed over patches (axis None: rows of one (P, 3) array; axis -1: the
     last axis holds (tp, fp, fn) of already summed resamples); 1.0 where there was nothing to find or found."""
     totals = counts.sum(0) if axis is None else counts

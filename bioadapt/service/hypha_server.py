@@ -108,17 +108,13 @@ def start_hypha_server(host: str = "127.0.0.1", port: int | None = None, *, jwt_
     module = "bioadapt.service.hypha_server" if fast_transfer else "hypha.server"
     own_database = None
     if not any(arg.startswith("--database-uri") for arg in extra_args):
-        handle, name = tempfile.mkstemp(prefix="bioadapt-hypha-", suffix=".db")
-        os.close(handle)
-        own_database = Path(name)
+        own_database = _temporary_file(".db")
         extra_args = [*extra_args, f"--database-uri=sqlite+aiosqlite:///{own_database}"]
     command = [sys.executable, "-m", module, f"--host={host}", f"--port={port}", *extra_args]
 
     own_log = log_file is None
     if own_log:
-        handle, name = tempfile.mkstemp(prefix="bioadapt-hypha-", suffix=".log")
-        os.close(handle)
-        log_file = name
+        log_file = _temporary_file(".log")
     log_path = Path(log_file)
     with open(log_path, "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -204,3 +200,10 @@ def _launch(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     _launch(sys.argv[1:])
+
+
+def _temporary_file(suffix: str) -> Path:
+    """An empty file of ours in the system's temporary folder (the server's log or event database)."""
+    handle, name = tempfile.mkstemp(prefix="bioadapt-hypha-", suffix=suffix)
+    os.close(handle)
+    return Path(name)
