@@ -162,3 +162,39 @@ def test_early_stopping_ends_a_run_whose_held_out_quality_falls(nuclei_model):
     assert never.epochs_run == 8 and not never.stopped_early
     with pytest.raises(BioadaptError, match="patience must be"):
         model.fine_tune(cell_patches("crowded", 2, seed=2), {"epochs": 1, "patience": -1})
+
+
+def test_object_f1_counts_matches_at_iou_half_only_where_the_labels_are_valid():
+    from bioadapt.adapters.segmentation import instance_f1
+
+    truth = np.zeros((1, 32, 32), np.int32)
+    truth[0, 4:12, 4:12], truth[0, 4:12, 16:24] = 1, 2
+    separate = (truth > 0).astype(np.float32)[:, None]  # (N, 1, *s) foreground probabilities
+    merged = separate.copy()
+    merged[0, 0, 4:12, 12:16] = 1.0  # one object spanning both: IoU with either is 64 / 192
+    outside = separate.copy()
+    outside[0, 0, 24:30, 24:30] = 1.0  # a third object where the labels are not valid
+    valid = np.ones((1, 32, 32), bool)
+    valid[0, 20:, 20:] = False
+    assert instance_f1(separate, truth, valid, "sigmoid") == 1.0
+    assert instance_f1(merged, truth, valid, "sigmoid") == 0.0  # 0 matched, 1 false, 2 missed
+    assert instance_f1(outside, truth, valid, "sigmoid") == 1.0
+    assert instance_f1(outside, truth, np.ones_like(valid), "sigmoid") == pytest.approx(2 * 2 / (2 * 2 + 1))
+    assert instance_f1(np.zeros_like(separate), np.zeros_like(truth), valid, "sigmoid") == 1.0
+
+
+def test_validating_by_objects_scores_the_starting_weights_as_segmenting_the_held_out_patches_does(nuclei_model):
+    """val_metric 'f1': epoch 0's held-out score is the F1 that segment() gives on the held-out patches, so the
+    best epoch is chosen by the measure the project's verdict and its users judge by."""
+    pairs = cell_patches("crowded", 8, seed=2)
+    _, held_out = split_indices(len(pairs), 0.25, 0)
+    before = _f1(load_adapter(nuclei_model, device="cpu"), [pairs[i] for i in held_out])
+    model = load_adapter(nuclei_model, device="cpu")
+    result = model.fine_tune(pairs, {"epochs": 2, "batch_size": 4, "val_metric": "f1"})
+    assert result.n_val == 2 and 0 < before < 1
+    assert result.initial_val_score == pytest.approx(before, abs=1e-9)
+    assert result.best_val_score >= result.initial_val_score
+    by_pixels = load_adapter(nuclei_model, device="cpu").fine_tune(pairs, {"epochs": 2, "batch_size": 4})
+    assert by_pixels.initial_val_score != pytest.approx(before)  # the default still validates by Dice
+    with pytest.raises(BioadaptError, match="val_metric='iou'.*dice"):
+        model.fine_tune(pairs, {"epochs": 1, "val_metric": "iou"})

@@ -63,6 +63,7 @@ class ModelInfo:
 
 
 LR_SCHEDULES = ("cosine", "constant")
+VAL_METRICS = ("dice", "f1")
 
 
 @dataclass
@@ -86,9 +87,15 @@ class FineTuneParams:
     # on 100-epoch runs (best epochs came late), 20 lost 0-0.007; on 20-epoch runs 5 cost at most 0.005
     # (benchmarks/results/early_stopping.json)
     patience: int | None = None
+    # what the held-out split's best epoch is chosen by: "dice" (pixels of the training targets) or "f1" (objects
+    # at IoU 0.5, as the project's verdict judges instance models; not for models that segment classes)
+    val_metric: str = "dice"
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.val_metric not in VAL_METRICS:
+            raise BioadaptError(f"fine-tuning parameter val_metric={self.val_metric!r} is not known; choose one of "
+                                f"{VAL_METRICS}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise BioadaptError(f"fine-tuning parameter lr_schedule={self.lr_schedule!r} is not known; choose one "
                                 f"of {LR_SCHEDULES}")

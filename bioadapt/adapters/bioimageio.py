@@ -36,11 +36,11 @@ from bioadapt.adapters.bioimageio_weights import (TRAINABLE_FORMATS, choose_form
 from bioadapt.adapters.dropout import (MC_SCOPES, CommonMasks, DropoutKind, HeadSplit, MCDropout, check_scope,
                                        is_scripted, mc_strategy, round_masks, stacked_passes)
 from bioadapt.adapters.partial import PartialSplit, partial_passes
-from bioadapt.adapters.segmentation import labels_from_probabilities
+from bioadapt.adapters.segmentation import instance_f1, labels_from_probabilities
 from bioadapt.adapters.shape_probe import convolutional_grid
 from bioadapt.adapters.shapes import activation_bytes, default_input_budget, default_memory_budget
 from bioadapt.adapters.sources import load_model_description
-from bioadapt.adapters.targets import INSTANCE_TARGETS, Targets, choose_targets, dice_score, loss
+from bioadapt.adapters.targets import INSTANCE_TARGETS, Targets, as_probabilities, choose_targets, dice_score, loss
 from bioadapt.adapters.training import fit
 from bioadapt.errors import BioadaptError
 
@@ -433,26 +433,37 @@ class BioimageioAdapter(Adapter):
         pairs = check_samples(samples, info)
         common = tuple(max(image.shape[1 + i] for image, _ in pairs) for i in range(len(self.layout.spatial)))
         plan = self.work_tiling.plan(common, self._max_voxels())
-        inputs, targets, valid, groups = [], [], [], []
+        if params.val_metric == "f1" and not info.instances:
+            raise BioadaptError(f"{info.name} segments classes, not objects: validate its fine-tuning by "
+                                "val_metric='dice'")
+        inputs, targets, valid, instances, groups = [], [], [], [], []
         for patch, (image, labels) in enumerate(pairs):
-            for block_input, target, mask in self._training_blocks(image, labels, common, plan):
+            for block_input, target, mask, block_labels in self._training_blocks(image, labels, common, plan):
                 inputs.append(block_input), targets.append(target), valid.append(mask), groups.append(patch)
+                instances.append(block_labels)
         inputs_t = torch.from_numpy(np.stack(inputs)).to(self.device)
         targets_t = torch.from_numpy(np.stack(targets)).to(self.device)
         valid_t = torch.from_numpy(np.stack(valid)).to(self.device)
-        kind, from_logits = self.output_kind, self._from_logits
+        kind, from_logits, rule = self.output_kind, self._from_logits, self.targets
+
+        def score(out: torch.Tensor, rows: list[int]) -> float:
+            if params.val_metric == "dice":
+                return dice_score(out, targets_t[rows], valid_t[rows], kind, from_logits)
+            proba = as_probabilities(out, kind, from_logits).float().cpu().numpy()
+            return instance_f1(proba, np.stack([instances[i] for i in rows]),
+                               valid_t[rows].all(1).cpu().numpy(), kind, rule)
+
         result = fit(self.module, self._network, inputs_t, targets_t, valid_t,
-                     lambda out, t, v: loss(out, t, v, kind, from_logits),
-                     lambda out, t, v: dice_score(out, t, v, kind, from_logits),
+                     lambda out, t, v: loss(out, t, v, kind, from_logits), score,
                      params, progress, stop, groups=groups)
         self.record_training(asdict(params), result.to_dict(), example_image=pairs[0][0])
         return result
 
     def _training_blocks(self, image: np.ndarray, labels: np.ndarray, common: tuple[int, ...], plan: Plan
-                         ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(network input (C, *block), target (K or 1, *block), valid (K or 1, *block)) per block of one patch,
-        pre-processed and padded as prediction does; a patch smaller than ``common`` is mirrored up to it first
-        and its extension left out of the loss."""
+                         ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """(network input (C, *block), target (K or 1, *block), valid (K or 1, *block), labels (*block), 0 outside
+        the patch) per block of one patch, pre-processed and padded as prediction does; a patch smaller than
+        ``common`` is mirrored up to it first and its extension left out of the loss."""
         lay = self.layout
         shape = labels.shape
         if shape != common:
@@ -464,6 +475,7 @@ class BioimageioAdapter(Adapter):
             block_input = lay.from_model(block.data, lay.in_ids)[0]
             block_target = np.zeros((len(target), *block_input.shape[1:]), target.dtype)
             block_valid = np.zeros((len(target_valid), *block_input.shape[1:]), bool)
+            block_labels = np.zeros(block_input.shape[1:], np.int32)
             source, destination = [], []
             for inner, local, crop, n in zip(block.inner, block.local, prepared.crop, shape):
                 start, stop = max(inner.start, crop.start), min(inner.stop, crop.start + n)
@@ -474,7 +486,9 @@ class BioimageioAdapter(Adapter):
             else:
                 block_target[(slice(None), *destination)] = target[(slice(None), *source)]
                 block_valid[(slice(None), *destination)] = target_valid[(slice(None), *source)]
-                out.append((np.ascontiguousarray(block_input, np.float32), block_target, block_valid))
+                block_labels[tuple(destination)] = labels[tuple(source)]
+                out.append((np.ascontiguousarray(block_input, np.float32), block_target, block_valid,
+                            block_labels))
         return out
 
     # -- weights -----------------------------------------------------------------------------------------------

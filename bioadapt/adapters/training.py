@@ -15,7 +15,7 @@ from bioadapt.adapters.base import FineTuneParams, FineTuneResult, Progress, Sto
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], float]
+ScoreFn = Callable[[torch.Tensor, list[int]], float]  # (outputs of the held-out rows, those rows) -> higher is better
 
 
 def augment(x: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, generator: torch.Generator
@@ -85,7 +85,7 @@ def fit(module: nn.Module, forward: Forward, inputs: torch.Tensor, targets: torc
         module.eval()
         with torch.no_grad():
             out = torch.cat([forward(inputs[i:i + 1]) for i in val_idx])
-        return score_fn(out, targets[val_idx], valid[val_idx])
+        return score_fn(out, val_idx)
 
     best_score = initial = validate()
     best_state = copy.deepcopy(module.state_dict())

@@ -226,6 +226,9 @@ class BioimageioTuning(Args):
     patience: int | None = Field(None, ge=0, le=10_000, description="early stopping: end the run after this many "
                                  "epochs without a better score on its validation patches (0: never; default: a "
                                  "quarter of the run, at least 5; the best weights are kept either way)")
+    val_metric: Literal["dice", "f1"] | None = Field(
+        None, description="what picks the best epoch on the validation patches: dice (pixels, default) or f1 "
+        "(objects at IoU 0.5, as versions are judged; instance models only)")
     seed: Count | None = None
 
 
