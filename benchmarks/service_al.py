@@ -89,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None, help="sent to fine_tune (default: not sent, so the "
                         "adapter's default applies); results go to a file of their own")
     parser.add_argument("--learning-rate", type=float, default=None, help="sent to fine_tune, as --epochs")
+    parser.add_argument("--val-metric", choices=("dice", "f1"), default=None, help="sent to fine_tune's params "
+                        "(what picks the best epoch), as --epochs")
     parser.add_argument("--workdir", default=None, help="keeps the OME-Zarrs and base models (default: temporary)")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--default", default=None, help="report: the strategy judged against random (default: "
@@ -241,13 +243,19 @@ class Run:
 def tuning(args: argparse.Namespace) -> dict[str, Any]:
     """The fine_tune arguments the benchmark sends: none by default (the service's defaults)."""
     given = {"epochs": args.epochs, "learning_rate": args.learning_rate}
-    return {name: value for name, value in given.items() if value is not None}
+    sent: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
+    if getattr(args, "val_metric", None):
+        sent["params"] = {"val_metric": args.val_metric}
+    return sent
 
 
 def results_file(args: argparse.Namespace) -> Path:
     """service_al_<dataset>_<base>.jsonl; with fine-tuning settings sent, their values are part of the name."""
-    sent = "".join(f"_{'e' if name == 'epochs' else 'lr'}{value:g}" for name, value in tuning(args).items())
-    return Path(f"{args.out}_{args.dataset}_{args.base}{sent}.jsonl")
+    sent = tuning(args)
+    name = "".join(f"_{'e' if name == 'epochs' else 'lr'}{sent[name]:g}" for name in ("epochs", "learning_rate")
+                   if name in sent)
+    name += "".join(f"_val{value}" for value in sent.get("params", {}).values())
+    return Path(f"{args.out}_{args.dataset}_{args.base}{name}.jsonl")
 
 
 def run(args: argparse.Namespace, workdir: Path) -> None:
@@ -549,8 +557,9 @@ def _sent(sent: dict[str, Any] | None, rows: list[dict[str, Any]]) -> str:
     commits = ", ".join(sorted({r["commit"][:7] for r in rows}))
     if not sent:
         return f"with the service's defaults (commits {commits})"
-    return ("with " + ", ".join(f"{name} {value:g}" for name, value in sent.items())
-            + f" (the rest the service's defaults, commits {commits})")
+    words = [f"{name} {value:g}" for name, value in sent.items() if name != "params"]
+    words += [f"params.{name} {value}" for name, value in sent.get("params", {}).items()]
+    return "with " + ", ".join(words) + f" (the rest the service's defaults, commits {commits})"
 
 
 def _markdown(name: str, s: dict[str, Any], default: str) -> str:
