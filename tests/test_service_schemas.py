@@ -78,6 +78,7 @@ def test_descriptions_keep_their_lines_and_names_are_not_blank():
     ({"seed": True}, r"params\.seed: Input should be a valid integer"),
     ({"epochs": -5}, r"params\.epochs: give epochs as fine_tune's own argument"),
     ({"augment": "yes"}, r"params\.augment: Input should be a valid boolean"),
+    ({"val_metric": "iou"}, r"params\.val_metric: Input should be 'dice' or 'f1'"),
 ])
 def test_fine_tuning_parameters_are_checked_at_the_door(params, message):
     with pytest.raises(BioadaptError, match=message):
@@ -86,6 +87,7 @@ def test_fine_tuning_parameters_are_checked_at_the_door(params, message):
 
 def test_fine_tuning_parameters_pass_only_what_was_set():
     assert s.tuning_params("bioimageio", {"seed": 3, "augment": False}) == {"seed": 3, "augment": False}
+    assert s.tuning_params("bioimageio", {"val_metric": "f1"}) == {"val_metric": "f1"}
     assert s.tuning_params("cellpose", {"bsize": 128}) == {"bsize": 128}
     with pytest.raises(BioadaptError, match=r"params\.augment: Extra inputs"):  # not a Cellpose parameter
         s.tuning_params("cellpose", {"augment": True})
