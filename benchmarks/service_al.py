@@ -528,6 +528,25 @@ def few_patch_rule(rows: list[dict[str, Any]], strategy: str) -> dict[str, dict[
     return judged
 
 
+def against_defaults(rows: list[dict[str, Any]], reference_rows: list[dict[str, Any]], reference: str
+                     ) -> dict[str, Any]:
+    """Runs that sent fine-tuning settings minus the same set's runs with the service's defaults, paired by
+    (strategy, seed): the rounds pick the same patches while the undecided versions leave the base as the default,
+    so what differs is what fine-tuning made of them. Per strategy and budget, for the user's F1 and the named
+    version's."""
+    out: dict[str, Any] = {"reference": reference}
+    for key in ("test_f1", "version_f1"):
+        table = out.setdefault(key, {})
+        for strategy in sorted({r["strategy"] for r in rows}):
+            budgets = sorted({r["labels"] for r in rows if r["strategy"] == strategy and r["labels"]})
+            changed, before = ({b: by_seed(given, strategy, b, key) for b in budgets}
+                               for given in (rows, reference_rows))
+            table[strategy] = {b: paired_interval([changed[b][seed] - before[b][seed]
+                                                   for seed in sorted(changed[b].keys() & before[b].keys())])
+                               for b in budgets}
+    return out
+
+
 def report(args: argparse.Namespace) -> None:
     from bioadapt.active import DEFAULT_STRATEGY
 
@@ -538,6 +557,11 @@ def report(args: argparse.Namespace) -> None:
         rows = read_rows(path)
         if rows:
             summaries[path.stem.removeprefix(out.name + "_")] = {"rows": rows, **summarize(rows, default)}
+    for name, s in summaries.items():
+        reference = next((other for other in summaries if other != name and name.startswith(other + "_")
+                          and not summaries[other]["rows"][0].get("fine_tune_sent")), None)
+        if reference and s["rows"][0].get("fine_tune_sent"):
+            s["against_defaults"] = against_defaults(s["rows"], summaries[reference]["rows"], reference)
     text = "\n".join(_markdown(name, s, default) for name, s in summaries.items())
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps({name: {k: v for k, v in s.items() if k != "rows"}
@@ -629,6 +653,15 @@ def _markdown(name: str, s: dict[str, Any], default: str) -> str:
                   f"{b} labels: {e['promoted']} of {e['judged']} promoted, {_cell(e['gain'])}"
                   for b, e in sorted(by_budget.items()))
                   for strategy, rules in s["few_patch_rule"].items() for name, by_budget in rules.items()]
+    if "against_defaults" in s:
+        against = s["against_defaults"]
+        lines += ["", f"Minus the runs with the service's defaults ({against['reference']}), paired by strategy and "
+                  "seed; the user's F1, then the named version's:", "",
+                  "| strategy, F1 | " + " | ".join(str(b) for b in budgets) + " |", "| --- |" + " --- |" * len(budgets)]
+        for key, what in (("test_f1", "user's"), ("version_f1", "version's")):
+            for strategy, intervals in against[key].items():
+                lines.append(f"| {strategy}, {what} | " + " | ".join(
+                    _cell(intervals[b]) if b in intervals else "" for b in budgets) + " |")
     lines += ["", "Seconds per round (median over runs): " + ", ".join(
         f"{b} labels {np.median([r['seconds'] for r in rows if r['labels'] == b]):.0f}" for b in budgets) + ".", ""]
     return "\n".join(lines)
