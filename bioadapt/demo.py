@@ -147,7 +147,8 @@ def _one_round(svc: Any, workdir: Path, base: Path, image_path: Path, truth: np.
             "median_score": float(np.median([p["score"] for p in svc.list_patches(project_id, limit=10_000)])),
             "annotated": len(top), "holdout_patches": evaluation["holdout_patches"],
             "training": {k: tuned["result"]["result"].get(k) for k in ("epochs_run", "best_epoch", "seconds",
-                                                                        "initial_val_score", "best_val_score")},
+                                                                        "initial_val_score", "best_val_score",
+                                                                        "val_metric")},
             "f1_before": before.get("f1"), "f1_after": after.get("f1"), "ap_before": before.get("ap"),
             "ap_after": after.get("ap"), "version": version, "package": str(package),
             "learning_curve": svc.get_project(project_id)["learning_curve"],
@@ -205,7 +206,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
           f"{summary['annotated']} BALD {summary['top_scores'][0]:.4f} .. {summary['top_scores'][-1]:.4f} "
           f"(median of all {summary['median_score']:.4f})")
     print(f"  training   {training['epochs_run']} epochs in {training['seconds']} s, best epoch "
-          f"{training['best_epoch']}, validation Dice {training['initial_val_score']:.3f} -> "
+          f"{training['best_epoch']}, validation {'F1' if training['val_metric'] == 'f1' else 'Dice'} "
+          f"{training['initial_val_score']:.3f} -> "
           f"{training['best_val_score']:.3f}")
     print(f"  F1 @ IoU 0.5 on {summary['holdout_patches']} held-out corrected patches: "
           f"{summary['f1_before']:.3f} (v0) -> {summary['f1_after']:.3f} (v{summary['version']});  "

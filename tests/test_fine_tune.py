@@ -191,10 +191,10 @@ def test_validating_by_objects_scores_the_starting_weights_as_segmenting_the_hel
     before = _f1(load_adapter(nuclei_model, device="cpu"), [pairs[i] for i in held_out])
     model = load_adapter(nuclei_model, device="cpu")
     result = model.fine_tune(pairs, {"epochs": 2, "batch_size": 4, "val_metric": "f1"})
-    assert result.n_val == 2 and 0 < before < 1
+    assert result.n_val == 2 and 0 < before < 1 and result.val_metric == "f1"
     assert result.initial_val_score == pytest.approx(before, abs=1e-9)
     assert result.best_val_score >= result.initial_val_score
     by_pixels = load_adapter(nuclei_model, device="cpu").fine_tune(pairs, {"epochs": 2, "batch_size": 4})
-    assert by_pixels.initial_val_score != pytest.approx(before)  # the default still validates by Dice
+    assert by_pixels.initial_val_score != pytest.approx(before) and by_pixels.val_metric == "dice"
     with pytest.raises(BioadaptError, match="val_metric='iou'.*dice"):
         model.fine_tune(pairs, {"epochs": 1, "val_metric": "iou"})

@@ -144,6 +144,7 @@ class FineTuneResult:
     n_val: int
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped_early: bool = False  # ended by early stopping: ``patience`` epochs without a better held-out score
+    val_metric: str | None = None  # what the held-out scores are: "dice" or "f1" (FineTuneParams.val_metric)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

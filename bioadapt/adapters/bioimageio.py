@@ -456,6 +456,7 @@ class BioimageioAdapter(Adapter):
         result = fit(self.module, self._network, inputs_t, targets_t, valid_t,
                      lambda out, t, v: loss(out, t, v, kind, from_logits), score,
                      params, progress, stop, groups=groups)
+        result.val_metric = params.val_metric
         self.record_training(asdict(params), result.to_dict(), example_image=pairs[0][0])
         return result
 

@@ -205,6 +205,9 @@ def _config(parent_config: Mapping[str, Any], model: BioimageioAdapter, training
     return config
 
 
+_VAL_METRIC_NAMES = {"dice": "Dice", "f1": "F1 at IoU 0.5"}
+
+
 def _readme(model: BioimageioAdapter, meta: Metadata, training: Mapping[str, Any], weights: Mapping[str, str]) -> str:
     params, result = _training(model)
     parent = f"**{model.description.name}** (`{model.source}`" + (
@@ -219,7 +222,8 @@ def _readme(model: BioimageioAdapter, meta: Metadata, training: Mapping[str, Any
                  f"- learning rate: {params.get('learning_rate')}, batch size: {params.get('batch_size')}, "
                  f"optimizer: AdamW (weight decay {params.get('weight_decay')})",
                  f"- loss: {'BCE + Dice' if model.output_kind == 'sigmoid' else 'CE + Dice'}",
-                 f"- held-out Dice: {result.get('initial_val_score')} before, {result.get('best_val_score')} after",
+                 f"- held-out {_VAL_METRIC_NAMES[result.get('val_metric') or 'dice']}: "
+                 f"{result.get('initial_val_score')} before, {result.get('best_val_score')} after",
                  f"- patches: {result.get('n_train')} for training, {result.get('n_val')} held out", ""]
     lines += training_sections(training, fine_tuned=model.training_record is not None)
     lines += ["", f"Weights: {', '.join(weights)}. Pre- and post-processing are the parent's.", ""]
