@@ -68,6 +68,10 @@ def test_round_trip(kind, tmp_path):
     assert rdf["config"]["bioadapt"]["label_store"] == TRAINING["label_store"]
     assert rdf["config"]["bioimageio"]["training"]["training_epochs"] == 1
     assert {"README.md", "cover.png", "test_input.npy", "test_output.npy"} <= files
+    with zipfile.ZipFile(out) as z:  # the held-out score is named by what fine-tuning validated by
+        readme = z.read("README.md").decode()
+    metric = "Dice" if kind == "3d_softmax" else "F1 at IoU 0.5"  # classes, or objects
+    assert f"- held-out {metric}: " in readme, readme
 
 
 def test_export_differs_from_the_parent_only_where_it_must(tmp_path):

@@ -88,12 +88,14 @@ class FineTuneParams:
     # (benchmarks/results/early_stopping.json)
     patience: int | None = None
     # what the held-out split's best epoch is chosen by: "dice" (pixels of the training targets) or "f1" (objects
-    # at IoU 0.5, as the project's verdict judges instance models; not for models that segment classes)
-    val_metric: str = "dice"
+    # at IoU 0.5, as the project's verdict judges instance models; not for models that segment classes). None: f1
+    # for models that segment objects, dice for the others. On Kromp's nuclei, Dice kept the base weights where
+    # labels had taught the model to split touching nuclei (docs/strategies.md)
+    val_metric: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.val_metric not in VAL_METRICS:
+        if self.val_metric is not None and self.val_metric not in VAL_METRICS:
             raise BioadaptError(f"fine-tuning parameter val_metric={self.val_metric!r} is not known; choose one of "
                                 f"{VAL_METRICS}")
         if self.lr_schedule not in LR_SCHEDULES:

@@ -433,7 +433,8 @@ class BioimageioAdapter(Adapter):
         pairs = check_samples(samples, info)
         common = tuple(max(image.shape[1 + i] for image, _ in pairs) for i in range(len(self.layout.spatial)))
         plan = self.work_tiling.plan(common, self._max_voxels())
-        if params.val_metric == "f1" and not info.instances:
+        metric = params.val_metric or ("f1" if info.instances else "dice")
+        if metric == "f1" and not info.instances:
             raise BioadaptError(f"{info.name} segments classes, not objects: validate its fine-tuning by "
                                 "val_metric='dice'")
         inputs, targets, valid, instances, groups = [], [], [], [], []
@@ -447,7 +448,7 @@ class BioimageioAdapter(Adapter):
         kind, from_logits, rule = self.output_kind, self._from_logits, self.targets
 
         def score(out: torch.Tensor, rows: list[int]) -> float:
-            if params.val_metric == "dice":
+            if metric == "dice":
                 return dice_score(out, targets_t[rows], valid_t[rows], kind, from_logits)
             proba = as_probabilities(out, kind, from_logits).float().cpu().numpy()
             return instance_f1(proba, np.stack([instances[i] for i in rows]),
@@ -456,7 +457,7 @@ class BioimageioAdapter(Adapter):
         result = fit(self.module, self._network, inputs_t, targets_t, valid_t,
                      lambda out, t, v: loss(out, t, v, kind, from_logits), score,
                      params, progress, stop, groups=groups)
-        result.val_metric = params.val_metric
+        result.val_metric = metric
         self.record_training(asdict(params), result.to_dict(), example_image=pairs[0][0])
         return result
 

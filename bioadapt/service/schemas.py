@@ -227,8 +227,8 @@ class BioimageioTuning(Args):
                                  "epochs without a better score on its validation patches (0: never; default: a "
                                  "quarter of the run, at least 5; the best weights are kept either way)")
     val_metric: Literal["dice", "f1"] | None = Field(
-        None, description="what picks the best epoch on the validation patches: dice (pixels, default) or f1 "
-        "(objects at IoU 0.5, as versions are judged; instance models only)")
+        None, description="what picks the best epoch on the validation patches: f1 (objects at IoU 0.5, as "
+        "versions are judged; the default for instance models) or dice (pixels; the default for semantic ones)")
     seed: Count | None = None
 
 
