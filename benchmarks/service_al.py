@@ -41,6 +41,13 @@ and ``service_al.png`` from every file found.
     nice -n 10 python benchmarks/service_al.py run --dataset bbbc039 --base demo --seeds 0,1,2 --budgets 2,4,8,16
     python benchmarks/service_al.py report
 
+Fine-tuning settings sent instead of the defaults (``--epochs``, ``--learning-rate``, ``--val-metric``) go to a file
+of their own, and the report pairs it with the same set's default-settings runs by strategy and seed; the best-
+epoch study ran (with ``BIOADAPT_SHARED_DATA`` holding ``kromp_nuclei/``, one strategy per process):
+
+    python benchmarks/service_al.py run --dataset kromp --base nuclei_broad --strategies random \
+        --seeds 0,1,2,3,4,5,6,7,8 --budgets 2,4,8,16 --val-metric f1
+
 The runs that judged the 2-patch rules (rounds to 8 labels; ``--out`` gives their files the ``to8`` prefix):
 
     python benchmarks/service_al.py run --dataset bbbc039 --base demo --seeds 0,1,2,3,4,5,6,7,8 --budgets 2,4,8 --out \
