@@ -83,11 +83,10 @@ def instance_f1(proba: np.ndarray, truth: np.ndarray, valid: np.ndarray, output_
         predicted = np.where(v, labels_from_probabilities(p, output_kind, targets), 0).ravel()
         true = np.where(v, t, 0).ravel()
         overlap = contingency_table(true, predicted).tocoo()
-        pred_ids, true_ids = np.unique(predicted), np.unique(true)
-        n_pred, n_true = int((pred_ids > 0).sum()), int((true_ids > 0).sum())
         objects = (overlap.row > 0) & (overlap.col > 0)
         rows, cols, shared = overlap.row[objects], overlap.col[objects], overlap.data[objects]
         true_area, pred_area = np.bincount(true), np.bincount(predicted)
+        n_true, n_pred = int((true_area[1:] > 0).sum()), int((pred_area[1:] > 0).sum())
         union = true_area[rows] + pred_area[cols] - shared
         matched = int((shared >= iou * union).sum())  # above 0.5 IoU, each object matches one at most
         tp, fp, fn = tp + matched, fp + n_pred - matched, fn + n_true - matched

@@ -198,12 +198,12 @@ def _launch(argv: Sequence[str]) -> None:
     runpy.run_module("hypha.server", run_name="__main__", alter_sys=True)
 
 
-if __name__ == "__main__":
-    _launch(sys.argv[1:])
-
-
 def _temporary_file(suffix: str) -> Path:
     """An empty file of ours in the system's temporary folder (the server's log or event database)."""
     handle, name = tempfile.mkstemp(prefix="bioadapt-hypha-", suffix=suffix)
     os.close(handle)
     return Path(name)
+
+
+if __name__ == "__main__":
+    _launch(sys.argv[1:])
