@@ -113,10 +113,12 @@ def _one_round(svc: Any, workdir: Path, base: Path, image_path: Path, truth: np.
     given = {"n_patches": n_patches, "patch_shape": [patch_size] * 2 if patch_size else None, "mc_passes": mc_passes}
     used = {**defaults("score"), "n_patches": DEFAULT_RANDOM_PATCHES,
             **{k: v for k, v in given.items() if v is not None}}  # what the service will use
-    print(f"4/8 scoring {used['n_patches']} patches of {' x '.join(map(str, used['patch_shape']))} inside the "
-          f"tissue with MC-dropout BALD (T = {used['mc_passes']}) on Ray actors ...")
+    print(f"4/8 scoring up to {used['n_patches']} patches of {' x '.join(map(str, used['patch_shape']))} (as many "
+          f"as fit inside the tissue without overlapping) with MC-dropout BALD (T = {used['mc_passes']}) on Ray "
+          "actors ...")
     job = svc.score(project_id, **{k: v for k, v in given.items() if v is not None}, acquisition="bald", seed=seed)
     scoring = svc.wait(job["job_id"])
+    print(f"    {scoring['progress'].get('done')} patches scored")
     top = svc.list_patches(project_id, order="score", limit=top_k)
     print(f"5/8 the simulated annotator corrects the {len(top)} most uncertain patches ...")
     shown = []
