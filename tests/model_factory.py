@@ -36,6 +36,22 @@ def unet_package(out: Path, *, dims: int = 2, out_channels: int = 2, dropout: fl
         weights=weights, as_folder=as_folder, format_version=format_version)
 
 
+def threshold_unet(level: float = 0.5, gain: float = 20.0) -> UNet:
+    """A 2D U-Net (features 4, depth 2) whose foreground is where the normalised image exceeds ``level``: the
+    signal takes the first skip connection with centre-tap convolutions, every other weight is zero, and the
+    boundary channel stays off. Touching bright cells come out merged, as a real model's merges do."""
+    module = UNet(in_channels=1, out_channels=2, dims=2, features=4, depth=2).eval()
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.zero_()
+        first, last = module.down[0], module.up[-1].block
+        first[0].weight[0, 0, 1, 1] = first[2].weight[0, 0, 1, 1] = 1.0  # relu(x), kept as skip channel 0
+        last[0].weight[0, 4, 1, 1] = last[2].weight[0, 0, 1, 1] = 1.0  # the skip's channel 0 follows the upsampled 4
+        module.head.weight[0, 0] = gain
+        module.head.bias[:] = torch.tensor([-gain * level, -gain])
+    return module
+
+
 def cell_patches(style: str, n: int, size: int = 64, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """n (image (1, size, size) float32, instance labels) pairs cut from one synthetic image of ``style``."""
     side = int(np.ceil(np.sqrt(n)))

@@ -15,7 +15,7 @@ from scipy import ndimage
 import pytest
 import yaml
 import zarr
-from model_factory import unet_package
+from model_factory import threshold_unet, unet_package
 from service_helpers import ray_cpus_free, wait_until
 
 from bioadapt.data import UncertaintyStore, open_image, sample_patches
@@ -546,3 +546,27 @@ def test_a_version_trained_on_wrong_labels_is_judged_worse_and_never_the_default
     assert readme.rstrip().count("| worse |") == 1
     assert rdf["config"]["bioadapt"]["learning_curve"][0]["verdict"] == "worse"
     assert _run(service, "fine_tune", project_id=pid, epochs=1)["result"]["parent"] == 0  # not built on v1
+
+
+def test_a_shape_strategy_scores_each_patch_by_its_merged_looking_objects(service, inputs):
+    """strategy="nonconvex": every scored patch's score is the count of non-convex objects in the model's
+    segmentation of it (the prediction store), and the picks are the highest counts. The model thresholds the image,
+    so crowded cells merge as a real model's do."""
+    from bioadapt.active.shapes import nonconvex_count
+    from bioadapt.data import LabelStore
+
+    package = unet_package(inputs["root"] / "threshold.zip", module=threshold_unet(), weights=("pytorch_state_dict",))
+    model = service.load_model(ALICE, s.LoadModel(source=str(package)))
+    project = service.create_project(ALICE, s.CreateProject(name="shapes", model=model["id"], images=[
+        {"uri": str(inputs["root"] / "a.ome.zarr")}]))
+    job = _run(service, "score", project_id=project["id"], n_patches=10, patch_shape=PATCH, mc_passes=2, select=3,
+               actors=1, strategy="nonconvex")
+    assert job["result"]["strategy"] == "nonconvex"
+    predictions = LabelStore.open(service.store.image(project["id"], project["images"][0]["id"])["predictions"])
+    rows = service.store.patches(project["id"], status="pending", order="id")
+    counts = {row["id"]: nonconvex_count(predictions.read(tuple(row["origin"]), tuple(row["shape"])))
+              for row in rows}
+    assert {row["id"]: row["scores"]["bald:nonconvex"] for row in rows} == counts
+    assert len(set(counts.values())) > 1  # touching cells merge under a threshold, some patches more than others
+    listed = service.list_patches(ALICE, s.ListPatches(project_id=project["id"], limit=3))
+    assert sorted(counts[p["id"]] for p in listed) == sorted(counts.values())[-3:]

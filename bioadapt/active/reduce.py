@@ -8,8 +8,8 @@ import numpy as np
 
 from bioadapt.errors import BioadaptError
 
-Reduce = Literal["mean", "max", "quantile", "object_mean", "object_sum", "object_max"]
-REDUCES = ("mean", "max", "quantile", "object_mean", "object_sum", "object_max")
+Reduce = Literal["mean", "max", "quantile", "object_mean", "object_sum", "object_max", "nonconvex"]
+REDUCES = ("mean", "max", "quantile", "object_mean", "object_sum", "object_max", "nonconvex")
 
 
 def patch_score(score_map: Any, mask: Any = None, reduce: Reduce = "mean", quantile: float = 0.95,
@@ -19,8 +19,16 @@ def patch_score(score_map: Any, mask: Any = None, reduce: Reduce = "mean", quant
     ``"mean"`` ranks patches by overall uncertainty; ``"max"`` and ``"quantile"`` find patches whose
     uncertainty sits in a few pixels (a single ambiguous cell in an otherwise easy field). ``"object_mean"``,
     ``"object_sum"`` and ``"object_max"`` score the patch by its objects instead of its pixels (see
-    ``bioadapt.active.objects``); they need the model's ``labels`` of the patch.
+    ``bioadapt.active.objects``); they need the model's ``labels`` of the patch. ``"nonconvex"`` counts the
+    model's objects that look like merged ones and ignores the map (``bioadapt.active.shapes``): what MC dropout
+    cannot see.
     """
+    if reduce == "nonconvex":
+        from bioadapt.active.shapes import nonconvex_count
+
+        if labels is None:
+            raise BioadaptError("reduce='nonconvex' counts the patch's merged-looking objects: pass the model's labels")
+        return float(nonconvex_count(labels, _check_mask(mask, np.shape(labels))))
     if reduce.startswith("object_"):
         from bioadapt.active.objects import object_patch_score
 

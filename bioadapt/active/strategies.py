@@ -103,7 +103,7 @@ class Strategy:
     pool is then picked from."""
 
     acquisition: str = "bald"
-    reduce: str = "mean"  # "mean", "max", "quantile" of the map, or "object_mean", "object_sum", "object_max"
+    reduce: str = "mean"  # "mean", "max", "quantile" of the map, "object_mean", "object_sum", "object_max", "nonconvex"
     selection: str = "top"
 
     @property
@@ -118,6 +118,8 @@ STRATEGIES: dict[str, Strategy] = {
     "object_bald_then_typical": Strategy("bald", "object_mean", "top_then_typical"),
     "typical_half_object_bald": Strategy("bald", "object_mean", "typical_half_top"),
     "typical_half_object_bald_then_typical": Strategy("bald", "object_mean", "typical_half_top_then_typical"),
+    "nonconvex": Strategy("bald", "nonconvex", "top"),
+    "typical_half_nonconvex_then_typical": Strategy("bald", "nonconvex", "typical_half_top_then_typical"),
     "typical": Strategy("bald", "mean", "typical"),
     "typical_bald": Strategy("bald", "mean", "typical_uncertain"),
     "typical_object_bald": Strategy("bald", "object_mean", "typical_uncertain"),

@@ -1,0 +1,60 @@
+"""The nonconvex patch score: merged-looking objects counted from the model's labels, what MC dropout misses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bioadapt.active import patch_score
+from bioadapt.active.shapes import nonconvex_count, typical_area
+from bioadapt.errors import BioadaptError
+
+
+def _disc(shape: tuple[int, int], centre: tuple[int, int], radius: float) -> np.ndarray:
+    yy, xx = np.indices(shape)
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius ** 2
+
+
+def _labels() -> np.ndarray:
+    """Three round nuclei, one pair of touching nuclei merged into one object, one L-shaped speck."""
+    labels = np.zeros((96, 96), np.int64)
+    for i, centre in enumerate([(15, 15), (15, 45), (15, 75)], start=1):
+        labels[_disc(labels.shape, centre, 9)] = i
+    labels[_disc(labels.shape, (60, 30), 9) | _disc(labels.shape, (60, 46), 9)] = 4  # the merged pair
+    labels[85:88, 85] = 5
+    labels[87, 85:88] = 5  # a 5-pixel L: not convex, but no nucleus
+    return labels
+
+
+def test_only_the_merged_pair_counts():
+    labels = _labels()
+    assert nonconvex_count(labels) == 1
+    assert nonconvex_count(np.where(labels == 4, 0, labels)) == 0  # round nuclei and the speck: none
+    assert nonconvex_count(np.zeros((8, 8), np.int64)) == 0
+
+
+def test_the_typical_area_is_the_nuclei_s_not_the_fragments():
+    labels = _labels()
+    fragments = labels.copy()
+    for i in range(20):  # many one-pixel fragments move an object median, not the pixel-weighted one
+        fragments[40 + i, 90] = 10 + i
+    nucleus = int((labels == 1).sum())
+    assert typical_area(fragments) == typical_area(labels) == nucleus
+    assert nonconvex_count(fragments) == 1
+
+
+def test_a_mask_counts_only_the_objects_it_reaches():
+    labels = _labels()
+    mask = np.zeros(labels.shape, bool)
+    mask[:40] = True  # the three round nuclei only
+    assert nonconvex_count(labels, mask) == 0
+    mask[55, 30] = True  # one pixel of the merged pair
+    assert nonconvex_count(labels, mask) == 1
+
+
+def test_patch_score_nonconvex_counts_from_the_labels_and_ignores_the_map():
+    labels = _labels()
+    for score_map in (np.zeros(labels.shape), np.random.default_rng(0).random(labels.shape)):
+        assert patch_score(score_map, None, reduce="nonconvex", labels=labels) == 1.0
+    with pytest.raises(BioadaptError, match="pass the model's labels"):
+        patch_score(np.zeros(labels.shape), reduce="nonconvex")
