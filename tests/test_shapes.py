@@ -58,3 +58,17 @@ def test_patch_score_nonconvex_counts_from_the_labels_and_ignores_the_map():
         assert patch_score(score_map, None, reduce="nonconvex", labels=labels) == 1.0
     with pytest.raises(BioadaptError, match="pass the model's labels"):
         patch_score(np.zeros(labels.shape), reduce="nonconvex")
+
+
+def test_equal_counts_are_decided_by_typicality_not_by_pool_order():
+    """Counts tie often; the typical half's top and the typicality weights must not fall back on pool order."""
+    from bioadapt.active.typicality import _rank_weight, select_typical_half_top, typicality
+
+    features = np.random.default_rng(1).normal(size=(40, 3))
+    value = typicality(features)
+    typical = np.flatnonzero(value >= np.median(value))
+    scores = np.zeros(40)
+    scores[typical[[0, 3]]] = 2.0
+    tied = sorted((i for i in typical if scores[i] == 0), key=lambda i: -value[i])
+    assert select_typical_half_top(scores, features, 4) == sorted(typical[[0, 3]], key=lambda i: -value[i]) + tied[:2]
+    assert set(_rank_weight(scores, 40)[scores == 0]) == {19.5 / 40}  # the 38 zeros share ranks 1 to 38

@@ -85,18 +85,19 @@ def select_typical_half_top(scores: Sequence[float], features: np.ndarray, k: in
     features, labelled, k = checked_pool(features, k, labelled)
     scores = _checked_scores(scores, len(features))
     value = typicality(features)
-    # the typical half first, each half by descending score (lexsort: the last key is the primary one)
-    order = np.lexsort((-scores, value < np.median(value)))
+    # the typical half first, each half by descending score, equal scores (counts tie) the more typical first
+    # (lexsort: the last key is the primary one)
+    order = np.lexsort((-value, -scores, value < np.median(value)))
     taken = set(labelled)
     return [int(i) for i in order if i not in taken][:k]
 
 
 def _rank_weight(scores: Sequence[float], n: int) -> np.ndarray:
-    """Scores as ranks scaled into (0, 1]: the scale of an uncertainty measure does not matter, its order does."""
-    scores = _checked_scores(scores, n)
-    ranks = np.empty(n)
-    ranks[np.argsort(scores, kind="stable")] = np.arange(1, n + 1)
-    return ranks / n
+    """Scores as ranks scaled into (0, 1]: the scale of an uncertainty measure does not matter, its order does.
+    Equal scores (counts) share their mean rank, so the pool's order does not decide between them."""
+    from scipy.stats import rankdata
+
+    return rankdata(_checked_scores(scores, n), method="average") / n
 
 
 def _checked_scores(scores: Sequence[float], n: int) -> np.ndarray:
