@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bioadapt.active import patch_score
-from bioadapt.active.shapes import nonconvex_count, typical_area
+from bioadapt.active.shapes import AREA_GATES, nonconvex_count, nonconvex_profile, pool_gate, pool_nonconvex, typical_area
 from bioadapt.errors import BioadaptError
 
 
@@ -41,6 +41,28 @@ def test_the_typical_area_is_the_nuclei_s_not_the_fragments():
     nucleus = int((labels == 1).sum())
     assert typical_area(fragments) == typical_area(labels) == nucleus
     assert nonconvex_count(fragments) == 1
+
+
+def _specks(seed: int = 0) -> np.ndarray:
+    """A patch of texture the model broke into 56 irregular specks (L shapes two pixels thick, 20 to 32 pixels),
+    no nucleus."""
+    labels = np.zeros((96, 96), np.int64)
+    rng = np.random.default_rng(seed)
+    for i in range(56):
+        y, x = divmod(i, 8)
+        y, x, arm = 2 + 12 * y, 2 + 12 * x, int(rng.integers(6, 10))
+        labels[y:y + arm, x:x + 2] = labels[y + arm - 2:y + arm, x:x + arm] = i + 1
+    return labels
+
+
+def test_the_pool_sets_the_nucleus_size_so_specks_do_not_count():
+    """Alone, the speck patch's own typical area is a speck's and it counts dozens; in a pool of nuclei the gate is
+    the nuclei's and it counts none, while each merged pair still counts."""
+    nuclei, specks = _labels(), _specks()
+    assert nonconvex_count(specks) > 30
+    profiles = [nonconvex_profile(x) for x in (nuclei, nuclei, specks, nuclei, np.zeros((96, 96), int))]
+    assert pool_gate(profiles) == max(g for g in AREA_GATES if g <= typical_area(nuclei) / 2)
+    assert pool_nonconvex(profiles) == [1.0, 1.0, 0.0, 1.0, 0.0]
 
 
 def test_a_mask_counts_only_the_objects_it_reaches():

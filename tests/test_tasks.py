@@ -549,10 +549,10 @@ def test_a_version_trained_on_wrong_labels_is_judged_worse_and_never_the_default
 
 
 def test_a_shape_strategy_scores_each_patch_by_its_merged_looking_objects(service, inputs):
-    """strategy="nonconvex": every scored patch's score is the count of non-convex objects in the model's
-    segmentation of it (the prediction store), and the picks are the highest counts. The model thresholds the image,
-    so crowded cells merge as a real model's do."""
-    from bioadapt.active.shapes import nonconvex_count
+    """strategy="nonconvex": every scored patch keeps the profile of the model's segmentation of it (the
+    prediction store): its non-convex objects per area gate; the picks are the highest counts at the pool's
+    nucleus size. The model thresholds the image, so crowded cells merge as a real model's do."""
+    from bioadapt.active.shapes import nonconvex_count, nonconvex_profile, pool_nonconvex
     from bioadapt.data import LabelStore
 
     package = unet_package(inputs["root"] / "threshold.zip", module=threshold_unet(), weights=("pytorch_state_dict",))
@@ -564,9 +564,11 @@ def test_a_shape_strategy_scores_each_patch_by_its_merged_looking_objects(servic
     assert job["result"]["strategy"] == "nonconvex"
     predictions = LabelStore.open(service.store.image(project["id"], project["images"][0]["id"])["predictions"])
     rows = service.store.patches(project["id"], status="pending", order="id")
-    counts = {row["id"]: nonconvex_count(predictions.read(tuple(row["origin"]), tuple(row["shape"])))
-              for row in rows}
-    assert {row["id"]: row["scores"]["bald:nonconvex"] for row in rows} == counts
+    segmented = [predictions.read(tuple(row["origin"]), tuple(row["shape"])) for row in rows]
+    assert [row["scores"]["bald:nonconvex"] for row in rows] == [nonconvex_count(labels) for labels in segmented]
+    assert [{k: v for k, v in row["scores"].items() if k.startswith("nonconvex:")} for row in rows] == [
+        nonconvex_profile(labels) for labels in segmented]
+    counts = dict(zip([row["id"] for row in rows], pool_nonconvex([nonconvex_profile(x) for x in segmented])))
     assert len(set(counts.values())) > 1  # touching cells merge under a threshold, some patches more than others
     listed = service.list_patches(ALICE, s.ListPatches(project_id=project["id"], limit=3))
     assert sorted(counts[p["id"]] for p in listed) == sorted(counts.values())[-3:]

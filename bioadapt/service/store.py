@@ -164,7 +164,8 @@ class ProjectStore:
 
     def record_scores(self, project_id: str, results: Sequence[dict[str, Any]], acquisition: str,
                       version: int) -> None:
-        """Store a shard of scoring results (one transaction per shard)."""
+        """Store a shard of scoring results (one transaction per shard); a result's ``scores`` (numbers its
+        selection reads besides the score) join the patch's scores."""
         now = time.time()
         with self.engine.begin() as conn:
             for result in results:
@@ -172,7 +173,7 @@ class ProjectStore:
                 scores = conn.execute(select(db.patches.c.scores).where(where)).scalar_one_or_none()
                 if scores is None:
                     continue  # the project was deleted while it was being scored
-                scores = {**json.loads(scores), acquisition: result["score"]}
+                scores = {**json.loads(scores), acquisition: result["score"], **result.get("scores", {})}
                 features = {"features": json.dumps(result["features"])} if "features" in result else {}
                 conn.execute(db.patches.update().where(where).values(
                     score=result["score"], scores=json.dumps(scores), objects=result.get("objects"),

@@ -88,6 +88,7 @@ def score_patches(adapter: Any, request: ScoreRequest, patches: Patches, *, stop
     of the patch (for the selection rules that read them)."""
     from bioadapt.active import ACQUISITIONS, patch_score
     from bioadapt.active.maps import DEFAULT_MAP, FALLBACK_MAP, NEEDS_PASS_LABELS, readable_map
+    from bioadapt.active.shapes import nonconvex_profile
     from bioadapt.data import LabelStore, UncertaintyStore
     from bioadapt.data.sampling import resolve_mask
 
@@ -128,6 +129,8 @@ def score_patches(adapter: Any, request: ScoreRequest, patches: Patches, *, stop
         result = {"patch_id": int(patch_id), "origin": [int(o) for o in origin],
                   "score": patch_score(score_map, inside, reduce=request.reduce, labels=labels),
                   "objects": int(len(np.unique(labels)) - 1)}
+        if request.reduce == "nonconvex":  # the selection scores the pool from every patch's profile
+            result["scores"] = nonconvex_profile(labels, inside)
         if request.features:
             result["features"] = _features(adapter, pixels)
         results.append(result | {"seconds": round(time.perf_counter() - started, 4)})
@@ -473,6 +476,7 @@ def select_pending(context: ServiceContext, project_id: str, selection: str, key
     labelled (typicality and core-set rules pick away from them). Rules that read features consider the patches
     scored with features. The picks are stored, in order, for list_patches. Returns their ids."""
     from bioadapt.active import SELECTIONS, select
+    from bioadapt.active.shapes import pool_nonconvex
 
     needs_features = SELECTIONS[selection][1]
     scored = [row for row in context.store.patches(project_id, status="pending", order="id")
@@ -489,6 +493,8 @@ def select_pending(context: ServiceContext, project_id: str, selection: str, key
         return []
     pool = pending + labelled
     scores = [row["scores"].get(key) or 0.0 for row in pool]
+    if key.endswith(":nonconvex"):  # counted at the pool's nucleus size, from each patch's profile
+        scores = pool_nonconvex([row["scores"] for row in pool])
     if needs_features and len({len(row["features"]) for row in pool}) > 1:
         raise BioadaptError("the project's patches carry features of different sizes (scored by different models); "
                             "score again with rescore_pending=True")
