@@ -48,6 +48,10 @@ epoch study ran (with ``BIOADAPT_SHARED_DATA`` holding ``kromp_nuclei/``, one st
     python benchmarks/service_al.py run --dataset kromp --base nuclei_broad --strategies random \
         --seeds 0,1,2,3,4,5,6,7,8 --budgets 2,4,8,16 --val-metric f1
 
+and the same with ``--dataset bbbc039``, and with ``--strategies typical_half_nonconvex_then_typical`` (the shape
+count of bioadapt.active.shapes; seeds 0-4 and 5-8 in two processes). With a third strategy in a file, the report
+also gives it minus the default strategy.
+
 The runs that judged the 2-patch rules (rounds to 8 labels; ``--out`` gives their files the ``to8`` prefix):
 
     python benchmarks/service_al.py run --dataset bbbc039 --base demo --seeds 0,1,2,3,4,5,6,7,8 --budgets 2,4,8 --out \
@@ -463,6 +467,9 @@ def summarize(rows: list[dict[str, Any]], default: str) -> dict[str, Any]:
         summary["few_patch_rule"][strategy] = few_patch_rule(rows, strategy)
         if strategy != "random":
             summary["vs_random"][strategy] = {b: paired(rows, (strategy, b), ("random", b)) for b in budgets if b}
+        if strategy not in ("random", default) and default in strategies:
+            summary.setdefault("vs_default", {})[strategy] = {b: paired(rows, (strategy, b), (default, b))
+                                                              for b in budgets if b}
     if any("version_f1" in r for r in rows):  # rows since undecided versions stopped becoming the default
         summary["version_table"] = _f1_table(rows, strategies, budgets, "version_f1")
         summary["version_informative"] = informative(rows, "version_f1")
@@ -544,7 +551,7 @@ def against_defaults(rows: list[dict[str, Any]], reference_rows: list[dict[str, 
     out: dict[str, Any] = {"reference": reference}
     for key in ("test_f1", "version_f1"):
         table = out.setdefault(key, {})
-        for strategy in sorted({r["strategy"] for r in rows}):
+        for strategy in sorted({r["strategy"] for r in rows} & {r["strategy"] for r in reference_rows}):
             budgets = sorted({r["labels"] for r in rows if r["strategy"] == strategy and r["labels"]})
             changed, before = ({b: by_seed(given, strategy, b, key) for b in budgets}
                                for given in (rows, reference_rows))
@@ -623,6 +630,8 @@ def _markdown(name: str, s: dict[str, Any], default: str) -> str:
               "| comparison | " + " | ".join(str(b) for b in budgets) + " |", "| --- |" + " --- |" * len(budgets)]
     for strategy, intervals in s["vs_random"].items():
         lines.append(f"| {strategy} minus random | " + " | ".join(_cell(intervals[b]) for b in budgets) + " |")
+    for strategy, intervals in s.get("vs_default", {}).items():
+        lines.append(f"| {strategy} minus {default} | " + " | ".join(_cell(intervals[b]) for b in budgets) + " |")
     for strategy, intervals in s["vs_base"].items():
         lines.append(f"| {strategy} minus the base model | " + " | ".join(_cell(intervals[b]) for b in budgets) + " |")
     if "version_table" in s:
