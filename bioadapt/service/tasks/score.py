@@ -88,7 +88,7 @@ def score_patches(adapter: Any, request: ScoreRequest, patches: Patches, *, stop
     of the patch (for the selection rules that read them)."""
     from bioadapt.active import ACQUISITIONS, patch_score
     from bioadapt.active.maps import DEFAULT_MAP, FALLBACK_MAP, NEEDS_PASS_LABELS, readable_map
-    from bioadapt.active.shapes import nonconvex_profile
+    from bioadapt.active.shapes import nonconvex_profile, pool_nonconvex
     from bioadapt.data import LabelStore, UncertaintyStore
     from bioadapt.data.sampling import resolve_mask
 
@@ -126,11 +126,13 @@ def score_patches(adapter: Any, request: ScoreRequest, patches: Patches, *, stop
         inside = None if sampling_mask is None else sampling_mask.window(origin, request.patch_shape)
         if inside is not None and not inside.any():  # a window that only grazes the mask
             inside = None
-        result = {"patch_id": int(patch_id), "origin": [int(o) for o in origin],
-                  "score": patch_score(score_map, inside, reduce=request.reduce, labels=labels),
-                  "objects": int(len(np.unique(labels)) - 1)}
         if request.reduce == "nonconvex":  # the selection scores the pool from every patch's profile
-            result["scores"] = nonconvex_profile(labels, inside)
+            profile = nonconvex_profile(labels, inside)
+            extra, score = {"scores": profile}, pool_nonconvex([profile])[0]  # alone: patch_score's count
+        else:
+            extra, score = {}, patch_score(score_map, inside, reduce=request.reduce, labels=labels)
+        result = {"patch_id": int(patch_id), "origin": [int(o) for o in origin], "score": score,
+                  "objects": int(len(np.unique(labels)) - 1), **extra}
         if request.features:
             result["features"] = _features(adapter, pixels)
         results.append(result | {"seconds": round(time.perf_counter() - started, 4)})
