@@ -94,3 +94,20 @@ def test_equal_counts_are_decided_by_typicality_not_by_pool_order():
     tied = sorted((i for i in typical if scores[i] == 0), key=lambda i: -value[i])
     assert select_typical_half_top(scores, features, 4) == sorted(typical[[0, 3]], key=lambda i: -value[i]) + tied[:2]
     assert set(_rank_weight(scores, 40)[scores == 0]) == {19.5 / 40}  # the 38 zeros share ranks 1 to 38
+
+
+def test_on_real_annotated_nuclei_merging_touching_ones_is_what_counts():
+    """BBBC039's annotated nuclei (real fluorescence fields, CC0): the annotation itself is nearly all convex, and
+    the same fields segmented as a foreground threshold would (touching nuclei merged into one object) count
+    several times more: the score sees merges, not nuclei."""
+    import imageio.v3 as iio
+    from shared_data import shared_folder
+    from skimage.measure import label
+
+    masks = sorted((shared_folder("bbbc039") / "masks").glob("*.png"))[:5]
+    truths = [label(iio.imread(path)[..., 0], background=0, connectivity=2) for path in masks]
+    merged = [label(truth > 0, connectivity=1) for truth in truths]  # touching nuclei become one object
+    annotated, thresholded = (sum(pool_nonconvex([nonconvex_profile(x) for x in fields]))
+                              for fields in (truths, merged))
+    assert sum(len(np.unique(t)) - 1 for t in truths) > sum(len(np.unique(m)) - 1 for m in merged)  # some merge
+    assert thresholded >= 3 * max(annotated, 1)
