@@ -300,14 +300,16 @@ def test_a_user_labels_and_tunes_through_the_widget(make_napari_viewer, qtbot, s
         assert tune_panel.progress.value() == tune_panel.progress.maximum() == 2
         assert tune_panel.loss.text().startswith("loss by epoch: ") and "2: " in tune_panel.loss.text()
         assert [session.project["versions"][i]["parent"] for i in (0, 1)] == [None, 0]
-        # the fine-tune judged version 1 against version 0 on the one held-out patch: too few to judge, and the
-        # learning curve shows that one step
+        # one held-out patch cannot judge version 1 alone: the fine-tune cross-validated it over the 4 annotated
+        # patches; the learning curve shows that one step, the table the verdict and its reason
         until(lambda: len(versions_panel.curve.points()) == 1)
         [(point_row, _)] = versions_panel.curve.points()
-        assert (point_row["version"], point_row["labels"], point_row["verdict"]) == (1, 3, "undecided")
-        assert versions_panel.table.item(1, 6).text() == "undecided"
-        assert "too few to judge" in versions_panel.table.item(1, 6).toolTip()
-        assert versions_panel.table.item(0, 0).text() == "0 (default)"  # an undecided version is not the default
+        assert (point_row["version"], point_row["labels"], point_row["judged_by"]) == (1, 3, "cross-validation")
+        assert point_row["verdict"] in ("better", "same", "worse") and point_row["holdout_patches"] == 4
+        assert versions_panel.table.item(1, 6).text() == point_row["verdict"]
+        assert versions_panel.table.item(1, 6).toolTip().startswith("cross-validated (4 fine-tunes")
+        default_row = 0 if point_row["verdict"] == "worse" else 1  # a worse version is not the default
+        assert versions_panel.table.item(default_row, 0).text().endswith(" (default)")
 
         # ... a long one is cancelled once it trains: no new version
         tune_panel.epochs.setValue(1000)

@@ -155,9 +155,12 @@ def test_full_loop_through_the_client(alice, project, inputs, service, tmp_path)
     assert tuned["base_version"] == 0 and tuned["patches"] == 6
     job = alice.wait(tuned["job_id"], progress=False, timeout_s=120)
     assert job["state"] == "done" and job["result"]["version"] == 1, job
-    # 2 held-out patches cannot judge it: the project keeps version 0 as its default until they can
-    assert job["result"]["verdict"]["verdict"] == "undecided" and job["result"]["default_version"] == 0, job
-    assert "used only when named" in job["result"]["verdict"]["reason"]
+    # 2 held-out patches cannot judge it alone: the job cross-validated it over all 8 annotated patches, and the
+    # project takes it as its default unless that found it worse
+    verdict = job["result"]["verdict"]
+    assert (verdict["judged_by"], verdict["patches"]) == ("cross-validation", 8), verdict
+    assert job["result"]["default_version"] == (0 if verdict["verdict"] == "worse" else 1), job
+    assert tuned["cross_validation_fine_tunes"] == 3
     wait_until(lambda: any(e["state"] == "done" and e.get("epoch") == 3 for e in tuning_events), 10,
                 f"the fine-tune's last progress event (got {tuning_events})")
     versions = alice.get_project(p)["versions"]

@@ -572,3 +572,43 @@ def test_a_shape_strategy_scores_each_patch_by_its_merged_looking_objects(servic
     assert len(set(counts.values())) > 1  # touching cells merge under a threshold, some patches more than others
     listed = service.list_patches(ALICE, s.ListPatches(project_id=project["id"], limit=3))
     assert sorted(counts[p["id"]] for p in listed) == sorted(counts.values())[-3:]
+
+
+def test_few_held_out_patches_judge_a_version_by_cross_validation_without_changing_it(service, inputs):
+    """8 labels hold out 2 patches, too few for a verdict: the fine-tune job also fine-tunes the parent 3 more
+    times, each leaving out a third of the training patches (and training on the held-out ones), and judges on all
+    8 patches, each segmented by a fine-tune that did not train on it. The version itself is what a fine-tune
+    without that check makes: the extra fine-tunes start from the parent and leave nothing behind."""
+    import torch
+
+    project = _project(service, inputs, "a.ome.zarr")
+    pid = project["id"]
+    _run(service, "score", project_id=pid, n_patches=10, patch_shape=PATCH, mc_passes=2, actors=1)
+    _annotate(service, project, 8)
+    crossed = _run(service, "fine_tune", project_id=pid, epochs=2)["result"]
+    alone = _run(service, "fine_tune", project_id=pid, epochs=2, base_version=0, cross_validate=False)["result"]
+    assert alone["verdict"]["verdict"] == "undecided" and alone["verdict"]["patches"] == 2
+
+    verdict = crossed["verdict"]
+    assert (verdict["judged_by"], verdict["folds"], verdict["patches"]) == ("cross-validation", 4, 8), verdict
+    assert verdict["verdict"] in ("better", "same", "worse") and verdict["reason"].startswith("cross-validated (4 ")
+    metrics = service.store.version(pid, crossed["version"])["metrics"]
+    folds = metrics["cross_validation"]
+    assert [fold["left_out"] for fold in folds["training"]] == [[0, 3], [1, 4], [2, 5]]
+    assert all(fold["epochs_run"] == 2 for fold in folds["training"])
+    # the held-out patches come last, segmented by the version itself and by the parent
+    assert folds["version"]["per_patch"][-2:] == metrics["holdout"]["per_patch"]
+    assert folds["parent"]["per_patch"][-2:] == metrics["parent_holdout"]["per_patch"]
+    assert (verdict["parent"], verdict["version"]) == (folds["parent"]["f1"], folds["version"]["f1"])
+    evaluated = _run(service, "evaluate", project_id=pid, versions=[0])["result"]["versions"]["0"]
+    assert metrics["parent_holdout"]["per_patch"] == evaluated["per_patch"]
+
+    weights = [torch.load(service.store.version(pid, result["version"])["path"], map_location="cpu")
+               for result in (crossed, alone)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    row = next(r for r in service.get_project(ALICE, s.GetProject(project_id=pid))["learning_curve"]
+               if r["version"] == crossed["version"])
+    assert (row["judged_by"], row["holdout_patches"], row["score"]) == ("cross-validation", 8, verdict["version"])
+    expected_default = crossed["version"] if verdict["verdict"] in ("better", "same") else 0
+    assert crossed["default_version"] == expected_default

@@ -1,6 +1,7 @@
 """Held-out evaluation, shared by the evaluate and fine_tune tasks: the worker body that segments the held-out
 annotated patches (F1 and AP at IoU 0.5 pooled over the patches for instance models, mean Dice for semantic ones,
-and the same per patch), and the verdict on a version against its parent from two such evaluations."""
+and the same per patch), the verdict on a version against its parent from two such evaluations, and the folds that
+judge a version by cross-validation while too few patches are held out."""
 
 from __future__ import annotations
 
@@ -38,12 +39,39 @@ def evaluate_regions(adapter: Any, regions: Sequence[LabelledRegion], *, stop: t
             per_patch.append([dice(predicted, truth), bool((predicted > 0).any()), bool((truth > 0).any())])
         if progress is not None:
             progress(done=done, total=len(regions))
+    if instances and not matches:  # stopped before the first patch
+        return {"metric": "f1@0.5", "f1": None, "ap": None, "patches": 0, "per_patch": []}
     if instances:
         summary = summarize_matches(matches)
         return {"metric": "f1@0.5", "f1": summary["f1"], "ap": summary["ap"], "tp": summary["tp"],
                 "fp": summary["fp"], "fn": summary["fn"], "patches": len(matches), "per_patch": per_patch}
     return {"metric": "dice", "dice": float(np.mean([p[0] for p in per_patch])) if per_patch else None,
             "patches": len(per_patch), "per_patch": per_patch}
+
+
+def cross_validation_folds(train: int, held_out: int, folds: int) -> list[list[int]]:
+    """The training patches (indices, oldest annotation first) that each extra fine-tune of a cross-validation
+    leaves out: ``folds`` folds over every annotated patch, the held-out patches being one of them (the version's
+    own), the training patches dealt round-robin to the others so that each fold mixes rounds. Every fine-tune
+    keeps at least one patch to train on; [] where that is impossible (a single annotated patch)."""
+    others = min(folds - 1 if held_out else folds, train)
+    if others < 1 or (not held_out and train < 2):
+        return []
+    return [list(range(j, train, others)) for j in range(others)]
+
+
+def combined(evaluations: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Several ``evaluate_regions`` results of one metric as one: their patches in order, pooled again."""
+    from bioadapt.active.verdict import pooled_f1
+
+    per_patch = [row for evaluation in evaluations for row in evaluation["per_patch"]]
+    metric = evaluations[0]["metric"]
+    if metric == "dice":
+        return {"metric": "dice", "dice": float(np.mean([p[0] for p in per_patch])) if per_patch else None,
+                "patches": len(per_patch), "per_patch": per_patch}
+    tp, fp, fn = (int(v) for v in np.asarray(per_patch, np.int64).reshape(-1, 3).sum(0))
+    return {"metric": metric, "f1": pooled_f1(np.asarray(per_patch, np.int64).reshape(-1, 3)), "tp": tp, "fp": fp,
+            "fn": fn, "patches": len(per_patch), "per_patch": per_patch}
 
 
 def verdict_of(parent: dict[str, Any] | None, version: dict[str, Any] | None) -> dict[str, Any]:
@@ -74,7 +102,8 @@ def learning_curve(versions: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The project's learning curve: one row per fine-tuned version with the training labels it learnt from (its
     parent's count beside it), its held-out score and its parent's on the same held-out patches when it was made,
     and the verdict with its reason. Rows of different versions may rest on different held-out patches (the set
-    grows with the labels); each row's two scores share theirs."""
+    grows with the labels); each row's two scores share theirs. A version judged by cross-validation
+    (``judged_by``) has both scores from every annotated patch, each segmented by a fine-tune that left it out."""
     labels = {v["number"]: len(v["trained_on"]) if v.get("trained_on") is not None else
               int(v["metrics"].get("patches", 0)) for v in versions}
     rows = []
@@ -83,10 +112,13 @@ def learning_curve(versions: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         metrics = version["metrics"]
         verdict = metrics.get("verdict") or {}
+        crossed = metrics.get("cross_validation") or {}  # then both scores are the cross-validation's
         rows.append({"version": version["number"], "parent": version["parent"],
                      "labels": labels[version["number"]], "parent_labels": labels.get(version["parent"], 0),
                      "metric": verdict.get("metric") or (metrics.get("holdout") or {}).get("metric"),
-                     "score": score_of(metrics.get("holdout")), "parent_score": score_of(metrics.get("parent_holdout")),
+                     "score": score_of(crossed.get("version") or metrics.get("holdout")),
+                     "parent_score": score_of(crossed.get("parent") or metrics.get("parent_holdout")),
+                     "judged_by": verdict.get("judged_by") or "held-out patches",
                      "holdout_patches": verdict.get("patches", 0), "verdict": version.get("verdict") or "undecided",
                      "reason": verdict.get("reason", "judged before verdicts were recorded")})
     return rows

@@ -279,6 +279,10 @@ class FineTune(ProjectRef):
     batch_size: int | None = Field(None, ge=1, le=1024, description="default: the adapter's")
     base_version: Count | None = Field(None, description="version to start from (default: the project's default "
                                        "version)")
+    cross_validate: bool = Field(True, description="while fewer than 3 annotated patches are held out, judge the "
+                                 "version by cross-validation over every annotated patch (up to 4 extra fine-tunes, "
+                                 "their weights thrown away); false: such versions stay undecided, used only when "
+                                 "named")
     params: dict[str, Any] = Field(default_factory=dict, description="more fine-tuning parameters, by the "
                                    "project's model kind (unset ones keep the adapter's defaults): "
                                    + "; ".join(f"{kind}: {', '.join(model.model_fields)}"

@@ -6,7 +6,15 @@ adapter's own defaults.
 The same job judges the new version against its parent: the actor segments the held-out patches before it trains
 (the parent's weights) and after (the version's), and ``holdout.verdict_of`` compares the two patch by patch. A
 version worse than its parent beyond the noise of those patches (or empty where they hold objects) is kept and
-listed, but never becomes the project's default for scoring, predict, export or the next fine-tune."""
+listed, but never becomes the project's default for scoring, predict, export or the next fine-tune.
+
+While fewer patches are held out than a verdict needs (``MIN_PATCHES``: the first 11 annotated patches at the
+default share of a quarter), the job judges the version by cross-validation instead of leaving it undecided: a few
+extra fine-tunes from the same parent, each leaving out a different share of the training patches (and training on
+the held-out ones), so that every annotated patch is segmented by a fine-tune that did not train on it. The verdict
+then compares those segmentations with the parent's on every annotated patch: it judges fine-tuning on this many
+labels, of which the version is one draw. The extra fine-tunes' weights are thrown away; the version itself never
+trains on a held-out patch."""
 
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ from bioadapt.data import LabelledRegion
 from bioadapt.errors import BioadaptError
 from bioadapt.service import schemas as s
 from bioadapt.service.context import Caller, ServiceContext
-from bioadapt.service.holdout import evaluate_regions, verdict_of
+from bioadapt.service.holdout import combined, cross_validation_folds, evaluate_regions, verdict_of
 from bioadapt.service.jobs import JobRunner
 
 
@@ -31,28 +39,77 @@ class FineTuneRequest:
     regions: tuple[LabelledRegion, ...]  # the corrected patches, read by the worker
     params: dict[str, Any] = field(default_factory=dict)
     holdout: tuple[LabelledRegion, ...] = ()  # the held-out patches both the parent and the version segment
+    # cross-validation: per extra fine-tune, the indices of the training patches it leaves out (it trains on the
+    # others and on the held-out ones); empty: judged on the held-out patches alone
+    folds: tuple[tuple[int, ...], ...] = ()
 
 
 def fine_tune_on(adapter: Any, request: FineTuneRequest, *, stop: threading.Event,
                  progress: Callable[..., None]) -> dict[str, Any]:
-    """The worker body: the parent's held-out metrics, training on the corrected regions, the version's held-out
-    metrics; returns the training's result, the new weights and both evaluations."""
+    """The worker body: the parent's held-out metrics, the cross-validation's extra fine-tunes when the request
+    has folds, training on the corrected regions, the version's held-out metrics; returns the training's result,
+    the new weights and the evaluations."""
     import torch
 
-    def evaluated(phase: str) -> dict[str, Any] | None:
-        if not request.holdout or stop.is_set():
+    def evaluated(regions: tuple[LabelledRegion, ...], phase: str) -> dict[str, Any] | None:
+        if not regions or stop.is_set():
             return None
-        return evaluate_regions(adapter, request.holdout, stop=stop,
-                                progress=lambda **done: progress(phase=phase, **done))
+        return evaluate_regions(adapter, regions, stop=stop, progress=lambda **done: progress(phase=phase, **done))
 
-    parent = evaluated("evaluating the parent on the held-out patches")  # the actor holds the parent's weights
+    parent = evaluated(request.holdout, "evaluating the parent on the held-out patches")  # the actor holds it
+    folds = _cross_validated(adapter, request, stop=stop, progress=progress) if request.folds else None
     samples = [region.read() for region in request.regions]
     result = adapter.fine_tune(samples, request.params, progress=lambda info: progress(phase="training", **info),
                                stop=stop.is_set)
-    version = evaluated("evaluating the new version on the held-out patches")
+    version = evaluated(request.holdout, "evaluating the new version on the held-out patches")
     buffer = io.BytesIO()
     torch.save(adapter.state_dict(), buffer)
-    return {"result": result.to_dict(), "weights": buffer.getvalue(), "parent_holdout": parent, "holdout": version}
+    cross_validation = None
+    if folds is not None and not stop.is_set():
+        judged = [e for e in (version,) if e is not None]
+        parents = [e for e in (parent,) if e is not None]
+        cross_validation = {"folds": len(request.folds) + bool(request.holdout),
+                            "training": folds["training"],
+                            "parent": combined([folds["parent"], *parents]),
+                            "version": combined([folds["version"], *judged])}
+    return {"result": result.to_dict(), "weights": buffer.getvalue(), "parent_holdout": parent, "holdout": version,
+            "cross_validation": cross_validation}
+
+
+def _cross_validated(adapter: Any, request: FineTuneRequest, *, stop: threading.Event,
+                     progress: Callable[..., None]) -> dict[str, Any] | None:
+    """The extra fine-tunes of a cross-validation, each from the parent's weights: every training patch segmented
+    by the parent and by the fine-tune that left it out (in the order of ``request.regions``); the actor holds the
+    parent's weights again afterwards."""
+    parent_weights = adapter.state_dict()
+    samples = [region.read() for region in request.regions]
+    held_out = [region.read() for region in request.holdout]
+    parent = evaluate_regions(adapter, request.regions, stop=stop,
+                              progress=lambda **done: progress(phase="evaluating the parent on the training "
+                                                                     "patches", **done))
+    per_patch: list[Any] = [None] * len(request.regions)
+    training = []
+    for number, fold in enumerate(request.folds, start=1):
+        if stop.is_set():
+            return None
+        phase = f"cross-validating: fine-tune {number} of {len(request.folds)}"
+        left_out = set(fold)
+        trained = adapter.fine_tune([s for i, s in enumerate(samples) if i not in left_out] + held_out,
+                                    request.params, progress=lambda info: progress(phase=phase, **info),
+                                    stop=stop.is_set)
+        training.append({"left_out": list(fold), "best_epoch": trained.best_epoch,
+                         "epochs_run": trained.epochs_run, "seconds": trained.seconds})
+        if stop.is_set():
+            adapter.load_state_dict(parent_weights)
+            return None
+        judged = evaluate_regions(adapter, [request.regions[i] for i in fold], stop=stop,
+                                  progress=lambda **done: progress(phase=phase, **done))
+        for i, row in zip(fold, judged["per_patch"]):
+            per_patch[i] = row
+        adapter.load_state_dict(parent_weights)
+    if stop.is_set() or any(row is None for row in per_patch):
+        return None
+    return {"parent": parent, "version": combined([{**parent, "per_patch": per_patch}]), "training": training}
 
 
 def params_of(args: s.FineTune, kind: str) -> dict[str, Any]:
@@ -74,10 +131,23 @@ def submit(context: ServiceContext, caller: Caller, args: s.FineTune,
     regions = context.regions_of(project, patches)
     holdout = context.regions(project, "holdout")
     trained_on = [p["id"] for p in patches]
-    runner = context.start_job("fine_tune", lambda job: _fine_tune(context, job, project, base, FineTuneRequest(
-        tuple(regions), params, tuple(holdout)), trained_on), caller, project, progress)
+    folds = folds_for(len(regions), len(holdout), project["holdout_fraction"]) if args.cross_validate else []
+    request = FineTuneRequest(tuple(regions), params, tuple(holdout), tuple(tuple(f) for f in folds))
+    runner = context.start_job("fine_tune", lambda job: _fine_tune(context, job, project, base, request, trained_on),
+                               caller, project, progress)
     return {"job_id": runner.job.id, "patches": len(regions), "holdout_patches": len(holdout),
-            "base_version": base["number"]}
+            "cross_validation_fine_tunes": len(folds), "base_version": base["number"]}
+
+
+def folds_for(train: int, held_out: int, holdout_fraction: float) -> list[list[int]]:
+    """The cross-validation's extra fine-tunes while the held-out patches are too few for a verdict: as many
+    folds as the project's held-out share makes (a quarter: 4; none: 4), one of them the held-out patches."""
+    from bioadapt.active.verdict import MIN_PATCHES
+
+    if held_out >= MIN_PATCHES:
+        return []
+    folds = max(2, round(1 / holdout_fraction)) if holdout_fraction > 0 else 4
+    return cross_validation_folds(train, held_out, folds)
 
 
 def _fine_tune(context: ServiceContext, runner: JobRunner, project: dict[str, Any], base: dict[str, Any],
@@ -107,9 +177,11 @@ def _fine_tune(context: ServiceContext, runner: JobRunner, project: dict[str, An
         partial = path.with_suffix(".partial")
         partial.write_bytes(outcome["weights"])
         partial.rename(path)
-        verdict = verdict_of(outcome["parent_holdout"], outcome["holdout"])
+        cross_validation = outcome.get("cross_validation")
+        verdict = judged(outcome["parent_holdout"], outcome["holdout"], cross_validation)
         metrics = {"training": outcome["result"], "patches": len(request.regions), "verdict": verdict,
-                   "holdout": outcome["holdout"], "parent_holdout": outcome["parent_holdout"]}
+                   "holdout": outcome["holdout"], "parent_holdout": outcome["parent_holdout"],
+                   "cross_validation": cross_validation}
         ready = context.store.finish_version(project["id"], number, str(path), metrics, verdict["verdict"])
         if not ready:
             path.unlink(missing_ok=True)
@@ -121,3 +193,17 @@ def _fine_tune(context: ServiceContext, runner: JobRunner, project: dict[str, An
     finally:
         if not ready:
             context.store.fail_versions([runner.job.id])
+
+
+def judged(parent: dict[str, Any] | None, version: dict[str, Any] | None,
+           cross_validation: dict[str, Any] | None) -> dict[str, Any]:
+    """The verdict: on the held-out patches, or, with a cross-validation, on every annotated patch as the parent
+    and the fine-tune that left it out segmented it."""
+    if not cross_validation:
+        return verdict_of(parent, version)
+    verdict = verdict_of(cross_validation["parent"], cross_validation["version"])
+    folds, patches = cross_validation["folds"], cross_validation["parent"]["patches"]
+    return {**verdict, "judged_by": "cross-validation", "folds": folds,
+            "reason": f"cross-validated ({folds} fine-tunes from the parent, each judged on the annotated patches it "
+                      f"did not train on, {patches} in all; too few are held out to judge this version alone): "
+                      + verdict["reason"]}
