@@ -244,8 +244,12 @@ class Run:
         saw them: so that another verdict rule can be judged on the runs on record."""
         project = self.svc.get_project(self.project_id)
         metrics = next(v["metrics"] for v in project["versions"] if v["number"] == version)
+        crossed = metrics.get("cross_validation") or {}
         return {"parent": (metrics.get("parent_holdout") or {}).get("per_patch"),
-                "version": (metrics.get("holdout") or {}).get("per_patch")}
+                "version": (metrics.get("holdout") or {}).get("per_patch"),
+                **({"cross_validation": {"folds": crossed["folds"], "training": crossed["training"],
+                                         "parent": crossed["parent"]["per_patch"],
+                                         "version": crossed["version"]["per_patch"]}} if crossed else {})}
 
     def close(self) -> None:
         self.svc.delete_project(self.project_id)
@@ -344,6 +348,7 @@ def one_round(run_: Run, budget: int) -> dict[str, Any]:
     training = tuned["result"] or {}
     return {"labels": run_.labelled, "version": tuned["version"], "default_version": tuned["default_version"],
             "verdict": tuned["verdict"]["verdict"], "verdict_reason": tuned["verdict"].get("reason"),
+            "judged_by": tuned["verdict"].get("judged_by", "held-out patches"),
             "holdout_per_patch": run_.holdout_per_patch(tuned["version"]),
             "test_f1": test["f1"], "test": test, "version_f1": latest["f1"], "scored": scoring["scored"],
             "selection": scoring["selection"],

@@ -132,8 +132,8 @@ def _one_round(svc: Any, workdir: Path, base: Path, image_path: Path, truth: np.
     tuned = svc.wait(job["job_id"])
     version = tuned["result"]["version"]
     verdict = tuned["result"]["verdict"]
-    print(f"    version {version} against version 0 on the held-out patches: {verdict['verdict']} "
-          f"({verdict['reason']})")
+    judged_on = "by cross-validation" if verdict.get("judged_by") == "cross-validation" else "on the held-out patches"
+    print(f"    version {version} against version 0 {judged_on}: {verdict['verdict']} ({verdict['reason']})")
     print(f"7/8 evaluating versions 0 and {version} on the held-out corrected patches ...")
     evaluation = svc.wait(svc.evaluate(project_id, versions=[0, version]))["result"]
     print("8/8 exporting the fine-tuned model as a bioimage.io package and testing it ...")
