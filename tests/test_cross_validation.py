@@ -34,6 +34,7 @@ def test_the_project_share_sets_the_folds_and_enough_held_out_patches_need_none(
     assert len(folds_for(6, 2, 0.25)) == 3  # 4 folds, one of them the held-out patches
     assert len(folds_for(4, 0, 0.0)) == 4  # nothing ever held out: 4 folds over the training patches
     assert len(folds_for(2, 2, 0.5)) == 1
+    assert folds_for(2, 0, 0.25) == []  # 2 labels: 2 patches cannot judge a version, however they are split
 
 
 def test_combined_evaluations_pool_their_patches_again():

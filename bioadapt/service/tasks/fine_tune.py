@@ -140,11 +140,12 @@ def submit(context: ServiceContext, caller: Caller, args: s.FineTune,
 
 
 def folds_for(train: int, held_out: int, holdout_fraction: float) -> list[list[int]]:
-    """The cross-validation's extra fine-tunes while the held-out patches are too few for a verdict: as many
-    folds as the project's held-out share makes (a quarter: 4; none: 4), one of them the held-out patches."""
+    """The cross-validation's extra fine-tunes while the held-out patches are too few for a verdict and all the
+    annotated patches are enough: as many folds as the project's held-out share makes (a quarter: 4; none: 4),
+    one of them the held-out patches."""
     from bioadapt.active.verdict import MIN_PATCHES
 
-    if held_out >= MIN_PATCHES:
+    if held_out >= MIN_PATCHES or train + held_out < MIN_PATCHES:  # judged without, or too few even with
         return []
     folds = max(2, round(1 / holdout_fraction)) if holdout_fraction > 0 else 4
     return cross_validation_folds(train, held_out, folds)
