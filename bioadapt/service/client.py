@@ -177,6 +177,8 @@ class BioadaptClient:
                     bar.n = min(done, total)
                     postfix = {k: job["progress"][k] for k in ("patches_per_second", "loss", "validation")
                                if isinstance(job["progress"].get(k), (int, float))}
+                    if str(job["progress"].get("phase", "")).startswith("cross-validating"):  # the bar restarts
+                        postfix["phase"] = job["progress"]["phase"]
                     bar.set_postfix(postfix, refresh=False)
                     bar.refresh()
                 if job["state"] in FINISHED:
