@@ -547,6 +547,9 @@ def few_patch_rule(rows: list[dict[str, Any]], strategy: str) -> dict[str, dict[
     return judged
 
 
+CROSS_VALIDATED = "cv_"  # --out service_al_cv: runs since fine-tunes of 2-8 labels are judged by cross-validation
+
+
 def against_defaults(rows: list[dict[str, Any]], reference_rows: list[dict[str, Any]], reference: str
                      ) -> dict[str, Any]:
     """Runs that sent fine-tuning settings minus the same set's runs with the service's defaults, paired by
@@ -581,6 +584,8 @@ def report(args: argparse.Namespace) -> None:
                           and not summaries[other]["rows"][0].get("fine_tune_sent")), None)
         if reference and s["rows"][0].get("fine_tune_sent"):
             s["against_defaults"] = against_defaults(s["rows"], summaries[reference]["rows"], reference)
+        if name.startswith(CROSS_VALIDATED) and (before := name.removeprefix(CROSS_VALIDATED)) in summaries:
+            s["against_undecided"] = against_defaults(s["rows"], summaries[before]["rows"], before)
     text = "\n".join(_markdown(name, s, default) for name, s in summaries.items())
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps({name: {k: v for k, v in s.items() if k != "rows"}
@@ -678,6 +683,16 @@ def _markdown(name: str, s: dict[str, Any], default: str) -> str:
         against = s["against_defaults"]
         lines += ["", f"Minus the runs with the service's defaults ({against['reference']}), paired by strategy and "
                   "seed; the user's F1, then the named version's:", "",
+                  "| strategy, F1 | " + " | ".join(str(b) for b in budgets) + " |", "| --- |" + " --- |" * len(budgets)]
+        for key, what in (("test_f1", "user's"), ("version_f1", "version's")):
+            for strategy, intervals in against[key].items():
+                lines.append(f"| {strategy}, {what} | " + " | ".join(
+                    _cell(intervals[b]) if b in intervals else "" for b in budgets) + " |")
+    if "against_undecided" in s:
+        against = s["against_undecided"]
+        lines += ["", f"Minus the same strategies and seeds before cross-validated verdicts ({against['reference']}: "
+                  "versions of 2-8 labels undecided, never the default), paired by strategy and seed; the user's F1, "
+                  "then the named version's:", "",
                   "| strategy, F1 | " + " | ".join(str(b) for b in budgets) + " |", "| --- |" + " --- |" * len(budgets)]
         for key, what in (("test_f1", "user's"), ("version_f1", "version's")):
             for strategy, intervals in against[key].items():
