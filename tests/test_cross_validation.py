@@ -30,11 +30,20 @@ def test_every_training_patch_is_left_out_by_exactly_one_extra_fine_tune(train, 
 
 
 def test_the_project_share_sets_the_folds_and_enough_held_out_patches_need_none():
-    assert folds_for(9, 3, 0.25) == []  # 12 labels: 3 held-out patches judge the version alone
-    assert len(folds_for(6, 2, 0.25)) == 3  # 4 folds, one of them the held-out patches
-    assert len(folds_for(4, 0, 0.0)) == 4  # nothing ever held out: 4 folds over the training patches
-    assert len(folds_for(2, 2, 0.5)) == 1
-    assert folds_for(2, 0, 0.25) == []  # 2 labels: 2 patches cannot judge a version, however they are split
+    fresh = [False] * 9
+    assert folds_for(fresh, 3, 0.25) == []  # 12 labels: 3 held-out patches judge the version alone
+    assert len(folds_for(fresh[:6], 2, 0.25)) == 3  # 4 folds, one of them the held-out patches
+    assert len(folds_for(fresh[:4], 0, 0.0)) == 4  # nothing ever held out: 4 folds over the training patches
+    assert len(folds_for(fresh[:2], 2, 0.5)) == 1
+    assert folds_for(fresh[:2], 0, 0.25) == []  # 2 labels: 2 patches cannot judge a version, however split
+
+
+def test_patches_the_parent_trained_on_are_never_left_out_nor_judged():
+    # 8 labels after a 4-label version became the parent: it trained on the first 3 training patches
+    seen = [True, True, True, False, False, False]
+    assert folds_for(seen, 2, 0.25) == [[3], [4], [5]]
+    assert folds_for([True] * 6 + [False], 1, 0.25) == []  # 1 new + 1 held-out patch: too few to judge
+    assert folds_for([True, False, True, False], 2, 0.25) == [[1], [3]]
 
 
 def test_combined_evaluations_pool_their_patches_again():

@@ -612,3 +612,11 @@ def test_few_held_out_patches_judge_a_version_by_cross_validation_without_changi
     assert (row["judged_by"], row["holdout_patches"], row["score"]) == ("cross-validation", 8, verdict["version"])
     expected_default = crossed["version"] if verdict["verdict"] in ("better", "same") else 0
     assert crossed["default_version"] == expected_default
+
+    # 2 more labels, fine-tuned from version 1: it trained on 6 of the 8 training patches, so only the 2 new ones
+    # are left out and judged (beside the 2 held-out ones), one extra fine-tune each
+    _annotate(service, project, 2)
+    again = _run(service, "fine_tune", project_id=pid, epochs=2, base_version=crossed["version"])["result"]
+    folds = service.store.version(pid, again["version"])["metrics"]["cross_validation"]
+    assert [fold["left_out"] for fold in folds["training"]] == [[6], [7]]
+    assert (folds["judged_training_patches"], again["verdict"]["patches"]) == ([6, 7], 4)

@@ -10,10 +10,11 @@ listed, but never becomes the project's default for scoring, predict, export or 
 
 While fewer patches are held out than a verdict needs (``MIN_PATCHES``: the first 11 annotated patches at the
 default share of a quarter), the job judges the version by cross-validation instead of leaving it undecided: a few
-extra fine-tunes from the same parent, each leaving out a different share of the training patches (and training on
-the held-out ones), so that every annotated patch is segmented by a fine-tune that did not train on it. The verdict
-then compares those segmentations with the parent's on every annotated patch: it judges fine-tuning on this many
-labels, of which the version is one draw. The extra fine-tunes' weights are thrown away; the version itself never
+extra fine-tunes from the same parent, each leaving out a different share of the training patches the parent never
+trained on (and training on the held-out ones), so that each such patch is segmented by a fine-tune that did not
+train on it. The verdict
+then compares those segmentations and the version's on the held-out patches with the parent's: it judges
+fine-tuning on this many labels, of which the version is one draw. The extra fine-tunes' weights are thrown away; the version itself never
 trains on a held-out patch."""
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import io
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ def fine_tune_on(adapter: Any, request: FineTuneRequest, *, stop: threading.Even
         judged = [e for e in (version,) if e is not None]
         parents = [e for e in (parent,) if e is not None]
         cross_validation = {"folds": len(request.folds) + bool(request.holdout),
-                            "training": folds["training"],
+                            "training": folds["training"], "judged_training_patches": folds["judged"],
                             "parent": combined([folds["parent"], *parents]),
                             "version": combined([folds["version"], *judged])}
     return {"result": result.to_dict(), "weights": buffer.getvalue(), "parent_holdout": parent, "holdout": version,
@@ -78,16 +79,17 @@ def fine_tune_on(adapter: Any, request: FineTuneRequest, *, stop: threading.Even
 
 def _cross_validated(adapter: Any, request: FineTuneRequest, *, stop: threading.Event,
                      progress: Callable[..., None]) -> dict[str, Any] | None:
-    """The extra fine-tunes of a cross-validation, each from the parent's weights: every training patch segmented
-    by the parent and by the fine-tune that left it out (in the order of ``request.regions``); the actor holds the
-    parent's weights again afterwards."""
+    """The extra fine-tunes of a cross-validation, each from the parent's weights: every training patch of a fold
+    segmented by the parent and by the fine-tune that left it out (in the order of ``request.regions``); the actor
+    holds the parent's weights again afterwards."""
     parent_weights = adapter.state_dict()
     samples = [region.read() for region in request.regions]
     held_out = [region.read() for region in request.holdout]
-    parent = evaluate_regions(adapter, request.regions, stop=stop,
+    judged = sorted(i for fold in request.folds for i in fold)  # training patches the parent never trained on
+    parent = evaluate_regions(adapter, [request.regions[i] for i in judged], stop=stop,
                               progress=lambda **done: progress(phase="evaluating the parent on the training "
-                                                                     "patches", **done))
-    per_patch: list[Any] = [None] * len(request.regions)
+                                                                     "patches it never trained on", **done))
+    per_patch: dict[int, Any] = {}
     training = []
     for number, fold in enumerate(request.folds, start=1):
         if stop.is_set():
@@ -102,14 +104,14 @@ def _cross_validated(adapter: Any, request: FineTuneRequest, *, stop: threading.
         if stop.is_set():
             adapter.load_state_dict(parent_weights)
             return None
-        judged = evaluate_regions(adapter, [request.regions[i] for i in fold], stop=stop,
-                                  progress=lambda **done: progress(phase=phase, **done))
-        for i, row in zip(fold, judged["per_patch"]):
-            per_patch[i] = row
+        segmented = evaluate_regions(adapter, [request.regions[i] for i in fold], stop=stop,
+                                     progress=lambda **done: progress(phase=phase, **done))
+        per_patch.update(zip(fold, segmented["per_patch"]))
         adapter.load_state_dict(parent_weights)
-    if stop.is_set() or any(row is None for row in per_patch):
+    if stop.is_set() or len(per_patch) < len(judged) or len(parent["per_patch"]) < len(judged):
         return None
-    return {"parent": parent, "version": combined([{**parent, "per_patch": per_patch}]), "training": training}
+    return {"parent": parent, "version": combined([{**parent, "per_patch": [per_patch[i] for i in judged]}]),
+            "training": training, "judged": judged}
 
 
 def params_of(args: s.FineTune, kind: str) -> dict[str, Any]:
@@ -131,7 +133,12 @@ def submit(context: ServiceContext, caller: Caller, args: s.FineTune,
     regions = context.regions_of(project, patches)
     holdout = context.regions(project, "holdout")
     trained_on = [p["id"] for p in patches]
-    folds = folds_for(len(regions), len(holdout), project["holdout_fraction"]) if args.cross_validate else []
+    folds = []
+    if args.cross_validate:
+        from bioadapt.service.tasks.export import trained_patches
+
+        seen = {p["id"] for p in trained_patches(context, project, base["number"])}
+        folds = folds_for([p["id"] in seen for p in patches], len(holdout), project["holdout_fraction"])
     request = FineTuneRequest(tuple(regions), params, tuple(holdout), tuple(tuple(f) for f in folds))
     runner = context.start_job("fine_tune", lambda job: _fine_tune(context, job, project, base, request, trained_on),
                                caller, project, progress)
@@ -139,16 +146,20 @@ def submit(context: ServiceContext, caller: Caller, args: s.FineTune,
             "cross_validation_fine_tunes": len(folds), "base_version": base["number"]}
 
 
-def folds_for(train: int, held_out: int, holdout_fraction: float) -> list[list[int]]:
-    """The cross-validation's extra fine-tunes while the held-out patches are too few for a verdict and all the
-    annotated patches are enough: as many folds as the project's held-out share makes (a quarter: 4; none: 4),
-    one of them the held-out patches."""
+def folds_for(parent_trained_on: Sequence[bool], held_out: int, holdout_fraction: float) -> list[list[int]]:
+    """The cross-validation's extra fine-tunes (per fine-tune, the indices of the training patches it leaves out)
+    while the held-out patches are too few for a verdict. Only training patches the parent never trained on
+    (``parent_trained_on``: per training patch, whether the parent or an ancestor of it did) are left out and
+    judged: on the others the parent's score is an in-sample one, and every extra fine-tune starts from weights that
+    learnt them. As many folds as the project's held-out share makes (a quarter: 4; none: 4), one of them the
+    held-out patches; none where the patches that can judge are too few however they are split."""
     from bioadapt.active.verdict import MIN_PATCHES
 
-    if held_out >= MIN_PATCHES or train + held_out < MIN_PATCHES:  # judged without, or too few even with
+    unseen = [i for i, trained in enumerate(parent_trained_on) if not trained]
+    if held_out >= MIN_PATCHES or len(unseen) + held_out < MIN_PATCHES:
         return []
     folds = max(2, round(1 / holdout_fraction)) if holdout_fraction > 0 else 4
-    return cross_validation_folds(train, held_out, folds)
+    return [[unseen[i] for i in fold] for fold in cross_validation_folds(len(unseen), held_out, folds)]
 
 
 def _fine_tune(context: ServiceContext, runner: JobRunner, project: dict[str, Any], base: dict[str, Any],
