@@ -12,10 +12,9 @@ While fewer patches are held out than a verdict needs (``MIN_PATCHES``: the firs
 default share of a quarter), the job judges the version by cross-validation instead of leaving it undecided: a few
 extra fine-tunes from the same parent, each leaving out a different share of the training patches the parent never
 trained on (and training on the held-out ones), so that each such patch is segmented by a fine-tune that did not
-train on it. The verdict
-then compares those segmentations and the version's on the held-out patches with the parent's: it judges
-fine-tuning on this many labels, of which the version is one draw. The extra fine-tunes' weights are thrown away; the version itself never
-trains on a held-out patch."""
+train on it. The verdict then compares those segmentations and the version's on the held-out patches with the
+parent's: it judges fine-tuning on this many labels, of which the version is one draw. The extra fine-tunes'
+weights are thrown away; the version itself never trains on a held-out patch."""
 
 from __future__ import annotations
 
