@@ -188,7 +188,9 @@ class LoopbackCluster:
         """Nodes (with ``label``: the node_<label> resource they carry) and actors, as Ray's GCS records them."""
         answer = subprocess.run([sys.executable, "-c", _SNAPSHOT, self.address], env=self.env, capture_output=True,
                                 text=True, timeout=timeout_s, check=True)
-        snapshot = json.loads(answer.stdout.strip().splitlines()[-1])
+        # Ray prints warnings to stdout too ("raylet has lagging heartbeats ..." on a busy machine): the snapshot is
+        # the last line that is a JSON object
+        snapshot = json.loads(next(line for line in reversed(answer.stdout.splitlines()) if line.startswith("{")))
         for node in snapshot["nodes"]:  # a dead node lists no resources: its label is the one seen before
             label = next((k.removeprefix("node_") for k in node["resources"] if k.startswith("node_")), None)
             self._labels.setdefault(node["id"], label)
