@@ -52,6 +52,13 @@ and the same with ``--dataset bbbc039``, and with ``--strategies typical_half_no
 count of bioadapt.active.shapes; seeds 0-4 and 5-8 in two processes). With a third strategy in a file, the report
 also gives it minus the default strategy.
 
+Since fine-tunes with fewer than 3 held-out patches are judged by cross-validation (``fine_tune(cross_validate=
+True)``, the default), runs go to files with the ``cv`` prefix; the report sets each against the same strategies and
+seeds of the file without it (one process per strategy; the default strategy's seeds in two):
+
+    python benchmarks/service_al.py run --dataset kromp --base nuclei_broad --strategies random \
+        --seeds 0,1,2,3,4,5,6,7,8 --budgets 2,4,8,16 --val-metric f1 --out benchmarks/results/service_al_cv
+
 The runs that judged the 2-patch rules (rounds to 8 labels; ``--out`` gives their files the ``to8`` prefix):
 
     python benchmarks/service_al.py run --dataset bbbc039 --base demo --seeds 0,1,2,3,4,5,6,7,8 --budgets 2,4,8 --out \
@@ -663,7 +670,9 @@ def _markdown(name: str, s: dict[str, Any], default: str) -> str:
               for strategy, needed in s["labels_needed"].items()]
     lines += [f"- random's own F1 at {b} minus at {REFERENCE_BUDGET}: {_cell(interval)}"
               for b, interval in s.get("random_after_16", {}).items() if interval["n"]]
-    lines += ["", "Verdicts of the fine-tuned versions against their parents (held-out patches), per budget:", ""]
+    crossed = sum(r.get("judged_by") == "cross-validation" for r in rows)
+    lines += ["", "Verdicts of the fine-tuned versions against their parents (held-out patches"
+              + (f"; {crossed} of them by cross-validation" if crossed else "") + "), per budget:", ""]
     lines += [f"- {strategy}: " + "; ".join(f"{b}: " + ", ".join(f"{v} {n}" for v, n in sorted(c.items()))
                                            for b, c in sorted(counts.items()))
               for strategy, counts in s["verdicts"].items()]
