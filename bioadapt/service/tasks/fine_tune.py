@@ -57,8 +57,8 @@ def fine_tune_on(adapter: Any, request: FineTuneRequest, *, stop: threading.Even
         return evaluate_regions(adapter, regions, stop=stop, progress=lambda **done: progress(phase=phase, **done))
 
     parent = evaluated(request.holdout, "evaluating the parent on the held-out patches")  # the actor holds it
-    folds = _cross_validated(adapter, request, stop=stop, progress=progress) if request.folds else None
     samples = [region.read() for region in request.regions]
+    folds = _cross_validated(adapter, request, samples, stop=stop, progress=progress) if request.folds else None
     result = adapter.fine_tune(samples, request.params, progress=lambda info: progress(phase="training", **info),
                                stop=stop.is_set)
     version = evaluated(request.holdout, "evaluating the new version on the held-out patches")
@@ -76,13 +76,12 @@ def fine_tune_on(adapter: Any, request: FineTuneRequest, *, stop: threading.Even
             "cross_validation": cross_validation}
 
 
-def _cross_validated(adapter: Any, request: FineTuneRequest, *, stop: threading.Event,
+def _cross_validated(adapter: Any, request: FineTuneRequest, samples: list[Any], *, stop: threading.Event,
                      progress: Callable[..., None]) -> dict[str, Any] | None:
     """The extra fine-tunes of a cross-validation, each from the parent's weights: every training patch of a fold
     segmented by the parent and by the fine-tune that left it out (in the order of ``request.regions``); the actor
     holds the parent's weights again afterwards."""
     parent_weights = adapter.state_dict()
-    samples = [region.read() for region in request.regions]
     held_out = [region.read() for region in request.holdout]
     judged = sorted(i for fold in request.folds for i in fold)  # training patches the parent never trained on
     parent = evaluate_regions(adapter, [request.regions[i] for i in judged], stop=stop,
