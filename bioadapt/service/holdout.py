@@ -69,9 +69,10 @@ def combined(evaluations: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if metric == "dice":
         return {"metric": "dice", "dice": float(np.mean([p[0] for p in per_patch])) if per_patch else None,
                 "patches": len(per_patch), "per_patch": per_patch}
-    tp, fp, fn = (int(v) for v in np.asarray(per_patch, np.int64).reshape(-1, 3).sum(0))
-    return {"metric": metric, "f1": pooled_f1(np.asarray(per_patch, np.int64).reshape(-1, 3)), "tp": tp, "fp": fp,
-            "fn": fn, "patches": len(per_patch), "per_patch": per_patch}
+    counts = np.asarray(per_patch, np.int64).reshape(-1, 3)
+    tp, fp, fn = (int(v) for v in counts.sum(0))
+    return {"metric": metric, "f1": pooled_f1(counts), "tp": tp, "fp": fp, "fn": fn, "patches": len(per_patch),
+            "per_patch": per_patch}
 
 
 def verdict_of(parent: dict[str, Any] | None, version: dict[str, Any] | None) -> dict[str, Any]:
@@ -103,7 +104,8 @@ def learning_curve(versions: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     parent's count beside it), its held-out score and its parent's on the same held-out patches when it was made,
     and the verdict with its reason. Rows of different versions may rest on different held-out patches (the set
     grows with the labels); each row's two scores share theirs. A version judged by cross-validation
-    (``judged_by``) has both scores from every annotated patch, each segmented by a fine-tune that left it out."""
+    (``judged_by``) has both scores from the held-out patches and the training patches its parent never trained
+    on, each segmented by a fine-tune that left it out."""
     labels = {v["number"]: len(v["trained_on"]) if v.get("trained_on") is not None else
               int(v["metrics"].get("patches", 0)) for v in versions}
     rows = []

@@ -280,9 +280,10 @@ class FineTune(ProjectRef):
     base_version: Count | None = Field(None, description="version to start from (default: the project's default "
                                        "version)")
     cross_validate: bool = Field(True, description="while fewer than 3 annotated patches are held out, judge the "
-                                 "version by cross-validation over every annotated patch (up to 4 extra fine-tunes, "
-                                 "their weights thrown away); false: such versions stay undecided, used only when "
-                                 "named")
+                                 "version by cross-validation over the held-out patches and the training patches "
+                                 "the parent never trained on (as many folds as the held-out share makes: 3 extra "
+                                 "fine-tunes at a quarter, their weights thrown away); false: such versions stay "
+                                 "undecided, used only when named")
     params: dict[str, Any] = Field(default_factory=dict, description="more fine-tuning parameters, by the "
                                    "project's model kind (unset ones keep the adapter's defaults): "
                                    + "; ".join(f"{kind}: {', '.join(model.model_fields)}"

@@ -66,12 +66,10 @@ def fine_tune_on(adapter: Any, request: FineTuneRequest, *, stop: threading.Even
     torch.save(adapter.state_dict(), buffer)
     cross_validation = None
     if folds is not None and not stop.is_set():
-        judged = [e for e in (version,) if e is not None]
-        parents = [e for e in (parent,) if e is not None]
         cross_validation = {"folds": len(request.folds) + bool(request.holdout),
                             "training": folds["training"], "judged_training_patches": folds["judged"],
-                            "parent": combined([folds["parent"], *parents]),
-                            "version": combined([folds["version"], *judged])}
+                            "parent": combined([folds["parent"]] + ([parent] if parent else [])),
+                            "version": combined([folds["version"]] + ([version] if version else []))}
     return {"result": result.to_dict(), "weights": buffer.getvalue(), "parent_holdout": parent, "holdout": version,
             "cross_validation": cross_validation}
 
@@ -207,8 +205,8 @@ def _fine_tune(context: ServiceContext, runner: JobRunner, project: dict[str, An
 
 def judged(parent: dict[str, Any] | None, version: dict[str, Any] | None,
            cross_validation: dict[str, Any] | None) -> dict[str, Any]:
-    """The verdict: on the held-out patches, or, with a cross-validation, on every annotated patch as the parent
-    and the fine-tune that left it out segmented it."""
+    """The verdict: on the held-out patches, or, with a cross-validation, on those and the training patches the
+    parent never trained on, as the parent and the fine-tune that left each out segmented them."""
     if not cross_validation:
         return verdict_of(parent, version)
     verdict = verdict_of(cross_validation["parent"], cross_validation["version"])
