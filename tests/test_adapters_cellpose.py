@@ -217,8 +217,9 @@ def test_fine_tune_lowers_the_loss_saves_reloadable_weights_and_stops(weights, i
 
     calls = []
     stopped = model.fine_tune(cell_patches("nuclei", 6, size=96, seed=1), dict(params, epochs=50),
-                              stop=lambda: calls.append(1) or len(calls) > 2)
+                              stop=lambda: calls.append(1) or len(calls) > 2, validate_on=[0, 3, 4])
     assert stopped.stopped and stopped.epochs_run == 2
+    assert stopped.n_val == 2 and set(stopped.val_patches) <= {0, 3, 4}  # test set: patches the weights never saw
     with pytest.raises(BioadaptError, match="no training patch"):
         model.fine_tune(cell_patches("nuclei", 2, size=32, seed=1), {"min_train_masks": 50})
 

@@ -120,6 +120,26 @@ def test_split_keeps_one_held_out_patch_when_possible():
     assert split_indices(8, 0.0, 0)[1] == []
 
 
+def test_the_held_out_split_takes_only_eligible_patches_as_far_as_they_go():
+    """The patches the starting weights trained on are never held out when others can be; with fewer eligible
+    patches than the share, all of them are; none or no list: any patch (the same split as without one)."""
+    assert split_indices(8, 0.25, 3, eligible=range(8)) == split_indices(8, 0.25, 3) == \
+        split_indices(8, 0.25, 3, eligible=[])
+    for seed in range(5):
+        train, val = split_indices(8, 0.25, seed, eligible=[5, 6, 7])
+        assert len(val) == 2 and set(val) <= {5, 6, 7} and sorted(train + val) == list(range(8))
+    assert sorted(split_indices(8, 0.5, 0, eligible=[1, 6])[1]) == [1, 6]
+
+
+def test_a_fine_tune_chooses_its_best_epoch_on_the_patches_it_is_told_are_new(nuclei_model):
+    model = load_adapter(nuclei_model, device="cpu")
+    pairs = cell_patches("crowded", 8, seed=2)
+    for seed in (0, 1):
+        result = model.fine_tune(pairs, {"epochs": 1, "seed": seed}, validate_on=[4, 5, 6, 7])
+        assert result.n_val == 2 and set(result.val_patches) <= {4, 5, 6, 7}, result.val_patches
+    assert model.fine_tune(pairs, {"epochs": 1}, validate_on=[7]).val_patches == [7]
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
 def test_a_cosine_schedule_settles_the_weights_by_the_last_epoch(nuclei_model, schedule):
     model = load_adapter(nuclei_model, device="cpu")

@@ -24,7 +24,6 @@ from bioadapt.data.uncertainty import nan_downsample
 from bioadapt.errors import BioadaptError
 from bioadapt.service import schemas as s
 from bioadapt.service.api import BioadaptService, Caller
-from bioadapt.service.tasks.export import trained_patches
 from bioadapt.service.tasks.fine_tune import params_of
 
 ray = pytest.importorskip("ray")
@@ -459,7 +458,7 @@ def test_an_export_lists_exactly_the_patches_its_version_was_trained_on(service,
                                                 authors=["Alice"], license="CC-BY-4.0"))
     assert rdf["config"]["bioadapt"]["regions"] == train
     assert "on 2 corrected patches" in rdf["description"]
-    trained_by_2 = {tuple(p["origin"]) for p in trained_patches(service.context, project, 2)}  # what exports list
+    trained_by_2 = {tuple(p["origin"]) for p in service.context.trained_patches(project, 2)}  # what exports list
     assert trained_by_2 == {tuple(r["origin"]) for r in train} | {tuple(p["origin"]) for p in later}
     rdf, readme = _package_config(service, _run(service, "export_model", project_id=pid, version=0,
                                                 authors=["Alice"], license="CC-BY-4.0"))
@@ -620,3 +619,5 @@ def test_few_held_out_patches_judge_a_version_by_cross_validation_without_changi
     folds = service.store.version(pid, again["version"])["metrics"]["cross_validation"]
     assert [fold["left_out"] for fold in folds["training"]] == [[6], [7]]
     assert (folds["judged_training_patches"], again["verdict"]["patches"]) == ([6, 7], 4)
+    # and its best epoch is chosen on them: on the 6 patches version 1 learnt, its own weights score in-sample
+    assert service.store.version(pid, again["version"])["metrics"]["training"]["val_patches"] == [6, 7]

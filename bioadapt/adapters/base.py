@@ -147,6 +147,7 @@ class FineTuneResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped_early: bool = False  # ended by early stopping: ``patience`` epochs without a better held-out score
     val_metric: str | None = None  # what the held-out scores are: "dice" or "f1" (FineTuneParams.val_metric)
+    val_patches: list[int] = field(default_factory=list)  # the samples held out to choose the best epoch by
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -213,9 +214,15 @@ class Adapter(ABC):
     @abstractmethod
     def fine_tune(self, samples: Sequence[tuple[np.ndarray, np.ndarray]],
                   params: FineTuneParams | Mapping[str, Any] | None = None,
-                  progress: Progress | None = None, stop: Stop | None = None) -> FineTuneResult:
+                  progress: Progress | None = None, stop: Stop | None = None,
+                  validate_on: Sequence[int] | None = None) -> FineTuneResult:
         """Train on (image, labels (*spatial)) pairs, each image (C, *spatial) or a single-channel model's
-        (*spatial) (see :func:`check_samples`); keeps the best weights on held-out pairs."""
+        (*spatial) (see :func:`check_samples`); keeps the best weights on held-out pairs.
+
+        ``validate_on``: the indices of the samples the held-out pairs may be drawn from (up to the
+        ``val_fraction`` share): the ones the current weights never trained on. On a sample the weights learnt
+        already the starting weights score best, so a split holding such samples keeps them where new labels
+        taught something. None or empty: any sample."""
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]: ...

@@ -421,7 +421,8 @@ class BioimageioAdapter(Adapter):
     # -- training ----------------------------------------------------------------------------------------------
     def fine_tune(self, samples: Sequence[tuple[np.ndarray, np.ndarray]],
                   params: FineTuneParams | Mapping[str, Any] | None = None,
-                  progress: Progress | None = None, stop: Stop | None = None) -> FineTuneResult:
+                  progress: Progress | None = None, stop: Stop | None = None,
+                  validate_on: Sequence[int] | None = None) -> FineTuneResult:
         info = self.describe()
         if self.module is None:
             raise BioadaptError(f"{info.name} runs from {self.weights_format} weights, which cannot be fine-tuned; "
@@ -456,7 +457,7 @@ class BioimageioAdapter(Adapter):
 
         result = fit(self.module, self._network, inputs_t, targets_t, valid_t,
                      lambda out, t, v: loss(out, t, v, kind, from_logits), score,
-                     params, progress, stop, groups=groups)
+                     params, progress, stop, groups=groups, validate_on=validate_on)
         result.val_metric = metric
         self.record_training(asdict(params), result.to_dict(), example_image=pairs[0][0])
         return result

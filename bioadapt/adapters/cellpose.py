@@ -457,10 +457,11 @@ class CellposeAdapter(Adapter):
 
     # -- training ----------------------------------------------------------------------------------------------
     def fine_tune(self, samples: Sequence[tuple[np.ndarray, np.ndarray]], params: Any = None,
-                  progress: Progress | None = None, stop: Stop | None = None) -> FineTuneResult:
-        """``train_seg`` on the samples (a share held out as its test set), with ``CellposeTrainParams``'s
-        per-generation defaults for whatever ``params`` leaves out. Cellpose 4 trains in float32 (train_seg converts
-        a bfloat16 network and converts it back)."""
+                  progress: Progress | None = None, stop: Stop | None = None,
+                  validate_on: Sequence[int] | None = None) -> FineTuneResult:
+        """``train_seg`` on the samples (a share held out as its test set, drawn from ``validate_on`` when given),
+        with ``CellposeTrainParams``'s per-generation defaults for whatever ``params`` leaves out. Cellpose 4 trains
+        in float32 (train_seg converts a bfloat16 network and converts it back)."""
         from cellpose import train
 
         params = CellposeTrainParams.from_any(params)
@@ -468,7 +469,10 @@ class CellposeAdapter(Adapter):
         rng = np.random.default_rng(params.seed)
         order = rng.permutation(len(pairs)).tolist()
         n_val = 0 if len(pairs) < 2 or params.val_fraction == 0 else max(1, round(len(pairs) * params.val_fraction))
-        val, training = [pairs[i] for i in order[:n_val]], [pairs[i] for i in order[n_val:]]
+        allowed = set(validate_on) if validate_on else set(order)
+        held_out = set([i for i in order if i in allowed][:n_val])
+        val = [pairs[i] for i in order if i in held_out]
+        training = [pairs[i] for i in order if i not in held_out]
         enough = [p for p in training if len(np.unique(p[1])) - 1 >= params.min_train_masks]
         if not enough:
             raise BioadaptError(f"no training patch has {params.min_train_masks} cells or more (train_seg drops "
@@ -514,7 +518,8 @@ class CellposeAdapter(Adapter):
         history = log_.history
         result = FineTuneResult(epochs_run=len(history), best_epoch=len(history), initial_val_score=None,
                                 best_val_score=None, stopped=stopped, seconds=log_.seconds(),
-                                n_train=len(training), n_val=len(val), history=history)
+                                n_train=len(training), n_val=len(val), history=history,
+                                val_patches=sorted(held_out))
         self.record_training(asdict(params), result.to_dict(), example_image=pairs[0][0])
         return result
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -48,28 +48,39 @@ def _set_train_mode(module: nn.Module, freeze_batchnorm: bool) -> None:
                 m.eval()
 
 
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Shuffled train and held-out indices; at least one of each when there are two samples or more."""
+def split_indices(n: int, val_fraction: float, seed: int, eligible: Collection[int] | None = None
+                  ) -> tuple[list[int], list[int]]:
+    """Shuffled train and held-out indices; at least one of each when there are two samples or more. With
+    ``eligible``, the held-out indices come from it alone (as many as it has, up to the share); an empty or missing
+    ``eligible`` lets every index be held out."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = 0 if n < 2 or val_fraction == 0 else min(n - 1, max(1, round(n * val_fraction)))
-    return order[n_val:], order[:n_val]
+    allowed = set(eligible) if eligible else set(range(n))
+    held_out = [i for i in order if i in allowed][:n_val]
+    chosen = set(held_out)
+    return [i for i in order if i not in chosen], held_out
 
 
 def fit(module: nn.Module, forward: Forward, inputs: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
         loss_fn: LossFn, score_fn: ScoreFn, params: FineTuneParams, progress: Progress | None = None,
-        stop: Stop | None = None, groups: Sequence[int] | None = None) -> FineTuneResult:
+        stop: Stop | None = None, groups: Sequence[int] | None = None,
+        validate_on: Collection[int] | None = None) -> FineTuneResult:
     """Train ``module`` (through ``forward``) on preprocessed, padded ``inputs``; leave it with the weights that
     scored best on the held-out split (the starting weights count as epoch 0) and in eval mode. With
     ``params.patience``, the run ends after that many epochs without a better held-out score.
 
     ``groups``: the patch each input row was cut from (a patch may give several blocks); the held-out split
-    takes whole patches, so no patch is both trained on and scored. ``n_train``/``n_val`` count patches."""
+    takes whole patches, so no patch is both trained on and scored. ``n_train``/``n_val`` count patches.
+    ``validate_on``: the patches (values of ``groups``) the held-out split may take, the ones the starting weights
+    never trained on (see :meth:`Adapter.fine_tune`)."""
     started = time.perf_counter()
     torch.manual_seed(params.seed)
     generator = torch.Generator().manual_seed(params.seed)
     groups = list(range(len(inputs))) if groups is None else [int(g) for g in groups]
     patches = sorted(set(groups))
-    train_patches, val_patches = split_indices(len(patches), params.val_fraction, params.seed)
+    fresh = None if validate_on is None else set(validate_on)
+    eligible = None if fresh is None else [i for i, g in enumerate(patches) if g in fresh]
+    train_patches, val_patches = split_indices(len(patches), params.val_fraction, params.seed, eligible)
     held_out = {patches[i] for i in val_patches}
     train_idx = [i for i, g in enumerate(groups) if g not in held_out]
     val_idx = [i for i, g in enumerate(groups) if g in held_out]
@@ -133,4 +144,5 @@ def fit(module: nn.Module, forward: Forward, inputs: torch.Tensor, targets: torc
     return FineTuneResult(epochs_run=epoch, best_epoch=best_epoch, initial_val_score=initial,
                           best_val_score=best_score, stopped=stopped,
                           seconds=round(time.perf_counter() - started, 3), n_train=len(train_patches),
-                          n_val=len(val_patches), history=history, stopped_early=stopped_early)
+                          n_val=len(val_patches), history=history, stopped_early=stopped_early,
+                          val_patches=sorted(patches[i] for i in val_patches))

@@ -79,6 +79,20 @@ class ServiceContext:
         """The project's annotated patches of one split (train, holdout), oldest annotation first."""
         return self.store.patches(project["id"], status="annotated", split=split, order="annotated")
 
+    def trained_patches(self, project: dict[str, Any], number: int) -> list[dict[str, Any]]:
+        """The patches a version's weights were trained on: its own training patches and its ancestors', as each
+        fine-tune recorded them when it started (oldest annotation first). Versions written before that record
+        existed count the training patches annotated before they were made."""
+        ids: set[int] = set()
+        legacy_before = None
+        for row in self.store.lineage(project["id"], number):
+            if row["trained_on"] is not None:
+                ids.update(row["trained_on"])
+            elif row["number"]:
+                legacy_before = max(legacy_before or 0.0, row["created"])
+        return [p for p in self.annotated(project, "train")
+                if p["id"] in ids or (legacy_before is not None and p["annotated"] <= legacy_before)]
+
     # -- what workers are sent --------------------------------------------------------------------------
     def model_spec(self, project: dict[str, Any], version: dict[str, Any]) -> ModelSpec:
         return ModelSpec(project["model_source"], {**project["model_options"], "device": self.device},

@@ -40,7 +40,7 @@ def submit(context: ServiceContext, caller: Caller, args: s.ExportModel,
            progress: Callable[[dict], Any] | None = None) -> dict[str, Any]:
     project = context.owned_project(caller, args.project_id)
     version = context.version(project, args.version)
-    trained = trained_patches(context, project, version["number"])
+    trained = context.trained_patches(project, version["number"])
     test_patches = trained or context.annotated(project, "train") or context.annotated(project, "holdout")
     if not test_patches:
         raise BioadaptError("export needs one annotated patch for the package's test tensors: annotate a patch")
@@ -63,21 +63,6 @@ def submit(context: ServiceContext, caller: Caller, args: s.ExportModel,
     runner = context.start_job("export", lambda job: _export(context, job, project, version, metadata, training,
                                                              test_region, record), caller, project, progress)
     return {"job_id": runner.job.id, "version": version["number"]}
-
-
-def trained_patches(context: ServiceContext, project: dict[str, Any], number: int) -> list[dict[str, Any]]:
-    """The patches a version's weights were trained on: its own training patches and its ancestors', as each
-    fine-tune recorded them when it started (oldest annotation first). Versions written before that record
-    existed count the training patches annotated before they were made."""
-    ids: set[int] = set()
-    legacy_before = None
-    for row in context.store.lineage(project["id"], number):
-        if row["trained_on"] is not None:
-            ids.update(row["trained_on"])
-        elif row["number"]:
-            legacy_before = max(legacy_before or 0.0, row["created"])
-    patches = context.annotated(project, "train")
-    return [p for p in patches if p["id"] in ids or (legacy_before is not None and p["annotated"] <= legacy_before)]
 
 
 def _export(context: ServiceContext, runner: JobRunner, project: dict[str, Any], version: dict[str, Any],

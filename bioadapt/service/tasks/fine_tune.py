@@ -42,6 +42,13 @@ class FineTuneRequest:
     # cross-validation: per extra fine-tune, the indices of the training patches it leaves out (it trains on the
     # others and on the held-out ones); empty: judged on the held-out patches alone
     folds: tuple[tuple[int, ...], ...] = ()
+    # per training patch, whether the parent (or an ancestor) trained on it: a fine-tune chooses its best epoch on
+    # the others, where the parent's score is not an in-sample one; empty: any patch
+    parent_trained_on: tuple[bool, ...] = ()
+
+    def unseen(self, among: Sequence[int]) -> list[int]:
+        """Positions in ``among`` (indices of training patches) of the patches the parent never trained on."""
+        return [k for k, i in enumerate(among) if not (self.parent_trained_on and self.parent_trained_on[i])]
 
 
 def fine_tune_on(adapter: Any, request: FineTuneRequest, *, stop: threading.Event,
@@ -60,7 +67,7 @@ def fine_tune_on(adapter: Any, request: FineTuneRequest, *, stop: threading.Even
     samples = [region.read() for region in request.regions]
     folds = _cross_validated(adapter, request, samples, stop=stop, progress=progress) if request.folds else None
     result = adapter.fine_tune(samples, request.params, progress=lambda info: progress(phase="training", **info),
-                               stop=stop.is_set)
+                               stop=stop.is_set, validate_on=request.unseen(range(len(samples))))
     version = evaluated(request.holdout, "evaluating the new version on the held-out patches")
     buffer = io.BytesIO()
     torch.save(adapter.state_dict(), buffer)
@@ -91,10 +98,11 @@ def _cross_validated(adapter: Any, request: FineTuneRequest, samples: list[Any],
         if stop.is_set():
             return None
         phase = f"cross-validating: fine-tune {number} of {len(request.folds)}"
-        left_out = set(fold)
-        trained = adapter.fine_tune([s for i, s in enumerate(samples) if i not in left_out] + held_out,
-                                    request.params, progress=lambda info: progress(phase=phase, **info),
-                                    stop=stop.is_set)
+        kept = [i for i in range(len(samples)) if i not in set(fold)]
+        unseen = request.unseen(kept) + list(range(len(kept), len(kept) + len(held_out)))  # held out: never trained
+        trained = adapter.fine_tune([samples[i] for i in kept] + held_out, request.params,
+                                    progress=lambda info: progress(phase=phase, **info), stop=stop.is_set,
+                                    validate_on=unseen)
         training.append({"left_out": list(fold), "best_epoch": trained.best_epoch,
                          "epochs_run": trained.epochs_run, "seconds": trained.seconds})
         if stop.is_set():
@@ -129,13 +137,11 @@ def submit(context: ServiceContext, caller: Caller, args: s.FineTune,
     regions = context.regions_of(project, patches)
     holdout = context.regions(project, "holdout")
     trained_on = [p["id"] for p in patches]
-    folds = []
-    if args.cross_validate:
-        from bioadapt.service.tasks.export import trained_patches
-
-        seen = {p["id"] for p in trained_patches(context, project, base["number"])}
-        folds = folds_for([p["id"] in seen for p in patches], len(holdout), project["holdout_fraction"])
-    request = FineTuneRequest(tuple(regions), params, tuple(holdout), tuple(tuple(f) for f in folds))
+    seen = {p["id"] for p in context.trained_patches(project, base["number"])}
+    parent_trained_on = tuple(p["id"] in seen for p in patches)
+    folds = folds_for(parent_trained_on, len(holdout), project["holdout_fraction"]) if args.cross_validate else []
+    request = FineTuneRequest(tuple(regions), params, tuple(holdout), tuple(tuple(f) for f in folds),
+                              parent_trained_on)
     runner = context.start_job("fine_tune", lambda job: _fine_tune(context, job, project, base, request, trained_on),
                                caller, project, progress)
     return {"job_id": runner.job.id, "patches": len(regions), "holdout_patches": len(holdout),
