@@ -362,7 +362,7 @@ def one_round(run_: Run, budget: int) -> dict[str, Any]:
             "full_fields": scoring["full_fields"],
             "picks": [[run_.names[p["image_id"]], p["origin"], round(float(p["score"] or 0), 5)] for p in picks],
             "epochs_run": training.get("epochs_run"), "best_epoch": training.get("best_epoch"),
-            **{key: training.get(key) for key in ("n_train", "n_val", "initial_val_score", "best_val_score")},
+            **{key: training.get(key) for key in ("n_train", "n_val", "val_patches", "initial_val_score", "best_val_score")},
             "seconds": round(time.perf_counter() - started, 1),
             "stage_seconds": {key: round(value, 1) for key, value in seconds.items()},
             "date": time.strftime("%Y-%m-%d %H:%M")}
