@@ -59,6 +59,10 @@ seeds of the file without it (one process per strategy; the default strategy's s
     python benchmarks/service_al.py run --dataset kromp --base nuclei_broad --strategies random \
         --seeds 0,1,2,3,4,5,6,7,8 --budgets 2,4,8,16 --val-metric f1 --out benchmarks/results/service_al_cv
 
+Since a fine-tune chooses its best epoch on the training patches its starting weights never trained on, runs go to
+files with the ``fresh`` prefix (``--out benchmarks/results/service_al_fresh``, the same commands), set against the
+``cv`` ones.
+
 The runs that judged the 2-patch rules (rounds to 8 labels; ``--out`` gives their files the ``to8`` prefix):
 
     python benchmarks/service_al.py run --dataset bbbc039 --base demo --seeds 0,1,2,3,4,5,6,7,8 --budgets 2,4,8 --out \
@@ -362,7 +366,8 @@ def one_round(run_: Run, budget: int) -> dict[str, Any]:
             "full_fields": scoring["full_fields"],
             "picks": [[run_.names[p["image_id"]], p["origin"], round(float(p["score"] or 0), 5)] for p in picks],
             "epochs_run": training.get("epochs_run"), "best_epoch": training.get("best_epoch"),
-            **{key: training.get(key) for key in ("n_train", "n_val", "val_patches", "initial_val_score", "best_val_score")},
+            **{key: training.get(key)
+               for key in ("n_train", "n_val", "val_patches", "initial_val_score", "best_val_score")},
             "seconds": round(time.perf_counter() - started, 1),
             "stage_seconds": {key: round(value, 1) for key, value in seconds.items()},
             "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -554,7 +559,11 @@ def few_patch_rule(rows: list[dict[str, Any]], strategy: str) -> dict[str, dict[
     return judged
 
 
-CROSS_VALIDATED = "cv_"  # --out service_al_cv: runs since fine-tunes of 2-8 labels are judged by cross-validation
+# file prefixes (--out service_al_cv, ...) of runs after a change to the service, each set against the same
+# strategies and seeds of the runs before it: (the prefix of those, what they did)
+BEFORE = {"cv_": ("", "before cross-validated verdicts", "versions of 2-8 labels undecided, never the default"),
+          "fresh_": ("cv_", "before fine-tunes chose their best epoch on patches the starting weights never trained on",
+                     "a random quarter of the training patches, patches the parent had learnt among them")}
 
 
 def against_defaults(rows: list[dict[str, Any]], reference_rows: list[dict[str, Any]], reference: str
@@ -591,8 +600,10 @@ def report(args: argparse.Namespace) -> None:
                           and not summaries[other]["rows"][0].get("fine_tune_sent")), None)
         if reference and s["rows"][0].get("fine_tune_sent"):
             s["against_defaults"] = against_defaults(s["rows"], summaries[reference]["rows"], reference)
-        if name.startswith(CROSS_VALIDATED) and (before := name.removeprefix(CROSS_VALIDATED)) in summaries:
-            s["against_undecided"] = against_defaults(s["rows"], summaries[before]["rows"], before)
+        for prefix, (earlier, what, how) in BEFORE.items():
+            if name.startswith(prefix) and (before := earlier + name.removeprefix(prefix)) in summaries:
+                s["against_before"] = {**against_defaults(s["rows"], summaries[before]["rows"], before),
+                                       "what": what, "how": how}
     text = "\n".join(_markdown(name, s, default) for name, s in summaries.items())
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps({name: {k: v for k, v in s.items() if k != "rows"}
@@ -697,11 +708,10 @@ def _markdown(name: str, s: dict[str, Any], default: str) -> str:
             for strategy, intervals in against[key].items():
                 lines.append(f"| {strategy}, {what} | " + " | ".join(
                     _cell(intervals[b]) if b in intervals else "" for b in budgets) + " |")
-    if "against_undecided" in s:
-        against = s["against_undecided"]
-        lines += ["", f"Minus the same strategies and seeds before cross-validated verdicts ({against['reference']}: "
-                  "versions of 2-8 labels undecided, never the default), paired by strategy and seed; the user's F1, "
-                  "then the named version's:", "",
+    if "against_before" in s:
+        against = s["against_before"]
+        lines += ["", f"Minus the same strategies and seeds {against['what']} ({against['reference']}: "
+                  f"{against['how']}), paired by strategy and seed; the user's F1, then the named version's:", "",
                   "| strategy, F1 | " + " | ".join(str(b) for b in budgets) + " |", "| --- |" + " --- |" * len(budgets)]
         for key, what in (("test_f1", "user's"), ("version_f1", "version's")):
             for strategy, intervals in against[key].items():
