@@ -61,7 +61,7 @@ seeds of the file without it (one process per strategy; the default strategy's s
 
 Since a fine-tune chooses its best epoch on the training patches its starting weights never trained on, runs go to
 files with the ``fresh`` prefix (``--out benchmarks/results/service_al_fresh``, the same commands), set against the
-``cv`` ones.
+``cv`` ones (without those, against the runs before cross-validated verdicts).
 
 The runs that judged the 2-patch rules (rounds to 8 labels; ``--out`` gives their files the ``to8`` prefix):
 
@@ -560,10 +560,15 @@ def few_patch_rule(rows: list[dict[str, Any]], strategy: str) -> dict[str, dict[
 
 
 # file prefixes (--out service_al_cv, ...) of runs after a change to the service, each set against the same
-# strategies and seeds of the runs before it: (the prefix of those, what they did)
-BEFORE = {"cv_": ("", "before cross-validated verdicts", "versions of 2-8 labels undecided, never the default"),
-          "fresh_": ("cv_", "before fine-tunes chose their best epoch on patches the starting weights never trained on",
-                     "a random quarter of the training patches, patches the parent had learnt among them")}
+# strategies and seeds of the runs before it: (its prefix, the earlier prefix, what changed since, what they did); the
+# first earlier file found is the one
+FRESH_SPLIT = ("fine-tunes chose their best epoch on patches the starting weights never trained on", "a random quarter "
+               "of the training patches, patches the parent had learnt among them")
+UNDECIDED = "versions of 2-8 labels undecided, never the default"
+BEFORE = (("cv_", "", "before cross-validated verdicts", UNDECIDED),
+          ("fresh_", "cv_", f"before {FRESH_SPLIT[0]}", FRESH_SPLIT[1]),
+          ("fresh_", "", f"before cross-validated verdicts and before {FRESH_SPLIT[0]}",
+           f"{UNDECIDED}; {FRESH_SPLIT[1]}"))
 
 
 def against_defaults(rows: list[dict[str, Any]], reference_rows: list[dict[str, Any]], reference: str
@@ -600,10 +605,11 @@ def report(args: argparse.Namespace) -> None:
                           and not summaries[other]["rows"][0].get("fine_tune_sent")), None)
         if reference and s["rows"][0].get("fine_tune_sent"):
             s["against_defaults"] = against_defaults(s["rows"], summaries[reference]["rows"], reference)
-        for prefix, (earlier, what, how) in BEFORE.items():
+        for prefix, earlier, what, how in BEFORE:
             if name.startswith(prefix) and (before := earlier + name.removeprefix(prefix)) in summaries:
                 s["against_before"] = {**against_defaults(s["rows"], summaries[before]["rows"], before),
                                        "what": what, "how": how}
+                break
     text = "\n".join(_markdown(name, s, default) for name, s in summaries.items())
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps({name: {k: v for k, v in s.items() if k != "rows"}
