@@ -264,9 +264,10 @@ def test_grid_mode_scores_every_tile_inside_the_mask_and_writes_the_overview(ser
 def test_scoring_computes_what_a_strategy_needs_and_picks_by_its_rule(service, inputs):
     """A strategy that picks by features (typical_bald): the workers return the model's features of each patch
     with its score, and the picks are that strategy's selection over the pool, labelled patches excluded. A call
-    that names no strategy scores with bioadapt.active's DEFAULT_STRATEGY (object-level BALD), whose scores are
+    that names no strategy scores with bioadapt.active's DEFAULT_STRATEGY (the shape count), whose scores are
     kept apart from the per-pixel mean's."""
     from bioadapt.active import DEFAULT_STRATEGY, STRATEGIES, select
+    from bioadapt.active.shapes import TYPICAL_AREA
 
     name = "typical_bald"
     strategy = STRATEGIES[name]
@@ -302,16 +303,16 @@ def test_scoring_computes_what_a_strategy_needs_and_picks_by_its_rule(service, i
     refreshed = {row["id"]: row["features"] for row in service.store.patches(project["id"], status="annotated")}
     assert refreshed.keys() == given.keys()
     assert all(np.allclose(refreshed[i], given[i], atol=1e-5) and np.any(given[i]) for i in given)
-    assert (default["result"]["strategy"], STRATEGIES[DEFAULT_STRATEGY].reduce) == (DEFAULT_STRATEGY, "object_mean")
+    assert (default["result"]["strategy"], STRATEGIES[DEFAULT_STRATEGY].reduce) == (DEFAULT_STRATEGY, "nonconvex")
     rows = service.store.patches(project["id"], status="pending", order="id")
-    assert all({"bald", "bald:object_mean"} <= set(row["scores"]) for row in rows[:10])
+    assert all({"bald", "bald:nonconvex", TYPICAL_AREA} <= set(row["scores"]) for row in rows[:10])
 
 
 def test_load_model_sets_the_mc_scope_its_depth_and_the_dropout_kind_that_scoring_uses(service, inputs):
     """What load_model is told reaches the actors: a patch's stored score is the one the adapter gives with those
     options (partial MC over the last activation call, channel dropout) for the round's seed; the map get_patch
     gives (what napari and the page show) is the default readable map of those passes."""
-    from bioadapt.active import DEFAULT_STRATEGY, STRATEGIES, bald, patch_score
+    from bioadapt.active import bald, patch_score
     from bioadapt.active.maps import DEFAULT_MAP, readable_map
     from bioadapt.adapters import load_adapter
 
@@ -320,15 +321,15 @@ def test_load_model_sets_the_mc_scope_its_depth_and_the_dropout_kind_that_scorin
     assert model["options"] == {"dropout_p": 0.2, **options} and "partial" in model["info"]["mc_scopes"]
     project = service.create_project(ALICE, s.CreateProject(
         name="scope", model=model["id"], images=[{"uri": str(inputs["root"] / "b.ome.zarr")}]))
-    _run(service, "score", project_id=project["id"], n_patches=2, patch_shape=PATCH, mc_passes=3, seed=5, actors=1)
+    _run(service, "score", project_id=project["id"], n_patches=2, patch_shape=PATCH, mc_passes=3, seed=5, actors=1,
+         strategy="object_bald")  # a score the MC passes make (the default's shape count reads the segmentation)
     local = load_adapter(inputs["model"], device="cpu", dropout_p=0.2, **options)
     image = open_image(inputs["root"] / "b.ome.zarr")
-    reduce = STRATEGIES[DEFAULT_STRATEGY].reduce
     for row in service.store.patches(project["id"], order="id"):
         pixels = image.read(row["origin"], row["shape"], dtype="float32")
         samples = local.mc_proba(pixels[None], passes=3, seed=5)
         score_map, labels = bald(samples[:, 0], activation="sigmoid"), local.segment(pixels[None])[0]
-        expected = patch_score(score_map, reduce=reduce, labels=labels)
+        expected = patch_score(score_map, reduce="object_mean", labels=labels)
         assert row["scores"]["bald:object_mean"] == pytest.approx(expected, rel=1e-4, abs=1e-7)
         shown = service.get_patch(ALICE, s.GetPatch(project_id=project["id"], patch_id=row["id"]))["uncertainty"]
         np.testing.assert_allclose(shown, readable_map(DEFAULT_MAP, score_map, labels,
@@ -342,7 +343,7 @@ def test_a_model_without_patch_features_defaults_to_a_strategy_that_reads_none()
 
     cellpose = {"name": "Cellpose 4 (cpsam)", "patch_features": False}
     assert strategy_of(s.Score(project_id="p"), cellpose)[0] == s.FEATURELESS_STRATEGY
-    assert strategy_of(s.Score(project_id="p"), {"patch_features": True})[0] == "typical_half_object_bald_then_typical"
+    assert strategy_of(s.Score(project_id="p"), {"patch_features": True})[0] == "typical_half_nonconvex_then_typical"
     with pytest.raises(BioadaptError, match=r"'typical_bald' picks by the model's features.*Cellpose 4"):
         strategy_of(s.Score(project_id="p", strategy="typical_bald"), cellpose)
     name, strategy, key = strategy_of(s.Score(project_id="p", strategy="object_bald", acquisition="random"), cellpose)

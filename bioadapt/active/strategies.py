@@ -5,17 +5,16 @@ patch from the model) is separate from selection, which only reads those numbers
 in its workers and selects over the whole pool. ``select`` takes the pool's scores, features and the indices
 already labelled, and returns the new picks, best first.
 
-The default, ``typical_half_object_bald_then_typical``, was chosen by benchmarks/al_efficiency.py
-(benchmarks/results/al_efficiency.md). While nothing is labelled it takes the highest object scores (BALD
-averaged per object of the model's segmentation) among the typical half of the pool (typicality on the model's
-features at least its median). Plain top-k object scores (``object_bald``) were the best first picks on two real
-fluorescence images (on DSB 2018 2 of its labels did better than 16 random ones), but on the synthetic domain
-shift the untuned model was most unsure of the sparsest, least typical windows and those first labels fell far
-below random; the typical half keeps the real images' first picks (the same two windows on 4 of 5 DSB seeds)
-and drops those. Once labels exist it weighs the scores by typicality: round by round (label, tune, re-score)
-plain top-k followed the tuned model's uncertainty into rare near-empty windows and fell below random. Mean
-pixel BALD ranks patches by how crowded they are, and typicality from the first round on (``typical_bald``)
-picks empty background windows of a sparse image.
+The default, ``typical_half_nonconvex_then_typical``, was chosen by benchmarks/service_al.py (through the
+service with its defaults, from the zoo's ``unet2d_nuclei_broad`` with its real weights, 9 seeds; docs/strategies.md):
+on Kromp's nuclei it reached random's F1 at 16 labels with 8 and was above random at 8 labels, and on neither
+Kromp nor BBBC039 was it below random at any budget, while the former default,
+``typical_half_object_bald_then_typical``, fell below random at 16 labels on Kromp. While nothing is labelled it
+takes the patches with the most merged-looking objects (``nonconvex``: the model's objects of nucleus size that are
+not convex, which MC dropout cannot see, as the model merges touching nuclei with confidence) among the typical half
+of the pool (typicality on the model's features at least its median); once labels exist it weighs those counts by
+typicality, round by round. Object BALD (the former default's score) ranks first windows of one or two nuclei the
+model already segments well; typicality alone (``typical_bald``) picks empty background windows of a sparse image.
 """
 
 from __future__ import annotations
@@ -128,7 +127,7 @@ STRATEGIES: dict[str, Strategy] = {
     "random": Strategy("random", "mean", "random"),
 }
 
-DEFAULT_STRATEGY = "typical_half_object_bald_then_typical"
+DEFAULT_STRATEGY = "typical_half_nonconvex_then_typical"
 DEFAULT_ACQUISITION = STRATEGIES[DEFAULT_STRATEGY].acquisition
 DEFAULT_REDUCE = STRATEGIES[DEFAULT_STRATEGY].reduce
 DEFAULT_SELECTION = STRATEGIES[DEFAULT_STRATEGY].selection

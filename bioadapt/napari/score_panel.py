@@ -36,10 +36,10 @@ class ScorePanel(QWidget):
         self.strategy.addItems([SERVICE_DEFAULT, *STRATEGIES])
         self.strategy.setCurrentText(default["strategy"] or SERVICE_DEFAULT)
         self.strategy.setToolTip("what is scored and how the patches to label are picked from every pending patch "
-                                 "(bioadapt.active.STRATEGIES); default: typical_half_object_bald_then_typical "
-                                 "(BALD per object of the model's segmentation, the most uncertain of the pool's "
-                                 "typical half first; typical and uncertain patches once some are labelled), bald "
-                                 "for models without patch features (Cellpose)")
+                                 "(bioadapt.active.STRATEGIES); default: typical_half_nonconvex_then_typical "
+                                 "(the patches with the most merged-looking objects of the model's segmentation "
+                                 "among the pool's typical half first; typical ones of them once some are "
+                                 "labelled), bald for models without patch features (Cellpose)")
         self.acquisition = QComboBox()
         self.acquisition.addItems([SERVICE_DEFAULT, *ACQUISITIONS])
         self.acquisition.setCurrentText(default["acquisition"] or SERVICE_DEFAULT)
