@@ -113,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, help=f"side of the generated image in pixels (default: "
                                                f"{demo_defaults['size']})")
     demo.add_argument("--patches", type=int, help="patches to score (default: the service's)")
-    demo.add_argument("--top-k", type=int, help=f"most uncertain patches the simulated annotator labels (default: "
-                                                f"{demo_defaults['top_k']})")
+    demo.add_argument("--top-k", type=int, help="patches the service picks for the simulated annotator to label "
+                                                f"(default: {demo_defaults['top_k']})")
     demo.add_argument("--patch-size", type=int, help="patch side in pixels (default: the service's)")
     demo.add_argument("--mc-passes", type=int, help="MC-dropout passes per patch (default: the service's)")
     demo.add_argument("--epochs", type=int, help=f"fine-tuning epochs (default: {demo_defaults['epochs']})")

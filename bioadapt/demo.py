@@ -3,8 +3,9 @@
 A base U-Net is trained for a few seconds on one synthetic style ('nuclei') and packaged for bioimage.io; a large
 image of another style ('crowded': the domain shift) is written as TIFF and converted to OME-Zarr, its ground
 truth kept aside. `bioadapt serve` then runs as a child process (embedded Hypha server on 127.0.0.1, local Ray)
-and this script drives it with the Python client, as a user would: create a project, score patches with BALD,
-take the most uncertain ones, answer them from the ground truth (a simulated annotator), fine-tune, evaluate
+and this script drives it with the Python client, as a user would: create a project, score patches (MC-dropout
+BALD and the default strategy's score), take the ones the service picks, answer them from the ground truth (a
+simulated annotator), fine-tune, evaluate
 (F1 before / after on held-out patches), export a bioimage.io package and test it.
 """
 
@@ -115,12 +116,13 @@ def _one_round(svc: Any, workdir: Path, base: Path, image_path: Path, truth: np.
             **{k: v for k, v in given.items() if v is not None}}  # what the service will use
     print(f"4/8 scoring up to {used['n_patches']} patches of {' x '.join(map(str, used['patch_shape']))} (as many "
           f"as fit inside the tissue without overlapping) with MC-dropout BALD (T = {used['mc_passes']}) on Ray "
-          "actors ...")
-    job = svc.score(project_id, **{k: v for k, v in given.items() if v is not None}, acquisition="bald", seed=seed)
+          "actors; the service's default strategy picks from them ...")
+    job = svc.score(project_id, **{k: v for k, v in given.items() if v is not None}, seed=seed)
     scoring = svc.wait(job["job_id"])
+    strategy = scoring["result"]["strategy"]
     print(f"    {scoring['progress'].get('done')} patches scored")
-    top = svc.list_patches(project_id, order="score", limit=top_k)
-    print(f"5/8 the simulated annotator corrects the {len(top)} most uncertain patches ...")
+    top = svc.list_patches(project_id, limit=top_k)  # the service's picks first, in their order
+    print(f"5/8 the simulated annotator corrects the {len(top)} patches the service picked ({strategy}) ...")
     shown = []
     for patch in tqdm(top, desc="correct patches", unit="patch"):
         window = tuple(slice(o, o + s) for o, s in zip(patch["origin"], patch["shape"]))
@@ -145,7 +147,7 @@ def _one_round(svc: Any, workdir: Path, base: Path, image_path: Path, truth: np.
     before, after = evaluation["versions"]["0"], evaluation["versions"][str(version)]
     return {"project": project_id, "model": model["info"]["name"], "image": str(image_path),
             "scored": scoring["progress"].get("done"), "patches_per_second": scoring["progress"].get(
-                "patches_per_second"), "top_scores": [round(p["score"], 4) for p in top],
+                "patches_per_second"), "strategy": strategy, "picked_scores": [round(p["score"], 4) for p in top],
             "median_score": float(np.median([p["score"] for p in svc.list_patches(project_id, limit=10_000)])),
             "annotated": len(top), "holdout_patches": evaluation["holdout_patches"],
             "training": {k: tuned["result"]["result"].get(k) for k in ("epochs_run", "best_epoch", "seconds",
@@ -204,9 +206,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
     training = summary["training"]
     print("\nSummary")
     print(f"  model      {summary['model']} -> project {summary['project']}")
-    print(f"  scoring    {summary['scored']} patches, {summary['patches_per_second']} patches/s; top-"
-          f"{summary['annotated']} BALD {summary['top_scores'][0]:.4f} .. {summary['top_scores'][-1]:.4f} "
-          f"(median of all {summary['median_score']:.4f})")
+    picked = summary["picked_scores"]
+    print(f"  scoring    {summary['scored']} patches, {summary['patches_per_second']} patches/s; "
+          f"{summary['annotated']} picked by {summary['strategy']}, scores {max(picked):.4g} .. {min(picked):.4g} "
+          f"(median of all {summary['median_score']:.4g})")
     print(f"  training   {training['epochs_run']} epochs in {training['seconds']} s, best epoch "
           f"{training['best_epoch']}, validation {'F1' if training['val_metric'] == 'f1' else 'Dice'} "
           f"{training['initial_val_score']:.3f} -> "
