@@ -559,6 +559,7 @@ def few_patch_rule(rows: list[dict[str, Any]], strategy: str) -> dict[str, dict[
     return judged
 
 
+FORMER_DEFAULT = "typical_half_object_bald_then_typical"  # DEFAULT_STRATEGY until 2026-12-07
 # file prefixes (--out service_al_cv, ...) of runs after a change to the service, each set against the same
 # strategies and seeds of the runs before it: (its prefix, the earlier prefix, what changed since, what they did); the
 # first earlier file found is the one
@@ -610,7 +611,9 @@ def report(args: argparse.Namespace) -> None:
                 s["against_before"] = {**against_defaults(s["rows"], summaries[before]["rows"], before),
                                        "what": what, "how": how}
                 break
-    text = "\n".join(_markdown(name, s, default) for name, s in summaries.items())
+    text = "\n".join([f"(default) marks {default}, the service's default strategy today; until 2026-12-07 it was "
+                      f"{FORMER_DEFAULT}.\n"]
+                     + [_markdown(name, s, default) for name, s in summaries.items()])
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps({name: {k: v for k, v in s.items() if k != "rows"}
                                                     for name, s in summaries.items()}, indent=1, default=str) + "\n")
