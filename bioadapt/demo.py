@@ -195,7 +195,7 @@ def _summary_png(out: Path, svc: Any, project_id: str, image_id: str, shown: lis
             ax.set_yticks([])
             if row == 0:
                 ax.set_title(columns[col])
-        axes[row, 0].set_ylabel(f"patch {patch['id']}\nscore {patch['score']:.3f}")
+        axes[row, 0].set_ylabel(f"patch {patch['id']}\nscore {patch['score']:.4g}")
     figure.tight_layout()
     figure.savefig(out, dpi=80)
     plt.close(figure)
