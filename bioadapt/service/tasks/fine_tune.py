@@ -98,7 +98,8 @@ def _cross_validated(adapter: Any, request: FineTuneRequest, samples: list[Any],
         if stop.is_set():
             return None
         phase = f"cross-validating: fine-tune {number} of {len(request.folds)}"
-        kept = [i for i in range(len(samples)) if i not in set(fold)]
+        left_out = set(fold)
+        kept = [i for i in range(len(samples)) if i not in left_out]
         unseen = request.unseen(kept) + list(range(len(kept), len(kept) + len(held_out)))  # held out: never trained
         trained = adapter.fine_tune([samples[i] for i in kept] + held_out, request.params,
                                     progress=lambda info: progress(phase=phase, **info), stop=stop.is_set,
