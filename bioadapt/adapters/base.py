@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -151,6 +151,13 @@ class FineTuneResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def held_out_first(order: Sequence[int], n_val: int, eligible: Collection[int] | None) -> list[int]:
+    """The ``n_val`` held-out samples of a shuffled ``order``: the first ones in ``eligible`` (those the starting
+    weights never trained on; fewer when it has fewer), or the first of any when ``eligible`` is None or empty."""
+    allowed = set(eligible) if eligible else set(order)
+    return [i for i in order if i in allowed][:n_val]
 
 
 @dataclass

@@ -39,7 +39,7 @@ import torch
 
 from bioadapt.adapters.allocator import tune_malloc
 from bioadapt.adapters.base import (DEFAULT_DROPOUT_P, DEFAULT_MC_PASSES, Adapter, FineTuneResult, ModelInfo,
-                                    Progress, Stop, check_images, check_samples, checked_params)
+                                    Progress, Stop, check_images, check_samples, checked_params, held_out_first)
 from bioadapt.adapters.bioimageio import resolve_device
 from bioadapt.adapters.dropout import (MC_SCOPES, CommonMasks, DropoutKind, HeadSplit, MCDropout, check_scope,
                                        mc_strategy, round_masks, stacked_passes)
@@ -469,8 +469,7 @@ class CellposeAdapter(Adapter):
         rng = np.random.default_rng(params.seed)
         order = rng.permutation(len(pairs)).tolist()
         n_val = 0 if len(pairs) < 2 or params.val_fraction == 0 else max(1, round(len(pairs) * params.val_fraction))
-        allowed = set(validate_on) if validate_on else set(order)
-        held_out = set([i for i in order if i in allowed][:n_val])
+        held_out = set(held_out_first(order, n_val, validate_on))
         val = [pairs[i] for i in order if i in held_out]
         training = [pairs[i] for i in order if i not in held_out]
         enough = [p for p in training if len(np.unique(p[1])) - 1 >= params.min_train_masks]

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bioadapt.adapters.base import FineTuneParams, FineTuneResult, Progress, Stop
+from bioadapt.adapters.base import FineTuneParams, FineTuneResult, Progress, Stop, held_out_first
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -55,8 +55,7 @@ def split_indices(n: int, val_fraction: float, seed: int, eligible: Collection[i
     ``eligible`` lets every index be held out."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = 0 if n < 2 or val_fraction == 0 else min(n - 1, max(1, round(n * val_fraction)))
-    allowed = set(eligible) if eligible else set(range(n))
-    held_out = [i for i in order if i in allowed][:n_val]
+    held_out = held_out_first(order, n_val, eligible)
     chosen = set(held_out)
     return [i for i in order if i not in chosen], held_out
 
