@@ -113,6 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=None, help="sent to fine_tune, as --epochs")
     parser.add_argument("--val-metric", choices=("dice", "f1"), default=None, help="sent to fine_tune's params "
                         "(what picks the best epoch), as --epochs")
+    parser.add_argument("--patience", type=int, default=None, help="sent to fine_tune's params (epochs without a "
+                        "better held-out score that end a run; 0: never stop early), as --epochs")
     parser.add_argument("--workdir", default=None, help="keeps the OME-Zarrs and base models (default: temporary)")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--default", default=None, help="report: the strategy judged against random (default: "
@@ -270,8 +272,10 @@ def tuning(args: argparse.Namespace) -> dict[str, Any]:
     """The fine_tune arguments the benchmark sends: none by default (the service's defaults)."""
     given = {"epochs": args.epochs, "learning_rate": args.learning_rate}
     sent: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
-    if getattr(args, "val_metric", None):
-        sent["params"] = {"val_metric": args.val_metric}
+    params = {name: value for name in ("val_metric", "patience")
+              if (value := getattr(args, name, None)) is not None}
+    if params:
+        sent["params"] = params
     return sent
 
 
@@ -280,7 +284,7 @@ def results_file(args: argparse.Namespace) -> Path:
     sent = tuning(args)
     name = "".join(f"_{'e' if name == 'epochs' else 'lr'}{sent[name]:g}" for name in ("epochs", "learning_rate")
                    if name in sent)
-    name += "".join(f"_val{value}" for value in sent.get("params", {}).values())
+    name += "".join(f"_{'val' if key == 'val_metric' else key}{value}" for key, value in sent.get("params", {}).items())
     return Path(f"{args.out}_{args.dataset}_{args.base}{name}.jsonl")
 
 
