@@ -63,10 +63,10 @@ Since a fine-tune chooses its best epoch on the training patches its starting we
 files with the ``fresh`` prefix (``--out benchmarks/results/service_al_fresh``, the same commands), set against the
 ``cv`` ones (without those, against the runs before cross-validated verdicts).
 
-The 32-label rounds on BBBC039 ran the same command with ``--budgets 2,4,8,16,32`` into the same file: the rounds on
-record were recomputed (their F1 matched the record in every round) and only the 32-label rows appended. The demo
-base under the same rules, and with the best epoch chosen by Dice or without early stopping (random only; the
-``patience0`` file holds 2 whole seeds):
+The 32-label rounds (BBBC039: both strategies; Kromp: random) ran the same commands with ``--budgets 2,4,8,16,32``
+into the same files: the rounds on record were recomputed (their F1 matched the record in every round) and only the
+32-label rows appended. The demo base under the same rules, and with the best epoch chosen by Dice or without early
+stopping (random only; the ``patience0`` file holds 2 whole seeds):
 
     python benchmarks/service_al.py run --dataset bbbc039 --base demo --strategies \
         random,typical_half_nonconvex_then_typical --seeds 0,1,2,3,4,5,6,7,8 --out benchmarks/results/service_al_fresh
