@@ -486,15 +486,20 @@ def summarize(rows: list[dict[str, Any]], default: str) -> dict[str, Any]:
     random_curve = curve(rows, "random")
     target = random_curve.get(REFERENCE_BUDGET)
     later = [b for b in random_curve if b > REFERENCE_BUDGET]
+    # labels needed over the budgets every strategy ran: a strategy with one more (dipping) point is not judged
+    # on a longer curve than the others
+    common = sorted(set.intersection(*(set(curve(rows, s)) for s in strategies)))
     summary = {"strategies": strategies, "budgets": budgets, "seeds": sorted({r["seed"] for r in rows}),
                "table": table, "informative": informative(rows), "random_f1_at_16": target,
+               "needed_budgets": common,
                # random's own curve after the reference: a dip there leaves every strategy "not reached"
                "random_after_16": {b: paired(rows, ("random", b), ("random", REFERENCE_BUDGET)) for b in later},
                "vs_random": {}, "vs_base": {}, "labels_needed": {}, "verdicts": {}, "kept_start": {},
                "few_patch_rule": {}}
     for strategy in strategies:
         summary["vs_base"][strategy] = {b: paired(rows, (strategy, b), (strategy, 0)) for b in budgets if b}
-        summary["labels_needed"][strategy] = None if target is None else labels_needed(curve(rows, strategy), target)
+        common_curve = {b: f1 for b, f1 in curve(rows, strategy).items() if b in common}
+        summary["labels_needed"][strategy] = None if target is None else labels_needed(common_curve, target)
         summary["verdicts"][strategy] = _verdict_counts(rows, strategy)
         summary["kept_start"][strategy] = _kept_start(rows, strategy)
         summary["few_patch_rule"][strategy] = few_patch_rule(rows, strategy)
@@ -701,7 +706,9 @@ def _markdown(name: str, s: dict[str, Any], default: str) -> str:
                       f"{_cell(named['interval'])}."]
     target = s["random_f1_at_16"]
     lines += ["", f"Labels needed (the smallest budget from which the mean curve stays at or above random's F1 at "
-              f"{REFERENCE_BUDGET}" + (f", {target:.3f}" if target is not None else ", not run") + "):", ""]
+              f"{REFERENCE_BUDGET}" + (f", {target:.3f}" if target is not None else ", not run")
+              + (f"; over the budgets every strategy ran, {common[0]}-{common[-1]}" if (common := s["needed_budgets"])
+                 else "") + "):", ""]
     lines += [f"- {strategy}: {needed if needed is not None else 'not reached' if target is not None else '-'}"
               for strategy, needed in s["labels_needed"].items()]
     lines += [f"- random's own F1 at {b} minus at {REFERENCE_BUDGET}: {_cell(interval)}"
