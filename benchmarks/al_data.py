@@ -102,12 +102,19 @@ def load_dataset(name: str, workdir: Path) -> Dataset:
     return Dataset(name, pool_path, windows, np.asarray(pool_truth), test_image, np.asarray(test_truth))
 
 
-def base_model(workdir: Path, epochs: int = 40) -> Path:
-    """The demo's base U-Net (synthetic 'nuclei', ``epochs`` epochs), packaged once per work folder."""
-    from bioadapt.demo import build_base_model
+# the demo's U-Net with twice the width and one more pooling (receptive field about twice as wide): the "demo base
+# with enough capacity" of service_al.py's ``demo_deep``
+DEEP_UNET = {"features": 16, "depth": 3}
 
-    path = workdir / "base.zip"
-    return path if path.exists() else build_base_model(path, epochs, seed=0)
+
+def base_model(workdir: Path, epochs: int = 40, deep: bool = False) -> Path:
+    """The demo's base U-Net (synthetic 'nuclei', ``epochs`` epochs; ``deep``: DEEP_UNET's width and depth),
+    packaged once per work folder."""
+    from bioadapt.demo import UNET, build_base_model
+
+    path = workdir / ("base_deep.zip" if deep else "base.zip")
+    architecture = {**UNET, **DEEP_UNET} if deep else UNET
+    return path if path.exists() else build_base_model(path, epochs, seed=0, architecture=architecture)
 
 
 def test_f1(adapter, dataset: Dataset) -> float:

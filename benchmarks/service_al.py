@@ -32,7 +32,8 @@ Bases: ``nuclei_broad``, the zoo's unet2d_nuclei_broad with its real trained wei
 dict in tests/zoo_architectures' architecture, so that MC dropout's hooks reach it; fixed 512 x 512 input, which
 its network does not need: scoring and training run a 128-pixel patch as 192 x 192, ``shape_probe``; rows in the
 ``*_fixed512`` files ran before that, every patch as a 512 x 512 pass), and ``demo``, the demo's small U-Net
-trained on synthetic nuclei.
+trained on synthetic nuclei (``demo_deep``: the same with twice the width and one more pooling,
+al_data.DEEP_UNET; so far only in bench_epoch_curves.py).
 
 Rows are appended to ``benchmarks/results/service_al_<dataset>_<base>.jsonl`` as rounds finish; a run already on
 record is skipped, so a run cut short can be resumed. ``report`` writes ``service_al.md``, ``service_al.json``
@@ -79,6 +80,12 @@ The runs that judged the 2-patch rules (rounds to 8 labels; ``--out`` gives thei
 
     python benchmarks/service_al.py run --dataset bbbc039 --base demo --seeds 0,1,2,3,4,5,6,7,8 --budgets 2,4,8 --out \
         benchmarks/results/service_al_to8
+
+The demo base with the learning rate ``bioadapt demo`` sends (3e-3; the service's default 3e-4 leaves it where it
+started, bench_epoch_curves.py), both strategies, one process each:
+
+    python benchmarks/service_al.py run --dataset bbbc039 --base demo --strategies random \
+        --seeds 0,1,2,3,4,5,6,7,8 --budgets 2,4,8,16,32 --learning-rate 0.003 --out benchmarks/results/service_al_fresh
 """
 
 from __future__ import annotations
@@ -102,7 +109,7 @@ from al_data import FIELD_SETS, Field, base_model, pooled_f1, whole_fields, writ
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "service_al"
-BASES = ("nuclei_broad", "demo")
+BASES = ("nuclei_broad", "demo", "demo_deep")
 PATCH = 128
 PATCHES_PER_ROUND = 32
 REFERENCE_BUDGET = 16  # "labels needed" reach random's F1 at this budget
@@ -127,6 +134,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(what picks the best epoch), as --epochs")
     parser.add_argument("--patience", type=int, default=None, help="sent to fine_tune's params (epochs without a "
                         "better held-out score that end a run; 0: never stop early), as --epochs")
+    parser.add_argument("--val-fraction", type=float, default=None, help="sent to fine_tune's params (the share of "
+                        "training patches that choose the best epoch; 0: none, the run's last epoch is kept and "
+                        "every patch trains), as --epochs")
     parser.add_argument("--workdir", default=None, help="keeps the OME-Zarrs and base models (default: temporary)")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--default", default=None, help="report: the strategy judged against random (default: "
@@ -166,8 +176,8 @@ def prepare(dataset: str, base: str, workdir: Path) -> Setup:
 def base_package(base: str, workdir: Path) -> Path:
     """The base model's package: the demo's U-Net (al_data.base_model), or unet2d_nuclei_broad's real weights in
     this project's architecture (tests/zoo_corpus.runnable)."""
-    if base == "demo":
-        return base_model(workdir)
+    if base in ("demo", "demo_deep"):
+        return base_model(workdir, deep=base == "demo_deep")
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
     from zoo_corpus import BY_NAME, runnable
 
@@ -284,7 +294,7 @@ def tuning(args: argparse.Namespace) -> dict[str, Any]:
     """The fine_tune arguments the benchmark sends: none by default (the service's defaults)."""
     given = {"epochs": args.epochs, "learning_rate": args.learning_rate}
     sent: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
-    params = {name: value for name in ("val_metric", "patience")
+    params = {name: value for name in ("val_metric", "patience", "val_fraction")
               if (value := getattr(args, name, None)) is not None}
     if params:
         sent["params"] = params
@@ -296,7 +306,9 @@ def results_file(args: argparse.Namespace) -> Path:
     sent = tuning(args)
     name = "".join(f"_{'e' if name == 'epochs' else 'lr'}{sent[name]:g}" for name in ("epochs", "learning_rate")
                    if name in sent)
-    name += "".join(f"_{'val' if key == 'val_metric' else key}{value}" for key, value in sent.get("params", {}).items())
+    short = {"val_metric": "val", "val_fraction": "valfrac"}
+    name += "".join(f"_{short.get(key, key)}{value:g}" if isinstance(value, float) else f"_{short.get(key, key)}{value}"
+                    for key, value in sent.get("params", {}).items())
     return Path(f"{args.out}_{args.dataset}_{args.base}{name}.jsonl")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,9 @@ UNET = dict(in_channels=1, out_channels=2, dims=2, features=8, depth=2, batchnor
 LEARNING_RATE = 3e-3  # the demo's small U-Net trains for seconds: faster than the adapter's default rate
 
 
-def build_base_model(out: Path, epochs: int, seed: int) -> Path:
-    """A foreground + boundary U-Net trained briefly on the base style, as a bioimage.io package."""
+def build_base_model(out: Path, epochs: int, seed: int, architecture: Mapping[str, Any] | None = None) -> Path:
+    """A foreground + boundary U-Net (``architecture``: UNet's arguments, the demo's ``UNET`` by default) trained
+    briefly on the base style, as a bioimage.io package."""
     import torch
 
     from bioadapt.adapters import load_adapter
@@ -39,8 +41,9 @@ def build_base_model(out: Path, epochs: int, seed: int) -> Path:
 
     torch.manual_seed(seed)
     names = ("foreground", "boundaries")
-    fresh = package_new_model(UNet(**UNET).eval(), out.with_name("untrained.zip"), name="untrained U-Net",
-                              architecture_kwargs=UNET, output_names=names, weights=("pytorch_state_dict",))
+    architecture = dict(UNET if architecture is None else architecture)
+    fresh = package_new_model(UNet(**architecture).eval(), out.with_name("untrained.zip"), name="untrained U-Net",
+                              architecture_kwargs=architecture, output_names=names, weights=("pytorch_state_dict",))
     model = load_adapter(fresh, device="cpu")
     cells = synthetic_cells((512, 512), BASE_STYLE, seed=seed + 1)
     pairs = [(cells.image[:, y:y + 64, x:x + 64].astype(np.float32), cells.labels[y:y + 64, x:x + 64])
@@ -50,7 +53,7 @@ def build_base_model(out: Path, epochs: int, seed: int) -> Path:
                         progress=lambda info: bar.update(info["epoch"] - bar.n))
     return package_new_model(model.module, out, name=f"{BASE_STYLE} U-Net (bioadapt demo base)",
                              description=f"A small U-Net trained for {epochs} epochs on synthetic '{BASE_STYLE}' "
-                             "images: the pre-trained model the demo adapts.", architecture_kwargs=UNET,
+                             "images: the pre-trained model the demo adapts.", architecture_kwargs=architecture,
                              output_names=names, weights=("pytorch_state_dict",))
 
 
