@@ -86,6 +86,12 @@ started, bench_epoch_curves.py), both strategies, one process each:
 
     python benchmarks/service_al.py run --dataset bbbc039 --base demo --strategies random \
         --seeds 0,1,2,3,4,5,6,7,8 --budgets 2,4,8,16,32 --learning-rate 0.003 --out benchmarks/results/service_al_fresh
+
+and the same with ``--strategies typical_half_nonconvex_then_typical``, and with ``--dataset usiigaci`` (random
+only). Without epoch selection (every patch trains, the last epoch is kept; a pilot of 2 seeds so far):
+
+    python benchmarks/service_al.py run --dataset kromp --base nuclei_broad --strategies random \
+        --seeds 0,1,2,3,4,5,6,7,8 --budgets 2,4,8,16,32 --val-fraction 0 --out benchmarks/results/service_al_fresh
 """
 
 from __future__ import annotations
