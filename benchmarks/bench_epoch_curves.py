@@ -6,7 +6,9 @@ rule picks well shows only next to what each epoch gives on separate test fields
 uses, as the service runs it: ``--labels`` random 128 x 128 windows of a whole-field set's pool fields (seeded),
 every 4th held out for the service's verdict, the rest to ``fine_tune`` with the adapter's defaults (a quarter of
 them held out to choose the epoch; ``--learning-rate`` overrides its rate). Every epoch records the held-out
-object F1 (the fit's own score) and foreground Dice, and keeps the weights; afterwards each selection rule is
+object F1 (recomputed by ``segment``; the fit's own score agreed in 2,381 of 2,400 epochs) and the
+foreground channel's Dice (the fit's ``val_metric="dice"`` also averages the boundary channel: the "dice" rule
+here approximates it), and keeps the weights; afterwards each selection rule is
 replayed on that history with the default early stopping (a quarter of the run) and the test F1 of the epoch it
 keeps is measured, beside the test F1 every ``--test-every`` epochs.
 

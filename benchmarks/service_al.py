@@ -506,7 +506,8 @@ def summarize(rows: list[dict[str, Any]], default: str) -> dict[str, Any]:
     later = [b for b in random_curve if b > REFERENCE_BUDGET]
     # labels needed over the budgets every strategy ran: a strategy with one more (dipping) point is not judged
     # on a longer curve than the others
-    common = sorted(set.intersection(*(set(curve(rows, s)) for s in strategies)))
+    curves = {strategy: curve(rows, strategy) for strategy in strategies}
+    common = sorted(set.intersection(*(set(points) for points in curves.values())))
     summary = {"strategies": strategies, "budgets": budgets, "seeds": sorted({r["seed"] for r in rows}),
                "table": table, "informative": informative(rows), "random_f1_at_16": target,
                "needed_budgets": common,
@@ -516,7 +517,7 @@ def summarize(rows: list[dict[str, Any]], default: str) -> dict[str, Any]:
                "few_patch_rule": {}}
     for strategy in strategies:
         summary["vs_base"][strategy] = {b: paired(rows, (strategy, b), (strategy, 0)) for b in budgets if b}
-        common_curve = {b: f1 for b, f1 in curve(rows, strategy).items() if b in common}
+        common_curve = {b: f1 for b, f1 in curves[strategy].items() if b in common}
         summary["labels_needed"][strategy] = None if target is None else labels_needed(common_curve, target)
         summary["verdicts"][strategy] = _verdict_counts(rows, strategy)
         summary["kept_start"][strategy] = _kept_start(rows, strategy)
